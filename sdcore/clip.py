@@ -1,0 +1,98 @@
+"""CLIP text transformers: OpenAI CLIP ViT-L/14 (SD1), OpenCLIP ViT-H (SD2), later the SDXL pair.
+
+One module serves all of them; they differ only in width, depth, activation, which block's output
+conditions the UNet and whether the final LayerNorm is applied. Parameter names follow OpenCLIP
+(fused ``in_proj``); the loader converts the Hugging Face layout that SD1 files use.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    act: str = "quick_gelu"       # SD1 (OpenAI CLIP); "gelu" for OpenCLIP towers
+    output_layer: int = -1        # which block's output: -1 last (SD1), -2 penultimate (SD2, SD1 "clip skip 2")
+    final_norm: bool = True       # SD1/SD2 apply ln_final to that output; SDXL does not
+    pad_id: int = 49407           # SD1 pads with eos; OpenCLIP towers with 0
+    projection_dim: int | None = None  # text_projection present (OpenCLIP, SDXL pooled output)
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked by rows
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):                                                  # x [B, T, W]
+        b, t, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.heads, -1).unbind(2)
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.out_proj(h.transpose(1, 2).reshape(b, t, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, act):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, width, heads, act):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.ln_2, self.mlp = nn.LayerNorm(width), MLP(width, act)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualBlock(cfg.width, cfg.heads, cfg.act) for _ in range(cfg.layers))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        if cfg.projection_dim:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+
+    def forward(self, tokens: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+        """tokens [B, 77] -> hidden states [B, 77, width] of the chosen block (ln_final applied if configured).
+
+        Blocks after the chosen one are not run.
+        """
+        blocks = self.transformer.resblocks
+        layer = self.cfg.output_layer if output_layer is None else output_layer
+        n_run = layer % len(blocks) + 1
+        x = self.token_embedding(tokens) + self.positional_embedding
+        for block in blocks[:n_run]:
+            x = block(x)
+        return self.ln_final(x) if self.cfg.final_norm else x

@@ -1,0 +1,73 @@
+"""Writing checkpoints in the layouts users download (used by the default-model generator, the
+training recipe and the tests that build checkpoints of their own)."""
+import math
+
+import torch
+from safetensors.torch import save_file
+
+from .clip import TextEncoder
+from .loader import config_to_metadata
+from .unet import UNet
+from .vae import AutoencoderKL
+
+
+def text_to_hf(text: TextEncoder) -> dict[str, torch.Tensor]:
+    """Our (OpenCLIP-named) text encoder as a Hugging Face CLIPTextModel state dict (no text_model. prefix)."""
+    out = {}
+    for k, v in text.state_dict().items():
+        if k == "token_embedding.weight":
+            out["embeddings.token_embedding.weight"] = v
+        elif k == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            out["final_layer_norm." + k.split(".")[1]] = v
+        elif k == "text_projection":
+            out["text_projection.weight"] = v.T
+        else:
+            n, rest = k.split(".", 3)[2:]
+            base = f"encoder.layers.{n}."
+            if rest.startswith("attn.in_proj_"):
+                suffix = rest.rsplit("_", 1)[1]
+                for name, part in zip("qkv", v.chunk(3)):
+                    out[f"{base}self_attn.{name}_proj.{suffix}"] = part
+            else:
+                for a, b in {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}.items():
+                    if rest.startswith(a + "."):
+                        out[base + b + rest[len(a):]] = v
+    return out
+
+
+def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd1", dtype=None) -> dict[str, torch.Tensor]:
+    """The single-file LDM layout (what ``v1-5-pruned-emaonly.safetensors`` holds)."""
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    sd |= {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    if family == "sd1":
+        sd |= {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_to_hf(text).items()}
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(text.cfg.context_length)[None]
+    else:
+        sd |= {f"cond_stage_model.model.{k}": v for k, v in text.state_dict().items()}
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def save_single_file(path, unet, vae, text, family="sd1", dtype=None, prediction="eps", native_size=None,
+                     extra_metadata: dict | None = None):
+    meta = config_to_metadata(family=family, prediction=prediction, unet=unet.cfg, vae=vae.cfg, text=text.cfg,
+                              **({"native_size": native_size} if native_size else {}))
+    save_file(ldm_state_dict(unet, vae, text, family, dtype), str(path), metadata=meta | (extra_metadata or {}))
+
+
+@torch.no_grad()
+def random_init_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Deterministic random weights that keep activations O(1) and make every parameter matter:
+    matrices ~ N(0, gain²/fan_in), norm scales 1 ± 0.1, biases ± 0.05 (so parity tests see them)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters()):
+        if p.ndim >= 2:
+            fan_in = p[0].numel() if "embedding" not in name else 1
+            p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(fan_in))
+        elif name.endswith("weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return module

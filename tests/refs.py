@@ -1,0 +1,105 @@
+"""Test-only bridges to the reference implementations (diffusers, transformers).
+
+The weights always travel through *our* layout code (sdcore.layouts / sdcore.export), never through
+a diffusers conversion helper, so a parity test checks our loader's mapping as well as our networks.
+"""
+import dataclasses
+import json
+import os
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdcore import layouts
+from sdcore.export import text_to_hf
+from sdcore.unet import UNetConfig
+from sdcore.vae import VAEConfig
+
+
+def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
+    chans = [cfg.model_channels * m for m in cfg.channel_mult]
+    heads = [cfg.heads_for(c) for c in chans]
+    depth = [max(d, 1) for d in cfg.transformer_depth]
+    depth[-1] = cfg.transformer_depth_middle          # diffusers takes the middle block's depth from the last level
+    attn = [i in cfg.attention_levels for i in range(len(chans))]
+    return dict(sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
+                attention_head_dim=heads[0] if len(set(heads)) == 1 else heads, cross_attention_dim=cfg.context_dim,
+                use_linear_projection=cfg.use_linear_proj, transformer_layers_per_block=depth, norm_num_groups=32)
+
+
+def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
+    n = len(cfg.ch_mult)
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+                layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32,
+                scaling_factor=cfg.scale_factor, sample_size=64)
+
+
+def hf_text_config(text_cfg) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.width, intermediate_size=4 * text_cfg.width,
+                          num_hidden_layers=text_cfg.layers, num_attention_heads=text_cfg.heads,
+                          max_position_embeddings=text_cfg.context_length, hidden_act=text_cfg.act,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=text_cfg.pad_id, projection_dim=8)
+
+
+def _meta_build(cls, sd, **kwargs):
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_unet_from_ours(unet) -> UNet2DConditionModel:
+    """The diffusers UNet holding our UNet's weights, renamed by our own layout map."""
+    sd = unet.state_dict()
+    name_map = layouts.unet_name_map(sd.keys(), unet.cfg)
+    return _meta_build(UNet2DConditionModel, {name_map[k]: v.float() for k, v in sd.items()}, **diffusers_unet_kwargs(unet.cfg))
+
+
+def diffusers_vae_from_ours(vae) -> AutoencoderKL:
+    sd = vae.state_dict()
+    name_map = layouts.vae_name_map(sd.keys(), len(vae.cfg.ch_mult))
+    theirs = {name_map[k]: (v[:, :, 0, 0] if layouts.vae_is_linear_attn(name_map[k]) else v).float() for k, v in sd.items()}
+    return _meta_build(AutoencoderKL, theirs, **diffusers_vae_kwargs(vae.cfg))
+
+
+def transformers_text_from_ours(text) -> CLIPTextModel:
+    model = CLIPTextModel(hf_text_config(text.cfg))   # not on meta: it has non-persistent buffers (position_ids)
+    theirs = {k: v.float() for k, v in text_to_hf(text).items() if k != "text_projection.weight"}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    theirs = {prefix + k: v for k, v in theirs.items()}
+    for k in set(model.state_dict()) - set(theirs):    # position_ids, a persistent buffer in transformers 4.x
+        theirs[k] = model.state_dict()[k]
+    model.load_state_dict(theirs, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_diffusers_folder(folder, unet, vae, text, *, prediction="epsilon", pad_token="<|endoftext|>", dtype=torch.float32):
+    """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...) of the reference models."""
+    os.makedirs(folder, exist_ok=True)
+    unet.to(dtype).save_pretrained(os.path.join(folder, "unet"), variant="fp16" if dtype == torch.float16 else None)
+    vae.to(dtype).save_pretrained(os.path.join(folder, "vae"), variant="fp16" if dtype == torch.float16 else None)
+    text.to(dtype).save_pretrained(os.path.join(folder, "text_encoder"), variant="fp16" if dtype == torch.float16 else None)
+    json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+               "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]},
+              open(os.path.join(folder, "model_index.json"), "w"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    json.dump({"prediction_type": prediction, "beta_schedule": "scaled_linear"},
+              open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w"))
+    os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
+    json.dump({"pad_token": pad_token}, open(os.path.join(folder, "tokenizer", "special_tokens_map.json"), "w"))
+    return folder
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the reference's largest magnitude."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def max_abs(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()

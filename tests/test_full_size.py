@@ -1,0 +1,82 @@
+"""A full-size SD1.5-shaped checkpoint (random weights, fp16 on disk, no config inside) loads through
+the path a user's ``v1-5-pruned-emaonly.safetensors`` takes, and agrees with diffusers/transformers.
+The file (≈2 GB) and its diffusers-folder twin are built once and cached under .cache/."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdcore
+from sdcore.clip import TextConfig, TextEncoder
+from sdcore.export import ldm_state_dict, random_init_
+from sdcore.unet import UNet, UNetConfig
+from sdcore.vae import AutoencoderKL, VAEConfig
+from tests import refs
+
+pytestmark = pytest.mark.slow
+GENERATOR_VERSION = 1          # bump when the recipe below changes, so caches are rebuilt
+SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text": 123_060_480}
+
+
+def _random(cls, cfg, seed):
+    with torch.device("meta"):
+        module = cls(cfg)
+    return random_init_(module.to_empty(device="cpu"), seed)
+
+
+@pytest.fixture(scope="module")
+def sd15_file(cache_dir):
+    path = os.path.join(cache_dir, f"sd15-random-v{GENERATOR_VERSION}.safetensors")
+    if not os.path.exists(path):
+        parts = (_random(UNet, UNetConfig(), 1), _random(AutoencoderKL, VAEConfig(), 2), _random(TextEncoder, TextConfig(), 3))
+        save_file(ldm_state_dict(*parts, family="sd1", dtype=torch.float16), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd15(sd15_file):
+    return sdcore.load_model(sd15_file)
+
+
+@pytest.fixture(scope="module")
+def references(sd15):
+    return (refs.diffusers_unet_from_ours(sd15.unet), refs.diffusers_vae_from_ours(sd15.vae),
+            refs.transformers_text_from_ours(sd15.text_encoder))
+
+
+def test_shapes_are_sd15(sd15):
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(sd15.unet), count(sd15.vae), count(sd15.text_encoder)) == tuple(SD15_PARAMS.values())
+    assert sd15.unet.cfg == UNetConfig() and sd15.vae.cfg == VAEConfig() and sd15.text_encoder.cfg == TextConfig()
+    assert (sd15.family, sd15.prediction) == ("sd1", "eps")
+
+
+def test_forward_parity(sd15, references):
+    du, dv, dt = references
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([999.0, 261.75])
+    with torch.inference_mode():
+        assert refs.max_rel(sd15.unet(x, t, ctx), du(x, t, encoder_hidden_states=ctx).sample) <= 1e-4
+        assert refs.max_rel(sd15.vae.decode(x[:1]), dv.decode(x[:1] / 0.18215).sample) <= 1e-4
+        prompts = ["a photograph of an astronaut riding a horse", ""]
+        ids = sd15.tokenizer(prompts)
+        assert refs.max_rel(sd15.encode_text(prompts), dt(ids).last_hidden_state) <= 1e-4
+
+
+def test_diffusers_folder_of_the_same_weights(sd15, references, cache_dir):
+    folder = os.path.join(cache_dir, f"sd15-random-v{GENERATOR_VERSION}-diffusers")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        du, dv, dt = references
+        refs.save_diffusers_folder(folder + ".tmp", du, dv, dt, dtype=torch.float16)   # *.fp16.safetensors variant
+        du.float(), dv.float(), dt.float()
+        os.replace(folder + ".tmp", folder)
+    f = sdcore.load_model(folder)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g), torch.tensor([500.0])
+    with torch.inference_mode():
+        assert torch.equal(f.unet(x, t, ctx), sd15.unet(x, t, ctx))
+        assert torch.equal(f.vae.decode(x), sd15.vae.decode(x))
+        assert torch.equal(f.encode_text(["a cat"]), sd15.encode_text(["a cat"]))

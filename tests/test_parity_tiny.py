@@ -1,0 +1,173 @@
+"""Our networks against diffusers / transformers on identical random weights (tiny SD1 and SD2 shapes),
+loaded through our loader from both file layouts."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdcore
+from sdcore.clip import TextConfig, TextEncoder
+from sdcore.export import ldm_state_dict, random_init_, save_single_file
+from sdcore.unet import UNet, UNetConfig
+from sdcore.vae import AutoencoderKL, VAEConfig
+from tests import refs
+from weights.make_default import build_tiny
+
+TOL = 1e-5
+SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
+                      transformer_depth=(1, 2, 0), transformer_depth_middle=1, num_heads=None, head_dim=64,
+                      context_dim=64, use_linear_proj=True)
+SD2_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)
+SD2_TEXT = TextConfig(width=64, layers=3, heads=1, act="gelu", output_layer=-2, pad_id=0)
+
+
+def _inputs(context_dim, latent=(9, 11), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, *latent, generator=g)
+    ctx = torch.randn(2, 77, context_dim, generator=g)
+    t = torch.tensor([3.25, 811.5])                       # float timesteps, not integers
+    img = torch.rand(1, 3, 64, 72, generator=g) * 2 - 1
+    ids = torch.randint(0, 49406, (2, 77), generator=g)
+    return x, t, ctx, img, ids
+
+
+def _check_against_refs(m, du, dv, dt, ref_text_layer=-1):
+    x, t, ctx, img, ids = _inputs(m.unet.cfg.context_dim)
+    with torch.no_grad():
+        assert refs.max_abs(m.unet(x, t, ctx), du(x, t, encoder_hidden_states=ctx).sample) <= TOL
+        assert refs.max_abs(m.vae.encode(img), dv.encode(img).latent_dist.mean * 0.18215) <= TOL
+        assert refs.max_abs(m.vae.decode(x), dv.decode(x / 0.18215).sample) <= TOL
+        hidden = dt(ids, output_hidden_states=True).hidden_states[ref_text_layer]
+        assert refs.max_abs(m.text_encoder(ids), dt.final_layer_norm(hidden)) <= TOL
+
+
+def test_tiny_sd1_from_diffusers_folder_and_single_file(tmp_path):
+    du, dv, dt = (refs.diffusers_unet_from_ours(build_tiny()[0]), refs.diffusers_vae_from_ours(build_tiny()[1]),
+                  refs.transformers_text_from_ours(build_tiny()[2]))
+    folder = refs.save_diffusers_folder(tmp_path / "pipe", du, dv, dt)
+    m = sdcore.load_model(folder)
+    assert (m.family, m.prediction, m.tokenizer.pad_id) == ("sd1", "eps", 49407)
+    _check_against_refs(m, du, dv, dt)
+
+    # the same weights written in the single-file layout load to the same outputs
+    save_single_file(tmp_path / "tiny.safetensors", m.unet, m.vae, m.text_encoder)
+    s = sdcore.load_model(tmp_path / "tiny.safetensors")
+    x, t, ctx, img, _ = _inputs(32)
+    with torch.no_grad():
+        assert torch.equal(s.unet(x, t, ctx), m.unet(x, t, ctx))
+        assert torch.equal(s.vae.decode(x), m.vae.decode(x))
+        assert torch.equal(s.encode_text(["a red circle", ""]), m.encode_text(["a red circle", ""]))
+
+
+def test_tiny_sd1_clip_skip_and_encode_text(default_model_path):
+    m = sdcore.load_model(default_model_path)
+    dt = refs.transformers_text_from_ours(m.text_encoder)
+    ids = m.tokenizer(["a red circle on a blue background", ""])
+    assert ids[1, 1:].eq(49407).all()                              # SD1 pads with eos
+    with torch.no_grad():
+        out = dt(ids, output_hidden_states=True)
+        assert refs.max_abs(m.encode_text(["a red circle on a blue background", ""]), out.last_hidden_state) <= TOL
+        skip2 = dt.final_layer_norm(out.hidden_states[-2])
+        assert refs.max_abs(m.encode_text(["a red circle on a blue background", ""], clip_skip=2), skip2) <= TOL
+        assert refs.max_abs(skip2, out.last_hidden_state) > 1e-2          # clip skip really changes the output
+
+
+def _sd2_parts(seed=7):
+    torch.manual_seed(seed)
+    return (random_init_(UNet(SD2_UNET), seed), random_init_(AutoencoderKL(SD2_VAE), seed + 1),
+            random_init_(TextEncoder(SD2_TEXT), seed + 2))
+
+
+def test_tiny_sd2_single_file_without_metadata(tmp_path):
+    """An SD2-style file (OpenCLIP text tower, linear proj, head dim 64) with no config in it:
+    every hyperparameter is read off the shapes, the penultimate text block is used, pads are 0."""
+    unet, vae, text = _sd2_parts()
+    path = tmp_path / "sd2.safetensors"
+    save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path))
+    m = sdcore.load_model(path)
+    assert m.family == "sd2" and m.tokenizer.pad_id == 0
+    assert m.unet.cfg == SD2_UNET
+    assert m.text_encoder.cfg.output_layer == -2 and m.text_encoder.cfg.act == "gelu"
+    du, dv, dt = refs.diffusers_unet_from_ours(unet), refs.diffusers_vae_from_ours(vae), refs.transformers_text_from_ours(text)
+    _check_against_refs(m, du, dv, dt, ref_text_layer=-2)
+
+
+def test_odd_latent_sizes_follow_the_skip_connections():
+    """520 px -> a 65×65 latent: the upsamplers take the size of the skip they meet (as diffusers)."""
+    unet = build_tiny()[0]
+    du = refs.diffusers_unet_from_ours(unet)
+    x, t, ctx = torch.randn(1, 4, 65, 33), torch.tensor([500.0]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        out = unet(x, t, ctx)
+        assert out.shape == x.shape
+        assert refs.max_abs(out, du(x, t, encoder_hidden_states=ctx).sample) <= TOL
+
+
+def test_prediction_type_sources(tmp_path):
+    unet, vae, text = _sd2_parts()
+    path = tmp_path / "sd2.safetensors"
+    save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path), metadata={"modelspec.prediction_type": "v"})
+    assert sdcore.load_model(path).prediction == "v"
+    assert sdcore.load_model(path, prediction="eps").prediction == "eps"
+    # the one-forward-pass heuristic: a UNet whose output is the constant b gives mean(out - 0.5) = b - 0.5
+    for bias, expected in ((-3.0, "v"), (0.5, "eps")):
+        with torch.no_grad():
+            unet.out[2].weight.zero_()
+            unet.out[2].bias.fill_(bias)
+        save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path))
+        assert sdcore.load_model(path).prediction == expected
+
+
+def test_ema_weights_preferred_and_schedule_buffers_ignored(tmp_path, default_model_path):
+    m = sdcore.load_model(default_model_path)
+    sd = ldm_state_dict(m.unet, m.vae, m.text_encoder)
+    ema = {"model_ema.diffusion_model" + k[len("model.diffusion_model"):].replace(".", ""): v + 1.0
+           for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    extra = {"betas": torch.linspace(0, 1, 1000), "alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999),
+             "model_ema.num_updates": torch.tensor(5, dtype=torch.int32)}
+    save_file(sd | ema | extra, str(tmp_path / "full.safetensors"))
+    e = sdcore.load_model(tmp_path / "full.safetensors")
+    k = "input_blocks.0.0.weight"
+    assert torch.equal(e.unet.state_dict()[k], m.unet.state_dict()[k] + 1.0)
+
+
+def test_mixed_dtypes_cast_per_tensor_and_ckpt_layout(tmp_path, default_model_path):
+    m = sdcore.load_model(default_model_path)
+    sd = ldm_state_dict(m.unet, m.vae, m.text_encoder)
+    mixed = {k: v.to([torch.float32, torch.float16, torch.bfloat16][i % 3]) if v.is_floating_point() else v
+             for i, (k, v) in enumerate(sorted(sd.items()))}
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    a = sdcore.load_model(tmp_path / "mixed.safetensors", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in a.unet.parameters())
+    # .ckpt: a pickled, nested {"state_dict": {...}} as the original CompVis releases
+    torch.save({"epoch": 3, "state_dict": {"state_dict": mixed}}, tmp_path / "m.ckpt")
+    b = sdcore.load_model(tmp_path / "m.ckpt")
+    for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    bf = sdcore.load_model(tmp_path / "mixed.safetensors", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf.unet.parameters()} == {torch.bfloat16}
+
+
+def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_path):
+    m = sdcore.load_model(default_model_path)
+    other = random_init_(AutoencoderKL(m.vae.cfg), 123)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "vae.safetensors"))   # bare LDM VAE keys
+    v = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae.safetensors"))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(v.vae.decode(x), other.decode(x))
+        assert not torch.equal(v.vae.decode(x), m.vae.decode(x))
+    # the same VAE as a diffusers vae/ folder
+    dv = refs.diffusers_vae_from_ours(other)
+    dv.save_pretrained(tmp_path / "vae_folder")
+    w = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder"))
+    with torch.no_grad():
+        assert refs.max_abs(w.vae.decode(x), other.decode(x)) <= TOL
+
+
+def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
+    """Every parameter is the tensor read from the file (assigned, not copied into a second init)."""
+    m = sdcore.load_model(default_model_path)
+    assert not any(p.is_meta for p in m.unet.parameters())
+    assert not any(p.requires_grad for p in m.unet.parameters())
