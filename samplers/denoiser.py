@@ -1,0 +1,61 @@
+"""The UNet as a denoiser D(x, σ), with classifier-free guidance (SAMPLERS.md, "Denoiser wrapper")."""
+import torch
+
+from .schedule import check_name, sigma_to_t
+
+PREDICTIONS = ("eps", "v")
+
+
+def get_scalings(sigma, prediction="eps"):
+    """(c_skip, c_out, c_in) such that D = c_skip·x + c_out·F(c_in·x, t(σ)); σ_data = 1."""
+    check_name("prediction type", prediction, PREDICTIONS)
+    c_in = 1 / (sigma ** 2 + 1) ** 0.5
+    if prediction == "eps":
+        return sigma * 0 + 1, -sigma, c_in
+    return 1 / (sigma ** 2 + 1), -sigma * c_in, c_in
+
+
+def _cat(a, b):
+    # Conditioning may be a tensor or a dict / tuple of tensors (SDXL's pooled vector, ControlNet
+    # hints, ...): every tensor is batched along dim 0.
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    if isinstance(a, (tuple, list)):
+        return type(a)(_cat(u, v) for u, v in zip(a, b))
+    return a
+
+
+def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0):
+    """Wrap `unet_fn(x_in, t, ctx) -> F` (eps or v) as `denoise(x, sigma) -> D`.
+
+    - x_in = c_in·x; t = sigma_to_t(σ) as a [B] tensor on x's device, float32 (float64 when x
+      is float64); ctx = cond (or the batched [uncond, cond]).
+    - Guidance mixes the raw outputs, F = F_u + cfg·(F_c - F_u). Cond and uncond run as ONE call
+      on a batch of 2B ordered [uncond, cond]; with cfg_scale == 1 or no uncond the
+      unconditional pass is skipped (one call on B).
+    - sigma: python float, 0-dim tensor, or a [B] tensor of per-sample levels.
+    """
+    check_name("prediction type", prediction, PREDICTIONS)
+    guided = uncond is not None and cfg_scale != 1
+
+    def denoise(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64 if not torch.is_tensor(sigma) else None)
+        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = sigma_to_t(sigma.to(torch.float64)).to(device=x.device, dtype=t_dtype).reshape(-1).expand(x.shape[0])
+        # Broadcast per-sample scalings over the non-batch dims; 0-dim ones broadcast as they are.
+        shape = (-1,) + (1,) * (x.ndim - 1) if sigma.ndim else ()
+        c_skip, c_out, c_in = (c.to(device=x.device, dtype=x.dtype).reshape(shape)
+                               for c in get_scalings(sigma, prediction))
+        x_in = x * c_in
+        if guided:
+            # Mixed in x's dtype: a bf16 UNet output would otherwise keep the guidance in bf16.
+            out = unet_fn(torch.cat([x_in, x_in]), torch.cat([t, t]), _cat(uncond, cond)).to(x.dtype)
+            out_u, out_c = out.chunk(2)
+            out = out_u + cfg_scale * (out_c - out_u)
+        else:
+            out = unet_fn(x_in, t, cond).to(x.dtype)
+        return c_skip * x + c_out * out
+
+    return denoise

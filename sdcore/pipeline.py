@@ -1,0 +1,245 @@
+"""txt2img / img2img / inpainting on a loaded ``StableDiffusion``: what the HTTP views call.
+
+Reproducibility contract: image i of a request uses seed + i; *all* its noise (the initial latent,
+then every ancestral draw, in order) comes from one CPU ``torch.Generator`` seeded with that value
+and is moved to the model's device, so a seed gives the same image on CPU and GPU and in a plain
+script (see README, "Reproducing an image"). Sampler arithmetic stays in float32 whatever the
+network dtype; only the network calls change precision.
+"""
+import io
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
+
+import samplers
+
+log = logging.getLogger("sdcore.pipeline")
+SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-bit
+
+
+class PipelineError(ValueError):
+    """A request this model cannot serve; ``param`` names the offending field (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sample_method: str = "euler_a"
+    scheduler: str | None = None          # None: samplers.default_scheduler(sample_method)
+    seed: int = 42                        # negative: a random one (reported back per image)
+    strength: float = 0.75                # img2img only
+    control_strength: float = 0.9
+    init_image: Image.Image | None = field(default=None, repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)      # transparent (alpha 0) = repaint
+    control_image: Image.Image | None = field(default=None, repr=False)
+    clip_skip: int = 1
+    request_id: str = ""
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    png: bytes                            # with the "parameters" text chunk
+
+
+def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
+    """``progress(step_index, total_steps, seconds_per_step)`` is called after every sampler step."""
+    _check(model, p)
+    scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
+    seed = p.seed if p.seed >= 0 else secrets.randbelow(2 ** 63)
+    with torch.inference_mode():
+        cond = model.encode_text([p.prompt], clip_skip=p.clip_skip)
+        uncond = model.encode_text([p.negative_prompt], clip_skip=p.clip_skip) if p.cfg_scale != 1 else None
+        init = _prepare_init(model, p)
+        out = []
+        for i in range(p.n):
+            image_seed = (seed + i) % SEED_MOD
+            image = _generate_one(model, p, scheduler, image_seed, cond, uncond, init, progress)
+            params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
+            out.append(GeneratedImage(image, image_seed, to_png(image, infotext(params, model.name))))
+    return out
+
+
+def _check(model, p: GenerationParams):
+    for name, value in (("width", p.width), ("height", p.height)):
+        if value % 8:
+            raise PipelineError(f"{name} must be a multiple of 8 (the VAE works on 8×8 pixel blocks), got {value}", "size")
+    try:
+        samplers.check_sampler(p.sample_method)
+        if p.scheduler is not None:
+            samplers.check_scheduler(p.scheduler)
+    except ValueError as e:
+        raise PipelineError(str(e), "sample_method" if "sampler" in str(e) else "scheduler") from None
+    if p.control_image is not None and getattr(model, "controlnet", None) is None:
+        raise PipelineError("control_image was sent but this server has no ControlNet loaded "
+                            "(start it with --control-net PATH)", "control_image")
+    if p.mask is not None and p.init_image is None:
+        raise PipelineError("a mask needs an image to edit", "mask")
+
+
+# ------------------------------------------------------------------------------------------------
+def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress):
+    gen = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, model.unet.cfg.out_channels, p.height // 8, p.width // 8)
+
+    def noise():
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
+
+    sigmas = samplers.get_sigmas(scheduler, p.steps)
+    if init is not None:
+        sigmas = samplers.img2img_sigmas(sigmas, p.strength)
+        x = init["latent"] + noise() * sigmas[0]
+    else:
+        x = noise() * sigmas[0]
+
+    extra = init["unet_extra"] if init is not None else _txt2img_unet_extra(model, shape)
+
+    def unet_fn(x_in, t, ctx):
+        x_in = x_in.to(model.dtype)
+        if extra is not None:                    # inpainting UNet: + mask + masked-image latent
+            x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
+        return model.unet(x_in, t, ctx)
+
+    denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale)
+    if init is not None and init["keep"] is not None and extra is None:
+        denoise = _keep_outside_mask(denoise, init["latent"], init["keep"])
+
+    clock = [time.perf_counter()]
+
+    def callback(i, sigma, x_i, denoised):
+        now = time.perf_counter()
+        dt, clock[0] = now - clock[0], now
+        log.info("%s step %d/%d %.3fs/step", p.request_id or "-", i + 1, len(sigmas) - 1, dt)
+        if progress:
+            progress(i, len(sigmas) - 1, dt)
+
+    x = samplers.SAMPLERS[p.sample_method](denoise, x, sigmas, noise=noise, callback=callback)
+    img = model.vae.decode(x.to(model.dtype)).float()
+    return tensor_to_image(img[0])
+
+
+def _keep_outside_mask(denoise, latent, keep):
+    """Ordinary (4-channel) models: outside the mask the prediction *is* the original latent, so every
+    step moves x back onto the original, noised to that step's σ; inside, the model paints.
+    For first-order samplers this equals blending ``latent + σ·noise`` back after every step."""
+    def masked(x, sigma):
+        return keep * latent + (1 - keep) * denoise(x, sigma)
+    return masked
+
+
+def _txt2img_unet_extra(model, shape):
+    if not model.inpainting:
+        return None
+    # txt2img on an inpainting UNet: everything is to be painted; the masked image is blank (grey).
+    blank = model.vae.encode(torch.zeros(1, 3, shape[2] * 8, shape[3] * 8, device=model.device, dtype=model.dtype)).float()
+    return torch.cat([torch.ones(1, 1, *shape[2:], device=model.device), blank], dim=1).to(model.dtype)
+
+
+def _prepare_init(model, p):
+    if p.init_image is None:
+        return None
+    img = image_to_tensor(cover_resize(p.init_image.convert("RGB"), p.width, p.height)).to(model.device)
+    latent = model.vae.encode(img.to(model.dtype)).float()
+    keep = repaint = None
+    if p.mask is not None:
+        repaint_px = mask_to_repaint(cover_resize(p.mask, p.width, p.height)).to(model.device)   # [1,1,H,W], 1 = repaint
+        repaint = F.interpolate(repaint_px, size=latent.shape[-2:], mode="area")
+        keep = 1 - repaint
+    extra = None
+    if model.inpainting:
+        repaint_px = repaint_px if p.mask is not None else torch.ones(1, 1, p.height, p.width, device=model.device)
+        masked = img * (repaint_px < 0.5)        # the area to repaint is blanked (0 = grey in [-1, 1])
+        masked_latent = model.vae.encode(masked.to(model.dtype)).float()
+        mask_latent = F.interpolate(repaint_px, size=latent.shape[-2:], mode="nearest")
+        extra = torch.cat([mask_latent, masked_latent], dim=1).to(model.dtype)
+    return {"latent": latent, "keep": keep, "unet_extra": extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+def cover_resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover width×height, then center-crop (the rule for edits and control images)."""
+    if img.size == (width, height):
+        return img
+    scale = max(width / img.width, height / img.height)
+    w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [1, 3, H, W] in [-1, 1]."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
+    return data.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> RGB PIL image (rounded, not truncated)."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu()
+    return Image.fromarray(x.numpy(), "RGB")
+
+
+def mask_to_repaint(mask: Image.Image) -> torch.Tensor:
+    """OpenAI semantics: transparent pixels are repainted. Masks without alpha: white = repaint."""
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        alpha = mask.convert("RGBA").getchannel("A")
+        values = 255 - torch.frombuffer(bytearray(alpha.tobytes()), dtype=torch.uint8).float()
+    else:
+        values = torch.frombuffer(bytearray(mask.convert("L").tobytes()), dtype=torch.uint8).float()
+    return (values / 255).view(1, 1, mask.height, mask.width)
+
+
+# ------------------------------------------------------------------------------------------------
+# The "parameters" PNG chunk (AUTOMATIC1111 infotext), and reading it back
+# ------------------------------------------------------------------------------------------------
+def infotext(p: GenerationParams, model_name: str) -> str:
+    fields = [("Steps", p.steps), ("Sampler", p.sample_method), ("Schedule type", p.scheduler),
+              ("CFG scale", p.cfg_scale), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"), ("Model", model_name)]
+    if p.init_image is not None:
+        fields.append(("Denoising strength", p.strength))
+    if p.clip_skip != 1:
+        fields.append(("Clip skip", p.clip_skip))
+    return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
+
+
+def parse_infotext(text: str) -> dict:
+    """Inverse of ``infotext``: the GenerationParams fields (and "model") it records."""
+    head, _, last = text.rpartition("\n")
+    prompt, _, negative = head.partition("\nNegative prompt: ")
+    values = dict(re.findall(r"([A-Za-z ]+): ([^,]+)(?:, |$)", last))
+    width, height = (int(v) for v in values["Size"].split("x"))
+    out = dict(prompt=prompt, negative_prompt=negative, steps=int(values["Steps"]), sample_method=values["Sampler"],
+               scheduler=values["Schedule type"], cfg_scale=float(values["CFG scale"]), seed=int(values["Seed"]),
+               width=width, height=height, model=values["Model"])
+    if "Denoising strength" in values:
+        out["strength"] = float(values["Denoising strength"])
+    if "Clip skip" in values:
+        out["clip_skip"] = int(values["Clip skip"])
+    return out
+
+
+def to_png(img: Image.Image, parameters: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters)       # iTXt: UTF-8, so any prompt survives
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
