@@ -67,6 +67,25 @@ def unet_name_map(keys, cfg: UNetConfig, encoder_only=False):
     return _translate(keys, unet_prefixes(cfg, encoder_only), {"resnet": _RESNET_UNET})
 
 
+def controlnet_prefixes(cfg: UNetConfig):
+    """A ControlNet's: the UNet encoder's, then the hint block, zero convs and middle-block zero conv."""
+    hint = ["conv_in"] + [f"blocks.{i}" for i in range(6)] + ["conv_out"]      # input_hint_block.0, 2, .., 14
+    n_skips = len(cfg.channel_mult) * (cfg.num_res_blocks + 1)
+    return (unet_prefixes(cfg, encoder_only=True)
+            + [(f"input_hint_block.{2 * i}.", f"controlnet_cond_embedding.{h}.", None) for i, h in enumerate(hint)]
+            + [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.", None) for i in range(n_skips)]
+            + [("middle_block_out.0.", "controlnet_mid_block.", None)])
+
+
+def controlnet_name_map(keys, cfg: UNetConfig):
+    return _translate(keys, controlnet_prefixes(cfg), {"resnet": _RESNET_UNET})
+
+
+def controlnet_names_from_diffusers(their_keys, cfg: UNetConfig):
+    """The inverse map, ``{their_key: our_key}`` (only the level and ResBlock counts of ``cfg`` matter)."""
+    flipped = [(theirs, ours, kind) for ours, theirs, kind in controlnet_prefixes(cfg)]
+    return _translate(their_keys, flipped, {"resnet": {b: a for a, b in _RESNET_UNET.items()}})
+
 def vae_name_map(keys, n_levels: int):
     p = [("encoder.norm_out.", "encoder.conv_norm_out.", None), ("decoder.norm_out.", "decoder.conv_norm_out.", None)]
     for part in ("encoder", "decoder"):

@@ -24,6 +24,7 @@ class StableDiffusion:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = Tokenizer(pad_id=text_encoder.cfg.pad_id)
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
+        self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
 
     @property
     def inpainting(self) -> bool:
@@ -40,11 +41,12 @@ class StableDiffusion:
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | None = None,
-               vae: str | None = None, name: str | None = None) -> StableDiffusion:
+               vae: str | None = None, name: str | None = None, control_net: str | None = None) -> StableDiffusion:
     """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder.
 
     ``prediction``: "eps" or "v" to override; else the file's metadata, the diffusers scheduler
     config, or (SD2 only) the one-forward-pass heuristic decide. ``vae``: a separate VAE file/folder.
+    ``control_net``: a ControlNet file/folder, loaded on the same device/dtype and checked against the model.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -69,8 +71,12 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"
     native = meta.get("native_size") or (768 if family == "sd2" and prediction == "v" else 512)
     default_name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    return StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
-                           name=name or default_name, native_size=native, device=device, dtype=dtype, source=path)
+    model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
+                            name=name or default_name, native_size=native, device=device, dtype=dtype, source=path)
+    if control_net:
+        from .controlnet import attach_controlnet, load_controlnet     # lazily: controlnet.py imports this module
+        attach_controlnet(model, load_controlnet(control_net, device, dtype))
+    return model
 
 
 @torch.inference_mode()

@@ -126,7 +126,7 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress):
     def callback(i, sigma, x_i, denoised):
         now = time.perf_counter()
         dt, clock[0] = now - clock[0], now
-        log.info("%s step %d/%d %.3fs/step", p.request_id or "-", i + 1, len(sigmas) - 1, dt)
+        log.debug("%s step %d/%d %.3fs/step", p.request_id or "-", i + 1, len(sigmas) - 1, dt)
         if progress:
             progress(i, len(sigmas) - 1, dt)
 

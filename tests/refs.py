@@ -103,3 +103,39 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def max_abs(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sample_euler"):
+    """A whole txt2img written with the reference implementations only: open_clip's tokenizer,
+    transformers' CLIP, diffusers' UNet and VAE (holding ``model``'s weights), k-diffusion's discrete
+    eps denoiser and sampler; noise from a CPU generator seeded with ``seed`` (initial latent, then
+    each ancestral draw). Returns uint8 pixels [3, size, size]."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from tests.kdiff import external, sampling
+    du, dv, dt = diffusers_unet_from_ours(model.unet), diffusers_vae_from_ours(model.vae), transformers_text_from_ours(model.text_encoder)
+    ids = SimpleTokenizer()([prompt, negative])
+    ids[ids == 0] = 49407                                       # SD1 pads with eos
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    with torch.no_grad():
+        cond, uncond = dt(ids).last_hidden_state.chunk(2)
+
+        class GuidedEps(torch.nn.Module):
+            def forward(self, x, t, **_):
+                out = du(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+                u, c = out.chunk(2)
+                return u + cfg * (c - u)
+
+        denoiser = external.DiscreteEpsDDPMDenoiser(GuidedEps(), torch.cumprod(1 - betas, 0).float(), quantize=False)
+        sigmas = denoiser.get_sigmas(steps)
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, 4, size // 8, size // 8)
+        x = torch.randn(shape, generator=g) * sigmas[0]
+        kwargs = {"noise_sampler": lambda *_: torch.randn(shape, generator=g)} if "ancestral" in sampler else {}
+        x = getattr(sampling, sampler)(denoiser, x, sigmas, disable=True, **kwargs)
+        img = dv.decode(x / 0.18215).sample[0]
+    return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def pixels(img) -> torch.Tensor:
+    """PIL RGB image -> uint8 [3, H, W]."""
+    return torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)

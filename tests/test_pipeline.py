@@ -10,50 +10,12 @@ import sdcore
 from sdcore.pipeline import (GenerationParams, PipelineError, cover_resize, generate, image_to_tensor,
                              mask_to_repaint, parse_infotext)
 from tests import refs
-from tests.kdiff import external as kd_external
-from tests.kdiff import sampling as kd_sampling
-
-
-def reference_alphas_cumprod():
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
+from tests.refs import pixels, reference_image
 
 
 @pytest.fixture(scope="module")
 def model(default_model_path):
     return sdcore.load_model(default_model_path)
-
-
-def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="euler"):
-    """The same generation written with the reference implementations only."""
-    from open_clip.tokenizer import SimpleTokenizer
-    du, dv = refs.diffusers_unet_from_ours(model.unet), refs.diffusers_vae_from_ours(model.vae)
-    dt = refs.transformers_text_from_ours(model.text_encoder)
-    ids = SimpleTokenizer()([prompt, negative])
-    ids[ids == 0] = 49407                                       # SD1 pads with eos
-    ids[:, 0] = 49406
-    with torch.no_grad():
-        cond, uncond = dt(ids).last_hidden_state.chunk(2)
-
-        class Eps(torch.nn.Module):
-            def forward(self, x, t, **_):
-                out = du(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-                u, c = out.chunk(2)
-                return u + cfg * (c - u)
-
-        denoiser = kd_external.DiscreteEpsDDPMDenoiser(Eps(), reference_alphas_cumprod().float(), quantize=False)
-        sigmas = denoiser.get_sigmas(steps)
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, 4, size // 8, size // 8, generator=g) * sigmas[0]
-        sample = getattr(kd_sampling, sampler)
-        kwargs = {"noise_sampler": lambda *_: torch.randn(1, 4, size // 8, size // 8, generator=g)} if "ancestral" in sampler else {}
-        x = sample(denoiser, x, sigmas, disable=True, **kwargs)
-        img = dv.decode(x / 0.18215).sample[0]
-    return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def pixels(img: Image.Image) -> torch.Tensor:
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
 
 
 @pytest.mark.parametrize("sampler, kd_name", [("euler", "sample_euler"), ("euler_a", "sample_euler_ancestral")])

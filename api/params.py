@@ -1,0 +1,376 @@
+"""Request parsing and validation: a Flask request -> :class:`ImageRequest` (GenerationParams +
+HTTP-only fields), or an :class:`~api.errors.APIError` (400/415) naming the offending ``param``.
+
+JSON bodies are typed strictly: numbers must be JSON numbers (integers for integer fields; no
+bools, strings, nulls, arrays, NaN or Infinity). Multipart/urlencoded form values are strings and
+are parsed strictly (``"20"`` is an integer, ``"20.0"``, ``" "``, ``"1e3"`` and ``"nan"`` are not;
+``"7.5"`` and ``"7"`` are numbers). Fields this server has no use for (OpenAI's ``user``,
+``quality``, ``style`` and anything else) are ignored. ``model`` may be absent, null or empty:
+the default model.
+
+Bounds (see API.md): n 1..max_n, steps 1..max_steps, cfg_scale 0..30, control_strength 0..2,
+strength 0..1, seed -2**63..2**64-1 (negative = random; seed+n-1 must stay within 64 bits),
+width/height multiples of 8 in 64..(max_pixels/64) with width*height <= max_pixels; ``size``
+("WIDTHxHEIGHT") overrides width/height. Uploaded images must be PNG, JPEG or WebP with at most
+max_input_pixels pixels (checked from the header, before decoding).
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .errors import APIError, invalid
+
+SAMPLE_METHODS = ("euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
+                  "ipndm", "ipndm_v", "lcm")
+SCHEDULERS = ("discrete", "karras", "exponential", "lcm")
+RESPONSE_FORMATS = ("url", "b64_json")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+CFG_SCALE_RANGE = (0.0, 30.0)
+CONTROL_STRENGTH_RANGE = (0.0, 2.0)
+STRENGTH_RANGE = (0.0, 1.0)
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+MIN_SIDE = 64
+SIDE_MULTIPLE = 8
+
+DEFAULTS = {
+    "negative_prompt": "", "n": 1, "cfg_scale": 7.0, "sample_method": "euler_a",
+    "scheduler": None, "steps": 20, "width": 512, "height": 512, "control_strength": 0.9,
+    "seed": 42, "strength": 0.75, "response_format": "url",
+}
+
+_INT_RE = re.compile(r"[+-]?[0-9]{1,40}")
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?")
+_SIZE_RE = re.compile(r"([0-9]{1,9})[xX]([0-9]{1,9})")
+
+
+@dataclass
+class Limits:
+    max_n: int = 10
+    max_steps: int = 150
+    max_pixels: int = 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+
+    @classmethod
+    def from_settings(cls, s) -> "Limits":
+        return cls(s.max_n, s.max_steps, s.max_pixels, s.max_input_pixels)
+
+
+@dataclass
+class ImageRequest:
+    model: str | None          # requested model id (None: the default model)
+    response_format: str       # "url" | "b64_json"
+    params: Any                # sdcore.pipeline.GenerationParams
+
+
+# --- field sources ----------------------------------------------------------------------------
+class _Fields:
+    """Uniform access to a JSON object (typed values) or a form (string values)."""
+
+    def __init__(self, values: dict, is_form: bool, files=None):
+        self.values = values
+        self.is_form = is_form
+        self.files = files or {}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "_Fields":
+        return cls(obj, False)
+
+    @classmethod
+    def from_form(cls, form, files) -> "_Fields":
+        values = {}
+        for key in form.keys():
+            items = form.getlist(key)
+            if len(items) > 1:
+                raise invalid(key, f"'{key}' was given {len(items)} times; give it once.",
+                              "duplicate_parameter")
+            values[key] = items[0]
+        return cls(values, True, files)
+
+    def has(self, name: str) -> bool:
+        return name in self.values
+
+    def get(self, name: str):
+        return self.values[name]
+
+
+def _type_name(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, float):
+        return "a float"
+    if isinstance(v, int):
+        return "an integer"
+    return type(v).__name__
+
+
+def _get_int(f: _Fields, name: str, default: int, lo: int, hi: int) -> int:
+    if not f.has(name):
+        return default
+    v = f.get(name)
+    if f.is_form:
+        s = v.strip()
+        if not _INT_RE.fullmatch(s):
+            raise invalid(name, f"'{name}' must be an integer, got {v!r}.", "invalid_type")
+        v = int(s)
+    elif type(v) is not int:
+        raise invalid(name, f"'{name}' must be an integer, got {_type_name(v)}.", "invalid_type")
+    if not lo <= v <= hi:
+        raise invalid(name, f"'{name}' must be between {lo} and {hi}, got {v}.")
+    return v
+
+
+def _get_float(f: _Fields, name: str, default: float, lo: float, hi: float) -> float:
+    if not f.has(name):
+        return default
+    v = f.get(name)
+    if f.is_form:
+        s = v.strip()
+        if not _FLOAT_RE.fullmatch(s):
+            raise invalid(name, f"'{name}' must be a number, got {v!r}.", "invalid_type")
+        x = float(s)
+    elif type(v) in (int, float):
+        try:
+            x = float(v)
+        except OverflowError:
+            x = math.inf
+    else:
+        raise invalid(name, f"'{name}' must be a number, got {_type_name(v)}.", "invalid_type")
+    if not math.isfinite(x):
+        raise invalid(name, f"'{name}' must be a finite number.")
+    if not lo <= x <= hi:
+        raise invalid(name, f"'{name}' must be between {lo:g} and {hi:g}, got {x:g}.")
+    return x
+
+
+def _get_str(f: _Fields, name: str, default: str | None) -> str | None:
+    if not f.has(name):
+        return default
+    v = f.get(name)
+    if not isinstance(v, str):
+        raise invalid(name, f"'{name}' must be a string, got {_type_name(v)}.", "invalid_type")
+    return v
+
+
+def _get_choice(f: _Fields, name: str, default, choices) -> str | None:
+    v = _get_str(f, name, default)
+    if v is default:
+        return v
+    norm = v.strip().lower()
+    if norm not in choices:
+        raise invalid(name, f"'{name}' must be one of {', '.join(choices)}; got {v!r}.")
+    return norm
+
+
+def _check_side(name: str, v: int, param: str) -> None:
+    if v <= 0:
+        raise invalid(param, f"{name} must be a positive integer, got {v}.")
+    if v % SIDE_MULTIPLE:
+        raise invalid(param, f"{name} must be a multiple of {SIDE_MULTIPLE} (the autoencoder "
+                             f"works on 8x8 pixel blocks), got {v}.")
+    if v < MIN_SIDE:
+        raise invalid(param, f"{name} must be at least {MIN_SIDE} pixels, got {v}.")
+
+
+def _get_size(f: _Fields, limits: Limits) -> tuple[int, int]:
+    width = _get_int(f, "width", DEFAULTS["width"], -(2 ** 31), 2 ** 31)
+    height = _get_int(f, "height", DEFAULTS["height"], -(2 ** 31), 2 ** 31)
+    wparam, hparam = "width", "height"
+    size = _get_str(f, "size", None)
+    if size is not None and size.strip().lower() != "auto":
+        m = _SIZE_RE.fullmatch(size.strip())
+        if not m:
+            raise invalid("size", f"'size' must be WIDTHxHEIGHT with positive integers, e.g. "
+                                  f"512x512; got {size!r}.")
+        width, height = int(m.group(1)), int(m.group(2))
+        wparam = hparam = "size"
+    _check_side("width", width, wparam)
+    _check_side("height", height, hparam)
+    if width * height > limits.max_pixels:
+        raise invalid(wparam if wparam == hparam else "width",
+                      f"{width}x{height} is too large: at most {limits.max_pixels} pixels "
+                      f"(width*height) are allowed.")
+    return width, height
+
+
+def _load_image(storage, param: str, limits: Limits) -> Image.Image:
+    """Decode an uploaded PNG/JPEG/WebP after checking its header dimensions."""
+    data = storage.read()
+    if not data:
+        raise invalid(param, f"'{param}' is an empty file.")
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+    except Image.DecompressionBombError:
+        raise invalid(param, f"'{param}' has too many pixels (at most "
+                             f"{limits.max_input_pixels}).", "image_too_large") from None
+    except Exception:
+        raise invalid(param, f"'{param}' is not a PNG, JPEG or WebP image.",
+                      "invalid_image_format") from None
+    w, h = im.size
+    if w <= 0 or h <= 0 or w * h > limits.max_input_pixels:
+        raise invalid(param, f"'{param}' is {w}x{h}: too many pixels (at most "
+                             f"{limits.max_input_pixels}).", "image_too_large")
+    try:
+        im.load()
+    except Exception:
+        raise invalid(param, f"'{param}' could not be decoded (corrupt or truncated image).",
+                      "invalid_image") from None
+    return im
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _single_file(f: _Fields, names: tuple[str, ...], param: str):
+    found = []
+    for n in names:
+        found.extend(f.files.getlist(n) if f.files else [])
+    found = [x for x in found if x is not None]
+    if len(found) > 1:
+        raise invalid(param, f"only one '{param}' file is supported per request, got "
+                             f"{len(found)}.")
+    return found[0] if found else None
+
+
+def _reject_text_for_file(f: _Fields, names: tuple[str, ...], param: str) -> None:
+    for n in names:
+        if f.has(n):
+            raise invalid(param, f"'{param}' must be uploaded as a file in a multipart/form-data "
+                                 f"request.", "invalid_type")
+
+
+# --- bodies -----------------------------------------------------------------------------------
+def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
+    model = None
+    if f.has("model") and f.get("model") is not None:
+        model = _get_str(f, "model", None).strip() or None
+
+    if not f.has("prompt"):
+        raise invalid("prompt", "'prompt' is required.", "missing_required_parameter")
+    prompt = _get_str(f, "prompt", None)
+    if not prompt.strip():
+        raise invalid("prompt", "'prompt' must not be empty.")
+    n = _get_int(f, "n", DEFAULTS["n"], 1, limits.max_n)
+    seed = _get_int(f, "seed", DEFAULTS["seed"], *SEED_RANGE)
+    if seed >= 0 and seed + n - 1 > SEED_RANGE[1]:
+        raise invalid("seed", f"'seed' + n - 1 must fit in 64 bits (at most {SEED_RANGE[1]}).")
+    width, height = _get_size(f, limits)
+    kw = dict(
+        prompt=prompt,
+        negative_prompt=_get_str(f, "negative_prompt", DEFAULTS["negative_prompt"]),
+        n=n,
+        width=width,
+        height=height,
+        steps=_get_int(f, "steps", DEFAULTS["steps"], 1, limits.max_steps),
+        cfg_scale=_get_float(f, "cfg_scale", DEFAULTS["cfg_scale"], *CFG_SCALE_RANGE),
+        sample_method=_get_choice(f, "sample_method", DEFAULTS["sample_method"], SAMPLE_METHODS),
+        scheduler=_get_choice(f, "scheduler", DEFAULTS["scheduler"], SCHEDULERS),
+        seed=seed,
+        control_strength=_get_float(f, "control_strength", DEFAULTS["control_strength"],
+                                    *CONTROL_STRENGTH_RANGE),
+        request_id=request_id,
+    )
+    response_format = _get_choice(f, "response_format", DEFAULTS["response_format"],
+                                  RESPONSE_FORMATS)
+    return {"model": model, "response_format": response_format, "kw": kw}
+
+
+def _make(parsed: dict) -> ImageRequest:
+    from sdcore.pipeline import GenerationParams  # imported late: pulls in torch
+    return ImageRequest(parsed["model"], parsed["response_format"],
+                        GenerationParams(**parsed["kw"]))
+
+
+def _json_object(request) -> dict:
+    import json
+    raw = request.get_data(cache=True)
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise APIError("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError("The request body must be a JSON object.", code="invalid_json")
+    return obj
+
+
+def _unsupported(request, allowed: str) -> APIError:
+    got = request.mimetype or "none"
+    return APIError(f"Unsupported Content-Type {got!r}; send {allowed}.", status=415,
+                    code="unsupported_media_type")
+
+
+def parse_generation(request, limits: Limits, request_id: str = "") -> ImageRequest:
+    """POST /v1/images/generations: JSON, or a form (multipart when control_image is sent)."""
+    mt = request.mimetype
+    if request.is_json:
+        f = _Fields.from_json(_json_object(request))
+        _reject_text_for_file(f, ("control_image",), "control_image")
+        control = None
+    elif mt in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        f = _Fields.from_form(request.form, request.files)
+        _reject_text_for_file(f, ("control_image",), "control_image")
+        control = _single_file(f, ("control_image",), "control_image")
+    else:
+        raise _unsupported(request, "application/json or multipart/form-data")
+    parsed = _parse_common(f, limits, request_id)
+    if control is not None:
+        parsed["kw"]["control_image"] = _load_image(control, "control_image", limits).convert("RGB")
+    return _make(parsed)
+
+
+def parse_edit(request, limits: Limits, request_id: str = "") -> ImageRequest:
+    """POST /v1/images/edits: multipart form with image (or image[]), optional mask and
+    control_image. Without a mask, transparent pixels of the image itself (if any) are the
+    area to repaint, as in OpenAI's API."""
+    if request.mimetype != "multipart/form-data":
+        raise _unsupported(request, "multipart/form-data")
+    f = _Fields.from_form(request.form, request.files)
+    _reject_text_for_file(f, ("image", "image[]"), "image")
+    _reject_text_for_file(f, ("mask",), "mask")
+    _reject_text_for_file(f, ("control_image",), "control_image")
+    image_file = _single_file(f, ("image", "image[]"), "image")
+    mask_file = _single_file(f, ("mask",), "mask")
+    control_file = _single_file(f, ("control_image",), "control_image")
+
+    parsed = _parse_common(f, limits, request_id)
+    kw = parsed["kw"]
+    kw["strength"] = _get_float(f, "strength", DEFAULTS["strength"], *STRENGTH_RANGE)
+    if image_file is None:
+        raise invalid("image", "'image' is required: upload the image to edit as a file.",
+                      "missing_required_parameter")
+    image = _load_image(image_file, "image", limits)
+    mask = None
+    if mask_file is not None:
+        m = _load_image(mask_file, "mask", limits)
+        if m.size != image.size:
+            raise invalid("mask", f"'mask' must have the same size as 'image' "
+                                  f"({image.size[0]}x{image.size[1]}), got "
+                                  f"{m.size[0]}x{m.size[1]}.")
+        if not _has_alpha(m):
+            raise invalid("mask", "'mask' must have an alpha channel: its fully transparent "
+                                  "pixels mark the area to repaint.")
+        mask = m.convert("RGBA")
+    elif _has_alpha(image):
+        rgba = image.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            mask = rgba
+    kw["init_image"] = image.convert("RGB")
+    kw["mask"] = mask
+    if control_file is not None:
+        kw["control_image"] = _load_image(control_file, "control_image", limits).convert("RGB")
+    return _make(parsed)
