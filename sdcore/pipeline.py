@@ -19,6 +19,8 @@ from PIL import Image, PngImagePlugin
 
 import samplers
 
+from .canny import canny
+
 log = logging.getLogger("sdcore.pipeline")
 SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-bit
 
@@ -48,6 +50,7 @@ class GenerationParams:
     init_image: Image.Image | None = field(default=None, repr=False)
     mask: Image.Image | None = field(default=None, repr=False)      # transparent (alpha 0) = repaint
     control_image: Image.Image | None = field(default=None, repr=False)
+    apply_canny_preprocessor: bool = False   # control_image is a photo: use its edges (sdcore.canny)
     clip_skip: int = 1
     request_id: str = ""
 
@@ -68,10 +71,11 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
         cond = model.encode_text([p.prompt], clip_skip=p.clip_skip)
         uncond = model.encode_text([p.negative_prompt], clip_skip=p.clip_skip) if p.cfg_scale != 1 else None
         init = _prepare_init(model, p)
+        guided_hint = _prepare_control(model, p)
         out = []
         for i in range(p.n):
             image_seed = (seed + i) % SEED_MOD
-            image = _generate_one(model, p, scheduler, image_seed, cond, uncond, init, progress)
+            image = _generate_one(model, p, scheduler, image_seed, cond, uncond, init, progress, guided_hint)
             params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
             out.append(GeneratedImage(image, image_seed, to_png(image, infotext(params, model.name))))
     return out
@@ -95,7 +99,7 @@ def _check(model, p: GenerationParams):
 
 
 # ------------------------------------------------------------------------------------------------
-def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress):
+def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guided_hint=None):
     gen = torch.Generator("cpu").manual_seed(seed)
     shape = (1, model.unet.cfg.out_channels, p.height // 8, p.width // 8)
 
@@ -115,7 +119,10 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress):
         x_in = x_in.to(model.dtype)
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
             x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
-        return model.unet(x_in, t, ctx)
+        control = None
+        if guided_hint is not None:
+            control = control_residuals(model.controlnet, x_in, t, ctx, guided_hint, p.control_strength)
+        return model.unet(x_in, t, ctx, control=control)
 
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale)
     if init is not None and init["keep"] is not None and extra is None:
@@ -150,6 +157,27 @@ def _txt2img_unet_extra(model, shape):
     # txt2img on an inpainting UNet: everything is to be painted; the masked image is blank (grey).
     blank = model.vae.encode(torch.zeros(1, 3, shape[2] * 8, shape[3] * 8, device=model.device, dtype=model.dtype)).float()
     return torch.cat([torch.ones(1, 1, *shape[2:], device=model.device), blank], dim=1).to(model.dtype)
+
+
+def control_residuals(controlnet, x_in, t, ctx, guided_hint, strength):
+    """The ControlNet's 13 residuals × strength, on the same batch as the UNet. With CFG that batch is
+    [uncond, cond], so both halves are controlled alike (as diffusers' ControlNet pipeline without
+    guess mode, AUTOMATIC1111's "Balanced" and stable-diffusion.cpp): guidance then pushes towards the
+    prompt, not towards the control, and the control strength alone sets how strongly it binds."""
+    # an inpainting UNet's extra input channels are not for a ControlNet of a 4-channel model
+    return [r * strength for r in controlnet(x_in[:, :controlnet.cfg.in_channels], t, ctx, guided_hint)]
+
+
+def _prepare_control(model, p):
+    """Once per request: the control image covering the output size (cover_resize, as edits), RGB in
+    [0, 1], edge-detected if asked, through the ControlNet's hint block. None: the ControlNet is not
+    run at all (no control image, or strength 0, which so gives exactly the uncontrolled image)."""
+    if p.control_image is None or p.control_strength == 0:
+        return None
+    hint = (image_to_tensor(cover_resize(p.control_image.convert("RGB"), p.width, p.height)).to(model.device) + 1) / 2
+    if p.apply_canny_preprocessor:
+        hint = canny(hint)
+    return model.controlnet.embed_hint(hint)
 
 
 def _prepare_init(model, p):
@@ -218,6 +246,10 @@ def infotext(p: GenerationParams, model_name: str) -> str:
         fields.append(("Denoising strength", p.strength))
     if p.clip_skip != 1:
         fields.append(("Clip skip", p.clip_skip))
+    if p.control_image is not None:
+        fields.append(("Control strength", p.control_strength))
+        if p.apply_canny_preprocessor:
+            fields.append(("Control preprocessor", "canny"))
     return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
 
 
@@ -234,6 +266,9 @@ def parse_infotext(text: str) -> dict:
         out["strength"] = float(values["Denoising strength"])
     if "Clip skip" in values:
         out["clip_skip"] = int(values["Clip skip"])
+    if "Control strength" in values:
+        out["control_strength"] = float(values["Control strength"])
+        out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
     return out
 
 

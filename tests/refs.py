@@ -8,7 +8,7 @@ import json
 import os
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdcore import layouts
@@ -60,6 +60,20 @@ def diffusers_unet_from_ours(unet) -> UNet2DConditionModel:
     return _meta_build(UNet2DConditionModel, {name_map[k]: v.float() for k, v in sd.items()}, **diffusers_unet_kwargs(unet.cfg))
 
 
+def diffusers_controlnet_kwargs(cfg: UNetConfig) -> dict:
+    kw = diffusers_unet_kwargs(cfg)
+    for k in ("sample_size", "out_channels", "up_block_types"):      # a ControlNet has no decoder half
+        del kw[k]
+    return kw
+
+
+def diffusers_controlnet_from_ours(cn) -> ControlNetModel:
+    """The diffusers ControlNetModel holding our ControlNet's weights, renamed by our own layout map."""
+    sd = cn.state_dict()
+    name_map = layouts.controlnet_name_map(sd.keys(), cn.cfg)
+    return _meta_build(ControlNetModel, {name_map[k]: v.float() for k, v in sd.items()}, **diffusers_controlnet_kwargs(cn.cfg))
+
+
 def diffusers_vae_from_ours(vae) -> AutoencoderKL:
     sd = vae.state_dict()
     name_map = layouts.vae_name_map(sd.keys(), len(vae.cfg.ch_mult))
@@ -105,11 +119,14 @@ def max_abs(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sample_euler"):
+def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sample_euler", control=None,
+                    control_strength=1.0):
     """A whole txt2img written with the reference implementations only: open_clip's tokenizer,
     transformers' CLIP, diffusers' UNet and VAE (holding ``model``'s weights), k-diffusion's discrete
     eps denoiser and sampler; noise from a CPU generator seeded with ``seed`` (initial latent, then
-    each ancestral draw). Returns uint8 pixels [3, size, size]."""
+    each ancestral draw). ``control``: a hint [1, 3, size, size] in [0, 1] for diffusers' ControlNetModel
+    (holding ``model.controlnet``'s weights), applied to both halves of the CFG batch.
+    Returns uint8 pixels [3, size, size]."""
     from open_clip.tokenizer import SimpleTokenizer
     from tests.kdiff import external, sampling
     du, dv, dt = diffusers_unet_from_ours(model.unet), diffusers_vae_from_ours(model.vae), transformers_text_from_ours(model.text_encoder)
@@ -119,9 +136,15 @@ def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sa
     with torch.no_grad():
         cond, uncond = dt(ids).last_hidden_state.chunk(2)
 
+        dcn = diffusers_controlnet_from_ours(model.controlnet) if control is not None else None
+
         class GuidedEps(torch.nn.Module):
             def forward(self, x, t, **_):
-                out = du(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+                x, t, ctx, residuals = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]), {}
+                if dcn is not None:
+                    down, mid = dcn(x, t, ctx, controlnet_cond=control, conditioning_scale=control_strength, return_dict=False)
+                    residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                out = du(x, t, encoder_hidden_states=ctx, **residuals).sample
                 u, c = out.chunk(2)
                 return u + cfg * (c - u)
 
