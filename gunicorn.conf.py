@@ -2,7 +2,9 @@
 
 Image generation is long (seconds to minutes) and CPU/GPU bound, so:
 * one worker process per model copy (SD_WORKERS, default 1); each worker runs one generation at
-  a time (a lock in the app) and lets at most SD_MAX_QUEUE more wait (503 beyond that);
+  a time and lets at most SD_MAX_QUEUE more wait, first come first served (503 with Retry-After
+  beyond that, at once); a waiting request whose client disconnects leaves the queue (the app
+  polls the connection's socket, ``gunicorn.socket`` in the WSGI environ of the gthread worker);
 * the gthread worker with a few threads (SD_HTTP_THREADS, default 8), so /health, /v1/models,
   /v1/files and downloads are answered while a generation runs; keep it above SD_MAX_QUEUE + 1;
 * a worker timeout far longer than a generation or a model load (SD_TIMEOUT, default 600 s).

@@ -25,7 +25,9 @@ is read from the environment too and can be given as ``--api-key``; it is never 
 | --max-pixels (width*height of an output) | SD_MAX_PIXELS | 1048576 (1024x1024) |
 | --max-input-pixels (uploaded image) | SD_MAX_INPUT_PIXELS | 16777216 (4096x4096) |
 | --max-upload-bytes (request body) | SD_MAX_UPLOAD_BYTES | 20971520 (20 MiB) |
+| --max-prompt-chars (prompt, negative_prompt) | SD_MAX_PROMPT_CHARS | 32000 |
 | --max-queue (generations waiting per worker) | SD_MAX_QUEUE | 4 |
+| --cors-origins (comma-separated origins, or *) | SD_CORS_ORIGINS | none (CORS off) |
 | --proxy-hops (trusted X-Forwarded-* hops; 0 = ignore) | SD_PROXY_HOPS | 1 |
 | --log-level | SD_LOG_LEVEL | info |
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +78,9 @@ class Settings:
     max_pixels: int = 1024 * 1024
     max_input_pixels: int = 4096 * 4096
     max_upload_bytes: int = 20 * 1024 * 1024
+    max_prompt_chars: int = 32000
     max_queue: int = 4
+    cors_origins: str | None = None
     proxy_hops: int = 1
     log_level: str = "info"
 
@@ -137,7 +142,7 @@ class Settings:
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
         for name in ("max_n", "max_steps", "max_pixels", "max_input_pixels", "max_upload_bytes",
-                     "workers", "http_threads", "timeout"):
+                     "max_prompt_chars", "workers", "http_threads", "timeout"):
             positive(name)
         for name in ("file_ttl", "max_queue", "proxy_hops"):
             positive(name, 0)
@@ -153,6 +158,26 @@ class Settings:
         if self.download_url_prefix is not None and not self.download_url_prefix.startswith(
                 ("http://", "https://")):
             raise ConfigError("download_url_prefix must start with http:// or https://")
+        if self.max_pixels < 64 * 64:
+            raise ConfigError(f"max_pixels must be at least 4096 (64x64), got {self.max_pixels}")
+        self.cors_origin_list()
+
+    def cors_origin_list(self) -> list[str]:
+        """The allowed CORS origins ([] = CORS off; ["*"] = any origin)."""
+        raw = self.cors_origins
+        if raw is None:
+            return []
+        items = [o.strip().rstrip("/") for o in (raw if isinstance(raw, (list, tuple))
+                                                  else str(raw).split(",")) if o.strip()]
+        for o in items:
+            if o != "*" and not _ORIGIN_RE.fullmatch(o):
+                raise ConfigError(f"bad CORS origin {o!r}: use scheme://host[:port] or *")
+        if "*" in items and len(items) > 1:
+            raise ConfigError("CORS origin '*' cannot be combined with other origins")
+        return items
+
+
+_ORIGIN_RE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _stem(path: str) -> str:
@@ -214,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pixels", type=int, help="largest width*height of an output image")
     a("--max-input-pixels", type=int, help="largest width*height of an uploaded image")
     a("--max-upload-bytes", type=int, help="largest request body (default 20 MiB)")
+    a("--max-prompt-chars", type=int, help="longest prompt / negative_prompt (default 32000)")
     a("--max-queue", type=int, help="generations that may wait per worker before 503 (default 4)")
+    a("--cors-origins", help="comma-separated browser origins allowed by CORS (e.g. "
+                             "https://app.example.com), or *; default: CORS off")
     a("--proxy-hops", type=int, help="trusted reverse-proxy hops for X-Forwarded-* (default 1)")
     a("--log-level", choices=("debug", "info", "warning", "error"))
     a("--dev", action="store_true", help="run Flask's development server instead of gunicorn")

@@ -4,18 +4,22 @@ HTTP-only fields), or an :class:`~api.errors.APIError` (400/415) naming the offe
 JSON bodies are typed strictly: numbers must be JSON numbers (integers for integer fields; no
 bools, strings, nulls, arrays, NaN or Infinity). Multipart/urlencoded form values are strings and
 are parsed strictly (``"20"`` is an integer, ``"20.0"``, ``" "``, ``"1e3"`` and ``"nan"`` are not;
-``"7.5"`` and ``"7"`` are numbers). Fields this server has no use for (OpenAI's ``user``,
-``quality``, ``style`` and anything else) are ignored. ``model`` may be absent, null or empty:
+``"7.5"`` and ``"7"`` are numbers). OpenAI's ``user``, ``quality`` and ``style`` must be strings
+(or null) and are then ignored; unknown fields are ignored. ``model`` may be absent, null or empty:
 the default model.
 
 Bounds (see API.md): n 1..max_n, steps 1..max_steps, cfg_scale 0..30, control_strength 0..2,
 strength 0..1, seed -2**63..2**64-1 (negative = random; seed+n-1 must stay within 64 bits),
 width/height multiples of 8 in 64..(max_pixels/64) with width*height <= max_pixels; ``size``
 ("WIDTHxHEIGHT") overrides width/height. Uploaded images must be PNG, JPEG or WebP with at most
-max_input_pixels pixels (checked from the header, before decoding).
+max_input_pixels pixels (checked from the header, before decoding) and sides of at least 8.
+Strings must be valid Unicode; prompt and negative_prompt have at most max_prompt_chars
+characters. Defaults never exceed the limits: steps defaults to min(20, max_steps), and the size
+to 512x512 or the largest square within max_pixels. A multipart body needs its boundary.
 """
 from __future__ import annotations
 
+import base64
 import io
 import math
 import re
@@ -30,6 +34,8 @@ SAMPLE_METHODS = ("euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "d
                   "ipndm", "ipndm_v", "lcm")
 SCHEDULERS = ("discrete", "karras", "exponential", "lcm")
 RESPONSE_FORMATS = ("url", "b64_json")
+# OpenAI fields this server has no use for: type-checked (a string or null), then ignored
+IGNORED_FIELDS = ("user", "quality", "style")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 CFG_SCALE_RANGE = (0.0, 30.0)
@@ -38,11 +44,12 @@ STRENGTH_RANGE = (0.0, 1.0)
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 MIN_SIDE = 64
 SIDE_MULTIPLE = 8
+MIN_INPUT_SIDE = 8        # an uploaded image smaller than one autoencoder block carries nothing
 
 DEFAULTS = {
     "negative_prompt": "", "n": 1, "cfg_scale": 7.0, "sample_method": "euler_a",
     "scheduler": None, "steps": 20, "width": 512, "height": 512, "control_strength": 0.9,
-    "seed": 42, "strength": 0.75, "response_format": "url",
+    "seed": 42, "strength": 0.75, "response_format": "url", "apply_canny_preprocessor": False,
 }
 
 _INT_RE = re.compile(r"[+-]?[0-9]{1,40}")
@@ -56,10 +63,27 @@ class Limits:
     max_steps: int = 150
     max_pixels: int = 1024 * 1024
     max_input_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 32000
 
     @classmethod
     def from_settings(cls, s) -> "Limits":
-        return cls(s.max_n, s.max_steps, s.max_pixels, s.max_input_pixels)
+        return cls(s.max_n, s.max_steps, s.max_pixels, s.max_input_pixels, s.max_prompt_chars)
+
+    # Defaults never exceed the configured limits: a request that leaves a field out is valid.
+    @property
+    def default_steps(self) -> int:
+        return min(DEFAULTS["steps"], self.max_steps)
+
+    @property
+    def default_side(self) -> int:
+        """512, or the largest multiple of 8 whose square fits in max_pixels (at least 64)."""
+        side = min(DEFAULTS["width"], math.isqrt(self.max_pixels) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        return max(MIN_SIDE, side)
+
+    @property
+    def max_side(self) -> int:
+        """The longest side an output may have (the other side being MIN_SIDE)."""
+        return self.max_pixels // MIN_SIDE // SIDE_MULTIPLE * SIDE_MULTIPLE
 
 
 @dataclass
@@ -157,17 +181,37 @@ def _get_float(f: _Fields, name: str, default: float, lo: float, hi: float) -> f
     return x
 
 
-def _get_str(f: _Fields, name: str, default: str | None) -> str | None:
+def _get_bool(f: _Fields, name: str, default: bool) -> bool:
+    """JSON true/false; in forms "true"/"false"/"1"/"0" (case-insensitive)."""
+    if not f.has(name):
+        return default
+    v = f.get(name)
+    if f.is_form and isinstance(v, str) and v.strip().lower() in ("true", "1", "false", "0"):
+        return v.strip().lower() in ("true", "1")
+    if isinstance(v, bool):
+        return v
+    raise invalid(name, f"'{name}' must be a boolean (true or false), got {_type_name(v)}.", "invalid_type")
+
+
+def _get_str(f: _Fields, name: str, default: str | None, max_len: int | None = None
+             ) -> str | None:
     if not f.has(name):
         return default
     v = f.get(name)
     if not isinstance(v, str):
         raise invalid(name, f"'{name}' must be a string, got {_type_name(v)}.", "invalid_type")
+    if max_len is not None and len(v) > max_len:
+        raise invalid(name, f"'{name}' is too long: at most {max_len} characters, got {len(v)}.",
+                      "string_too_long")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate, e.g. "\ud800" in JSON
+        raise invalid(name, f"'{name}' is not valid Unicode text.", "invalid_string") from None
     return v
 
 
 def _get_choice(f: _Fields, name: str, default, choices) -> str | None:
-    v = _get_str(f, name, default)
+    v = _get_str(f, name, default, max_len=64)
     if v is default:
         return v
     norm = v.strip().lower()
@@ -187,10 +231,10 @@ def _check_side(name: str, v: int, param: str) -> None:
 
 
 def _get_size(f: _Fields, limits: Limits) -> tuple[int, int]:
-    width = _get_int(f, "width", DEFAULTS["width"], -(2 ** 31), 2 ** 31)
-    height = _get_int(f, "height", DEFAULTS["height"], -(2 ** 31), 2 ** 31)
+    width = _get_int(f, "width", limits.default_side, -(2 ** 31), 2 ** 31)
+    height = _get_int(f, "height", limits.default_side, -(2 ** 31), 2 ** 31)
     wparam, hparam = "width", "height"
-    size = _get_str(f, "size", None)
+    size = _get_str(f, "size", None, max_len=64)
     if size is not None and size.strip().lower() != "auto":
         m = _SIZE_RE.fullmatch(size.strip())
         if not m:
@@ -201,7 +245,8 @@ def _get_size(f: _Fields, limits: Limits) -> tuple[int, int]:
     _check_side("width", width, wparam)
     _check_side("height", height, hparam)
     if width * height > limits.max_pixels:
-        raise invalid(wparam if wparam == hparam else "width",
+        blame = wparam if wparam == hparam else ("width" if width >= height else "height")
+        raise invalid(blame,
                       f"{width}x{height} is too large: at most {limits.max_pixels} pixels "
                       f"(width*height) are allowed.")
     return width, height
@@ -224,12 +269,32 @@ def _load_image(storage, param: str, limits: Limits) -> Image.Image:
     if w <= 0 or h <= 0 or w * h > limits.max_input_pixels:
         raise invalid(param, f"'{param}' is {w}x{h}: too many pixels (at most "
                              f"{limits.max_input_pixels}).", "image_too_large")
+    if w < MIN_INPUT_SIDE or h < MIN_INPUT_SIDE:
+        raise invalid(param, f"'{param}' is {w}x{h}: each side must be at least "
+                             f"{MIN_INPUT_SIDE} pixels.", "image_too_small")
     try:
         im.load()
     except Exception:
         raise invalid(param, f"'{param}' could not be decoded (corrupt or truncated image).",
                       "invalid_image") from None
     return im
+
+
+def _base64_file(f: _Fields, param: str):
+    """JSON bodies carry files as base64 strings (a ``data:image/...;base64,`` prefix is allowed)."""
+    if not f.has(param) or f.get(param) is None:
+        return None
+    v = f.get(param)
+    if not isinstance(v, str):
+        raise invalid(param, f"'{param}' must be a base64-encoded PNG/JPEG/WebP string in JSON "
+                             f"bodies, got {_type_name(v)}.", "invalid_type")
+    if v.startswith("data:"):
+        v = v.partition(",")[2]
+    try:
+        data = base64.b64decode(v, validate=True)
+    except ValueError:
+        raise invalid(param, f"'{param}' is not valid base64.", "invalid_base64") from None
+    return io.BytesIO(data)
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -258,13 +323,16 @@ def _reject_text_for_file(f: _Fields, names: tuple[str, ...], param: str) -> Non
 def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
     model = None
     if f.has("model") and f.get("model") is not None:
-        model = _get_str(f, "model", None).strip() or None
+        model = _get_str(f, "model", None, max_len=256).strip() or None
 
     if not f.has("prompt"):
         raise invalid("prompt", "'prompt' is required.", "missing_required_parameter")
-    prompt = _get_str(f, "prompt", None)
+    prompt = _get_str(f, "prompt", None, max_len=limits.max_prompt_chars)
     if not prompt.strip():
         raise invalid("prompt", "'prompt' must not be empty.")
+    for name in IGNORED_FIELDS:
+        if f.has(name) and f.get(name) is not None:
+            _get_str(f, name, None, max_len=256)
     n = _get_int(f, "n", DEFAULTS["n"], 1, limits.max_n)
     seed = _get_int(f, "seed", DEFAULTS["seed"], *SEED_RANGE)
     if seed >= 0 and seed + n - 1 > SEED_RANGE[1]:
@@ -272,17 +340,19 @@ def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
     width, height = _get_size(f, limits)
     kw = dict(
         prompt=prompt,
-        negative_prompt=_get_str(f, "negative_prompt", DEFAULTS["negative_prompt"]),
+        negative_prompt=_get_str(f, "negative_prompt", DEFAULTS["negative_prompt"],
+                                 max_len=limits.max_prompt_chars),
         n=n,
         width=width,
         height=height,
-        steps=_get_int(f, "steps", DEFAULTS["steps"], 1, limits.max_steps),
+        steps=_get_int(f, "steps", limits.default_steps, 1, limits.max_steps),
         cfg_scale=_get_float(f, "cfg_scale", DEFAULTS["cfg_scale"], *CFG_SCALE_RANGE),
         sample_method=_get_choice(f, "sample_method", DEFAULTS["sample_method"], SAMPLE_METHODS),
         scheduler=_get_choice(f, "scheduler", DEFAULTS["scheduler"], SCHEDULERS),
         seed=seed,
         control_strength=_get_float(f, "control_strength", DEFAULTS["control_strength"],
                                     *CONTROL_STRENGTH_RANGE),
+        apply_canny_preprocessor=_get_bool(f, "apply_canny_preprocessor", DEFAULTS["apply_canny_preprocessor"]),
         request_id=request_id,
     )
     response_format = _get_choice(f, "response_format", DEFAULTS["response_format"],
@@ -314,14 +384,20 @@ def _unsupported(request, allowed: str) -> APIError:
                     code="unsupported_media_type")
 
 
+def _check_multipart(request) -> None:
+    if request.mimetype == "multipart/form-data" and not request.mimetype_params.get("boundary"):
+        raise APIError("The multipart/form-data body has no boundary parameter in its "
+                       "Content-Type.", code="invalid_multipart")
+
+
 def parse_generation(request, limits: Limits, request_id: str = "") -> ImageRequest:
     """POST /v1/images/generations: JSON, or a form (multipart when control_image is sent)."""
     mt = request.mimetype
     if request.is_json:
         f = _Fields.from_json(_json_object(request))
-        _reject_text_for_file(f, ("control_image",), "control_image")
-        control = None
+        control = _base64_file(f, "control_image")
     elif mt in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        _check_multipart(request)
         f = _Fields.from_form(request.form, request.files)
         _reject_text_for_file(f, ("control_image",), "control_image")
         control = _single_file(f, ("control_image",), "control_image")
@@ -339,6 +415,7 @@ def parse_edit(request, limits: Limits, request_id: str = "") -> ImageRequest:
     area to repaint, as in OpenAI's API."""
     if request.mimetype != "multipart/form-data":
         raise _unsupported(request, "multipart/form-data")
+    _check_multipart(request)
     f = _Fields.from_form(request.form, request.files)
     _reject_text_for_file(f, ("image", "image[]"), "image")
     _reject_text_for_file(f, ("mask",), "mask")

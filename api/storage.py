@@ -1,6 +1,7 @@
 """The image store behind ``response_format=url`` and ``/v1/files``.
 
-Layout: ``<root>/<file id>/<file name>``, one file per id directory. Ids match ``file-<32 hex>``
+Layout: ``<root>/<file id>/<file name>``, one file per id directory. Ids are ``file-`` and 128
+random bits in hex (``secrets``: unguessable); ids match ``file-<32 hex>``
 and names ``[A-Za-z0-9][A-Za-z0-9._-]*`` (no ``..``); anything else is treated as absent, so a
 path built from a request can never leave the root.
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import secrets
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +95,9 @@ class ImageStore:
         if not valid_name(filename):
             raise ValueError(f"invalid file name {filename!r}")
         self.cleanup()
-        file_id = "file-" + uuid.uuid4().hex
+        file_id = "file-" + secrets.token_hex(16)     # 128 random bits: unguessable
         d = self.root / file_id
-        d.mkdir(mode=0o755)
+        d.mkdir(mode=0o755, parents=True)     # parents: the root may have been removed
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=d)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -1,12 +1,15 @@
 """Start a real gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``) with the tiny default model,
-for the integration and nginx tests. Fails clearly (never skips) when the pipeline or the
-default weights are missing."""
+for the integration, nginx, reliability and security tests. Fails clearly (never skips) when the
+pipeline or the default weights are missing."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 WEIGHTS = ROOT / "weights" / "tiny-sd1.safetensors"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 API_KEY = "test-key"
@@ -40,7 +44,16 @@ def free_port() -> int:
 
 
 class Gunicorn:
-    def __init__(self, data_dir: Path, log_path: Path, **env):
+    """``gunicorn -c gunicorn.conf.py <app>`` on a free loopback port.
+
+    ``env`` overrides the environment (SD_* settings; ``API_KEY=""`` runs without a key).
+    ``app`` is the WSGI entry point (``fault_wsgi:app`` for the fault tests: tests/ is put on
+    PYTHONPATH). ``preexec_fn`` runs in the child before exec (resource limits).
+    ``log_pipe``: the server's output goes through a pipe copied to ``log_path`` by a thread
+    (for a server whose own file writes are limited)."""
+
+    def __init__(self, data_dir: Path, log_path: Path, app: str = "wsgi:app", preexec_fn=None,
+                 log_pipe: bool = False, **env):
         self.port = free_port()
         self.log_path = log_path
         self.base = f"http://127.0.0.1:{self.port}"
@@ -48,14 +61,42 @@ class Gunicorn:
         e.update(SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(data_dir),
                  API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4",
                  SD_THREADS="2", SD_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+        if app != "wsgi:app":
+            e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
         e.update(env)
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-                                     cwd=ROOT, env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        self._copier = None
+        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", app],
+                                     cwd=ROOT, env=e, preexec_fn=preexec_fn,
+                                     stdout=subprocess.PIPE if log_pipe else self.log,
+                                     stderr=subprocess.STDOUT)
+        if log_pipe:
+            def copy(src=self.proc.stdout, dst=self.log):
+                for line in iter(src.readline, b""):
+                    dst.write(line)
+                    dst.flush()
+            self._copier = threading.Thread(target=copy, daemon=True)
+            self._copier.start()
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_bytes().decode("utf-8", "replace")
 
     def log_tail(self, n=4000) -> str:
-        self.log.flush()
-        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        return self.log_text()[-n:]
+
+    def wait_log(self, pattern: str, timeout: float = 60, start: int = 0) -> re.Match:
+        """Wait until the log (from character ``start``) matches the regular expression."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.compile(pattern).search(self.log_text(), start)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not in the log after {timeout} s:\n"
+                                     f"{self.log_tail()}")
+            time.sleep(0.05)
 
     def wait_healthy(self, timeout=180) -> None:
         deadline = time.monotonic() + timeout
@@ -72,6 +113,31 @@ class Gunicorn:
         self.stop()
         pytest.fail(f"gunicorn not healthy after {timeout} s:\n{self.log_tail()}", pytrace=False)
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the master's worker processes (from /proc)."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            if ppid == self.proc.pid:
+                out.append(int(d.name))
+        return sorted(out)
+
+    def worker_pid(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            if len(pids) == 1:
+                return pids[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected one worker, found {pids}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -80,4 +146,66 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self._copier is not None:
+            self._copier.join(10)
         self.log.close()
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def auth_headers(key: str = API_KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def server_fixture(tmp_path_factory, name: str, **kw):
+    """Start a Gunicorn for a module-scoped fixture; the caller stops it."""
+    require_pipeline()
+    tmp = tmp_path_factory.mktemp(name)
+    srv = Gunicorn(tmp / "data", tmp / "gunicorn.log", **kw)
+    srv.tmp = tmp
+    srv.wait_healthy()
+    return srv
+
+
+def raw_http(port: int, data: bytes, timeout: float = 30, shut_write: bool = False
+             ) -> tuple[int, dict, bytes]:
+    """Send raw bytes (requests/urllib3 normalise ``..`` in paths) and read one response:
+    (status, headers with lower-case names, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if shut_write:
+            s.shutdown(socket.SHUT_WR)
+        return read_response(s)
+
+
+def read_response(s: socket.socket) -> tuple[int, dict, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {buf[:200]!r}")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body[:length]

@@ -184,19 +184,23 @@ def test_size_errors_say_why(client):
 
 
 def test_max_pixels_configurable(tmp_path):
-    app, _ = make_app(tmp_path, max_pixels=128 * 128)
+    app, stub = make_app(tmp_path, max_pixels=128 * 128)
     c = app.test_client()
     assert c.post(GEN, json={"prompt": "p", "size": "128x128"}).status_code == 200
     assert error_of(c.post(GEN, json={"prompt": "p", "size": "136x128"}), 400)["param"] == "size"
-    assert error_of(c.post(GEN, json={"prompt": "p"}), 400)["param"] == "width"  # 512x512 default
+    # the default size (512x512) is capped to the largest square within the limit
+    assert c.post(GEN, json={"prompt": "p"}).status_code == 200
+    assert (stub.params.width, stub.params.height) == (128, 128)
 
 
 def test_max_n_and_steps_configurable(tmp_path):
-    app, _ = make_app(tmp_path, max_n=3, max_steps=5)
+    app, stub = make_app(tmp_path, max_n=3, max_steps=5)
     c = app.test_client()
     assert c.post(GEN, json={"prompt": "p", "n": 3, "steps": 5, "size": "64x64"}).status_code == 200
     assert error_of(c.post(GEN, json={"prompt": "p", "n": 4}), 400)["param"] == "n"
     assert error_of(c.post(GEN, json={"prompt": "p", "steps": 6}), 400)["param"] == "steps"
+    assert c.post(GEN, json={"prompt": "p", "size": "64x64"}).status_code == 200
+    assert stub.params.steps == 5          # the default (20) is capped to max_steps
 
 
 def test_default_limits(client):

@@ -194,3 +194,19 @@ def test_progress_logged(server, client):
     log = server.log_tail(200000)
     assert "request progress-check: step" in log and "s/step" in log
     assert API_KEY not in log
+
+
+def test_control_image_without_controlnet_is_a_400(server):
+    import base64 as b64
+    r = requests.post(f"{server.base}/v1/images/generations", headers=auth(), timeout=60,
+                      json={"prompt": "x", "size": "64x64", "steps": 1,
+                            "control_image": b64.b64encode(_input_png()).decode()})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "control_image" and "no ControlNet" in err["message"]
+    bad = requests.post(f"{server.base}/v1/images/generations", headers=auth(), timeout=60,
+                        json={"prompt": "x", "size": "64x64", "control_image": "not base64 !!"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "control_image"
+    flag = requests.post(f"{server.base}/v1/images/generations", headers=auth(), timeout=60,
+                         json={"prompt": "x", "size": "64x64", "apply_canny_preprocessor": "yes"})
+    assert flag.status_code == 400 and flag.json()["error"]["param"] == "apply_canny_preprocessor"

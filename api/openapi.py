@@ -1,0 +1,276 @@
+"""The OpenAPI 3.0 document served at ``GET /openapi.json``.
+
+It is built per application from the same constants the validators use (``api.params``: the
+choices, ranges and defaults, and the configured :class:`~api.params.Limits`), so the bounds it
+states are the bounds the server enforces. ``tests/test_api_openapi.py`` checks that every field
+the request parsers read appears here (by recording what they read, not from a copied list).
+
+What JSON Schema cannot say is in the descriptions: width*height <= max_pixels, seed + n - 1
+within 64 bits, uploads must be PNG/JPEG/WebP of at most max_input_pixels, a mask has the
+image's size. Unknown fields are ignored (``additionalProperties`` is true).
+"""
+from __future__ import annotations
+
+from . import params as P
+from .storage import ID_RE, NAME_RE
+
+OPENAPI_VERSION = "3.0.3"
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error_response(description: str, headers: dict | None = None) -> dict:
+    out = {"description": description,
+           "content": {"application/json": {"schema": _ref("Error")}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
+    lo_seed, hi_seed = P.SEED_RANGE
+    return {
+        "model": {"type": "string", "nullable": True, "maxLength": 256,
+                  "description": "Model id (GET /v1/models); absent, null or empty: the default "
+                                 f"model. Loaded: {', '.join(model_ids)}."},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars,
+                   "pattern": r"\S", "description": "What to draw; must not be blank."},
+        "negative_prompt": {"type": "string", "maxLength": limits.max_prompt_chars,
+                            "default": P.DEFAULTS["negative_prompt"],
+                            "description": "What to avoid."},
+        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n,
+              "default": P.DEFAULTS["n"],
+              "description": "Number of images (seeds seed..seed+n-1)."},
+        "size": {"type": "string", "maxLength": 64,
+                 "pattern": r"^(auto|[0-9]{1,9}x[0-9]{1,9})$",
+                 "description": "WIDTHxHEIGHT (overrides width and height); each side a multiple "
+                                f"of {P.SIDE_MULTIPLE} of at least {P.MIN_SIDE}, and "
+                                f"width*height <= {limits.max_pixels}. 'auto': width/height."},
+        "width": {"type": "integer", "minimum": P.MIN_SIDE, "maximum": limits.max_side,
+                  "multipleOf": P.SIDE_MULTIPLE, "default": limits.default_side,
+                  "description": f"Output width; width*height <= {limits.max_pixels}."},
+        "height": {"type": "integer", "minimum": P.MIN_SIDE, "maximum": limits.max_side,
+                   "multipleOf": P.SIDE_MULTIPLE, "default": limits.default_side,
+                   "description": f"Output height; width*height <= {limits.max_pixels}."},
+        "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps,
+                  "default": limits.default_steps, "description": "Sampler steps."},
+        "cfg_scale": {"type": "number", "minimum": P.CFG_SCALE_RANGE[0],
+                      "maximum": P.CFG_SCALE_RANGE[1], "default": P.DEFAULTS["cfg_scale"],
+                      "description": "Classifier-free guidance scale."},
+        "sample_method": {"type": "string", "enum": list(P.SAMPLE_METHODS),
+                          "default": P.DEFAULTS["sample_method"],
+                          "description": "Sampler (case-insensitive)."},
+        "scheduler": {"type": "string", "enum": list(P.SCHEDULERS),
+                      "description": "Noise schedule (case-insensitive); default: the sampler's "
+                                     "own (discrete; lcm for the lcm sampler)."},
+        "seed": {"type": "integer", "minimum": lo_seed, "maximum": hi_seed,
+                 "default": P.DEFAULTS["seed"],
+                 "description": "Seed of the first image; negative: a random one. seed + n - 1 "
+                                "must stay within 64 bits. Each item reports its seed."},
+        "control_strength": {"type": "number", "minimum": P.CONTROL_STRENGTH_RANGE[0],
+                             "maximum": P.CONTROL_STRENGTH_RANGE[1],
+                             "default": P.DEFAULTS["control_strength"],
+                             "description": "ControlNet strength (with control_image)."},
+        "apply_canny_preprocessor": {"type": "boolean", "default": P.DEFAULTS["apply_canny_preprocessor"],
+                                     "description": "Turn control_image into a Canny edge map first "
+                                                    "(thresholds 100/200), so a photo can be sent."},
+        "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
+                            "default": P.DEFAULTS["response_format"],
+                            "description": "url: a download URL (GET /v1/files/download/...); "
+                                           "b64_json: the PNG in base64."},
+        **{name: {"type": "string", "nullable": True, "maxLength": 256,
+                  "description": "Accepted for OpenAI compatibility and ignored."}
+           for name in P.IGNORED_FIELDS},
+    }
+
+
+def _file_field(description: str, limits: P.Limits) -> dict:
+    return {"type": "string", "format": "binary",
+            "description": f"{description} ({', '.join(P.IMAGE_FORMATS)}; at most "
+                           f"{limits.max_input_pixels} pixels)."}
+
+
+def request_schemas(limits: P.Limits, model_ids: list[str]) -> dict:
+    """name -> schema of the request bodies (the components the paths refer to)."""
+    common = _common_fields(limits, model_ids)
+    control = _file_field("ControlNet conditioning image", limits)
+    gen_json = {"type": "object", "required": ["prompt"], "additionalProperties": True,
+                "properties": {**common, "control_image": {
+                    "type": "string", "format": "byte", "nullable": True,
+                    "description": "ControlNet conditioning image as base64 (PNG, JPEG or WebP; a "
+                                   "data: URL prefix is allowed)."}}}
+    gen_form = {"type": "object", "required": ["prompt"], "additionalProperties": True,
+                "properties": {**common, "control_image": control}}
+    # exactly one of image and image[] (the name the OpenAI client uses)
+    edit_form = {"type": "object", "required": ["prompt"], "additionalProperties": True,
+                 "oneOf": [{"required": ["image"]}, {"required": ["image[]"]}],
+                 "properties": {
+                     **common,
+                     "image": _file_field("The image to edit (or send it as image[])", limits),
+                     "image[]": _file_field("The image to edit, as the OpenAI client sends it; "
+                                            "one image per request", limits),
+                     "mask": _file_field("PNG of the image's size whose fully transparent "
+                                         "pixels mark the area to repaint; without it, the "
+                                         "image's own transparent pixels do", limits),
+                     "control_image": control,
+                     "strength": {"type": "number", "minimum": P.STRENGTH_RANGE[0],
+                                  "maximum": P.STRENGTH_RANGE[1],
+                                  "default": P.DEFAULTS["strength"],
+                                  "description": "How much of the image is repainted."},
+                 }}
+    return {"GenerationRequest": gen_json, "GenerationForm": gen_form, "EditForm": edit_form}
+
+
+def _schemas(limits: P.Limits, model_ids: list[str]) -> dict:
+    nullable_str = {"type": "string", "nullable": True}
+    file_obj = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename",
+                                               "purpose"],
+                "properties": {"id": {"type": "string", "pattern": ID_RE.pattern},
+                               "object": {"type": "string", "enum": ["file"]},
+                               "bytes": {"type": "integer", "minimum": 0},
+                               "created_at": {"type": "integer"},
+                               "expires_at": {"type": "integer", "nullable": True},
+                               "filename": {"type": "string"},
+                               "purpose": {"type": "string"},
+                               "status": {"type": "string"}}}
+    model = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+             "properties": {"id": {"type": "string"},
+                            "object": {"type": "string", "enum": ["model"]},
+                            "created": {"type": "integer"}, "owned_by": {"type": "string"}}}
+    item = {"type": "object", "required": ["prompt", "seed"],
+            "properties": {"url": {"type": "string", "format": "uri"},
+                           "b64_json": {"type": "string", "format": "byte",
+                                        "description": "PNG, base64 (no data: prefix)"},
+                           "prompt": {"type": "string"}, "seed": {"type": "integer"}},
+            "oneOf": [{"required": ["url"]}, {"required": ["b64_json"]}]}
+    return {
+        **request_schemas(limits, model_ids),
+        "Error": {"type": "object", "required": ["error"], "additionalProperties": False,
+                  "properties": {"error": {
+                      "type": "object", "required": ["message", "type", "param", "code"],
+                      "additionalProperties": False,
+                      "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                     "param": nullable_str, "code": nullable_str}}}},
+        "ImageItem": item,
+        "ImagesResponse": {"type": "object", "required": ["created", "data"],
+                           "properties": {"created": {"type": "integer"},
+                                          "data": {"type": "array", "items": _ref("ImageItem"),
+                                                   "minItems": 1, "maxItems": limits.max_n}}},
+        "Model": model,
+        "ModelList": {"type": "object", "required": ["object", "data"],
+                      "properties": {"object": {"type": "string", "enum": ["list"]},
+                                     "data": {"type": "array", "items": _ref("Model")}}},
+        "File": file_obj,
+        "FileList": {"type": "object", "required": ["object", "data"],
+                     "properties": {"object": {"type": "string", "enum": ["list"]},
+                                    "data": {"type": "array", "items": _ref("File")},
+                                    "has_more": {"type": "boolean"}}},
+        "FileDeleted": {"type": "object", "required": ["id", "object", "deleted"],
+                        "properties": {"id": {"type": "string"},
+                                       "object": {"type": "string", "enum": ["file"]},
+                                       "deleted": {"type": "boolean"}}},
+        "Health": {"type": "object", "required": ["status", "models"],
+                   "properties": {"status": {"type": "string", "enum": ["ok"]},
+                                  "models": {"type": "array", "items": {"type": "string"}}}},
+    }
+
+
+def build_openapi(limits: P.Limits, model_ids: list[str], *, auth: bool,
+                  max_upload_bytes: int, version: str = "0.1.0") -> dict:
+    E = _error_response
+    retry = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                             "schema": {"type": "integer", "minimum": 1}}}
+    unauthorized = {"401": E("Missing or wrong API key (Authorization: Bearer <key>).")} \
+        if auth else {}
+    generation_errors = {
+        "400": E("A field is invalid; error.param names it."),
+        **unauthorized,
+        "404": E("No such model."),
+        "413": E(f"Request body larger than {max_upload_bytes} bytes."),
+        "415": E("Unsupported Content-Type."),
+        "500": E("A server fault (out of memory, ...); never with details."),
+        "503": E("Busy: the generation queue is full; retry after Retry-After seconds.", retry),
+        "507": E("The image could not be stored (disk full); response_format=b64_json "
+                 "still works."),
+    }
+    images_ok = {"200": {"description": "The images, exactly n.",
+                         "content": {"application/json": {"schema": _ref("ImagesResponse")}}}}
+
+    def ok(schema: str, description: str) -> dict:
+        return {"200": {"description": description,
+                        "content": {"application/json": {"schema": _ref(schema)}}}}
+
+    def with_errors(responses: dict, *extra: str) -> dict:
+        out = dict(responses)
+        out.update(unauthorized)
+        for code in extra:
+            out[code] = E({"404": "Not found (or expired)."}[code])
+        return out
+
+    png = {"200": {"description": "The PNG image.",
+                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+           "304": {"description": "Not modified (conditional request)."}}
+    file_id = {"name": "file_id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": ID_RE.pattern}}
+    file_name = {"name": "name", "in": "path", "required": True,
+                 "schema": {"type": "string", "pattern": NAME_RE.pattern}}
+    paths = {
+        "/v1/images/generations": {"post": {
+            "operationId": "createImage", "summary": "Text to image.",
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": _ref("GenerationRequest")},
+                "multipart/form-data": {"schema": _ref("GenerationForm")},
+                "application/x-www-form-urlencoded": {"schema": _ref("GenerationRequest")}}},
+            "responses": {**images_ok, **generation_errors}}},
+        "/v1/images/edits": {"post": {
+            "operationId": "createImageEdit", "summary": "Image to image (optionally masked).",
+            "requestBody": {"required": True, "content": {
+                "multipart/form-data": {"schema": _ref("EditForm")}}},
+            "responses": {**images_ok, **generation_errors}}},
+        "/v1/models": {"get": {"operationId": "listModels", "summary": "The loaded models.",
+                               "responses": with_errors(ok("ModelList", "The models."))}},
+        "/v1/models/{model_id}": {"get": {
+            "operationId": "retrieveModel", "summary": "One model.",
+            "parameters": [{"name": "model_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": with_errors(ok("Model", "The model."), "404")}},
+        "/v1/files": {"get": {"operationId": "listFiles", "summary": "Stored (url) images.",
+                              "responses": with_errors(ok("FileList", "The files."))}},
+        "/v1/files/{file_id}": {
+            "get": {"operationId": "retrieveFile", "summary": "One stored image.",
+                    "parameters": [file_id],
+                    "responses": with_errors(ok("File", "The file object."), "404")},
+            "delete": {"operationId": "deleteFile", "summary": "Delete a stored image.",
+                       "parameters": [file_id],
+                       "responses": with_errors(ok("FileDeleted", "Deleted."), "404")}},
+        "/v1/files/{file_id}/content": {"get": {
+            "operationId": "downloadFile", "summary": "The bytes of a stored image.",
+            "parameters": [file_id], "responses": with_errors(png, "404")}},
+        "/v1/files/download/{file_id}/{name}": {"get": {
+            "operationId": "downloadImage", "summary": "The URL returned for an image.",
+            "parameters": [file_id, file_name], "responses": with_errors(png, "404")}},
+        "/health": {"get": {"operationId": "health", "summary": "Liveness (no key needed).",
+                            "security": [], "responses": ok("Health", "Up, models loaded.")}},
+        "/echo": {"get": {"operationId": "echo", "summary": "Liveness, as the original server.",
+                          "responses": with_errors({"200": {
+                              "description": "The text 'echo test'.",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})}},
+        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
+                                  "responses": with_errors({"200": {
+                                      "description": "OpenAPI 3.0 document.",
+                                      "content": {"application/json": {
+                                          "schema": {"type": "object"}}}}})}},
+    }
+    doc = {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "sd-api-server", "version": version,
+                 "description": "OpenAI-compatible Stable Diffusion image server. Errors have "
+                                "the OpenAI shape {\"error\": {message, type, param, code}}."},
+        "paths": paths,
+        "components": {"schemas": _schemas(limits, model_ids)},
+    }
+    if auth:
+        doc["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearerAuth": []}]
+    return doc

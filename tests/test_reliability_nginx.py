@@ -1,0 +1,79 @@
+"""Overload behind deploy/nginx.conf (the production path): a client of nginx that disconnects
+while its request waits in the queue costs no generation (nginx closes its upstream connection,
+which the app sees), and the app's 503 with Retry-After reaches the client through nginx.
+Skips only when nginx is not installed (.ci/run installs it)."""
+import json
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from server_helpers import auth_headers, free_port, server_fixture
+from test_nginx import NGINX, nginx_conf, render_site
+
+pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    srv = server_fixture(tmp_path_factory, "nginx-overload", app="fault_wsgi:app",
+                         SD_MAX_QUEUE="1", SD_HTTP_THREADS="6")
+    tmp = srv.tmp
+    nginx = None
+    try:
+        port = free_port()
+        (tmp / "site.conf").write_text(render_site(srv.port, port))
+        (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf"))
+        args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
+        subprocess.run(args + ["-t"], check=True, capture_output=True)
+        nginx = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        else:
+            pytest.fail("nginx did not come up", pytrace=False)
+        yield base, port, srv
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(20)
+        srv.stop()
+
+
+def test_disconnect_and_busy_through_nginx(stack):
+    base, port, srv = stack
+    start = len(srv.log_text())
+    out = {}
+
+    def busy():
+        out["r"] = requests.post(base + GEN, timeout=120, headers=auth_headers(), json={
+            "prompt": "FAULT:slow busy", "size": "64x64", "steps": 8,
+            "response_format": "b64_json"})
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    m = srv.wait_log(r"request ([0-9a-f]{32}|[\w.-]+): generating", start=start)
+    body = json.dumps({"prompt": "gone through nginx", "size": "64x64", "steps": 1}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall((f"POST {GEN} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer test-key\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+              + body)
+    queued = srv.wait_log(r"request ([\w.-]+): queued", start=m.end())
+    rid = queued.group(1)                            # nginx's $request_id
+    full = requests.post(base + GEN, timeout=30, headers=auth_headers(),
+                         json={"prompt": "no room", "size": "64x64", "steps": 1})
+    assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+    assert full.json()["error"]["code"] == "server_busy"
+    s.close()                                        # the client of nginx goes away
+    srv.wait_log(rf"request {rid}: client disconnected while queued", start=start, timeout=10)
+    t.join(120)
+    assert out["r"].status_code == 200
+    assert f"request {rid}: generating" not in srv.log_text()[start:]
