@@ -34,8 +34,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v stacked by rows
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)      # as nn.MultiheadAttention (OpenCLIP's own)
 
     def forward(self, x):                                                  # x [B, T, W]
         b, t, w = x.shape
@@ -79,10 +80,14 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        # OpenCLIP's initialisation; loading replaces all of it (and builds on the meta device, where
+        # these calls cost nothing), but a module built for training must not start from torch.empty
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
         if cfg.projection_dim:
-            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+            self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
 
     def forward(self, tokens: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
         """tokens [B, 77] -> hidden states [B, 77, width] of the chosen block (ln_final applied if configured).

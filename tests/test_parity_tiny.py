@@ -171,3 +171,17 @@ def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
     m = sdcore.load_model(default_model_path)
     assert not any(p.is_meta for p in m.unet.parameters())
     assert not any(p.requires_grad for p in m.unet.parameters())
+
+
+def test_fresh_modules_start_from_finite_weights():
+    """Modules built for training (not loaded) must not start from uninitialised memory."""
+    garbage = torch.full((1 << 22,), float("nan"))          # leave NaNs in memory the allocator may reuse
+    del garbage
+    for module in (TextEncoder(SD2_TEXT), UNet(SD2_UNET), AutoencoderKL(SD2_VAE)):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    text = TextEncoder(SD2_TEXT)
+    w = text.transformer.resblocks[0].attn.in_proj_weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5                  # xavier-uniform, as nn.MultiheadAttention
+    assert w.abs().max() <= bound and w.std() > 0.5 * bound / 3 ** 0.5
+    assert abs(text.positional_embedding.std().item() - 0.01) < 0.002
+    assert abs(text.token_embedding.weight.std().item() - 0.02) < 0.002
