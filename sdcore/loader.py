@@ -14,10 +14,10 @@ import struct
 import torch
 
 from . import layouts
-from .clip import TextConfig, TextEncoder
+from .clip import TextConfig
 from .tokenizer import EOS
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from .unet import UNetConfig
+from .vae import VAEConfig
 
 IGNORED = re.compile(r"^(betas|alphas_cumprod.*|sqrt_.*|posterior_.*|log_one_minus_alphas_cumprod|model_ema\.(decay|num_updates))$")
 METADATA_KEY = "sdcore.config"

@@ -4,7 +4,7 @@ Parameter names are the LDM single-file names (``input_blocks.N.M...``), so the 
 download load without renaming. Shapes in comments use C channels, H×W latent, T = 77 tokens.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

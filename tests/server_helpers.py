@@ -3,9 +3,11 @@ for the integration, nginx, reliability and security tests. Fails clearly (never
 pipeline or the default weights are missing."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,3 +211,53 @@ def read_response(s: socket.socket) -> tuple[int, dict, bytes]:
             break
         body += chunk
     return status, headers, body[:length]
+
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                       if os.path.exists(p)), None)
+
+
+def render_site(gunicorn_port: int, nginx_port: int) -> str:
+    """deploy/nginx.conf with the gunicorn upstream and the listen port substituted."""
+    site = (ROOT / "deploy" / "nginx.conf").read_text()
+    site, n_up = re.subn(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{gunicorn_port};", site)
+    site, n_v4 = re.subn(r"listen 80;", f"listen 127.0.0.1:{nginx_port};", site)
+    site, n_v6 = re.subn(r"listen \[::\]:80;\n", "", site)
+    assert (n_up, n_v4, n_v6) == (1, 1, 1), "deploy/nginx.conf changed: update render_site()"
+    return site
+
+
+def nginx_conf(prefix, site_path) -> str:
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    return (f"{user}daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
+            f"error_log {prefix}/error.log info;\nevents {{ worker_connections 64; }}\n"
+            f"http {{\n  access_log {prefix}/access.log;\n"
+            f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
+            f"  fastcgi_temp_path {prefix}/fcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
+            f"  scgi_temp_path {prefix}/scgi;\n  include {site_path};\n}}\n")
+
+
+@contextlib.contextmanager
+def nginx_in_front(srv: "Gunicorn", tmp: Path):
+    """A real nginx running deploy/nginx.conf in front of ``srv`` on a free loopback port;
+    yields (base URL, port)."""
+    port = free_port()
+    (tmp / "site.conf").write_text(render_site(srv.port, port))
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf"))
+    args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
+    subprocess.run(args + ["-t"], check=True, capture_output=True)
+    nginx = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        else:
+            pytest.fail("nginx did not come up: " + (tmp / "error.log").read_text()[-3000:], pytrace=False)
+        yield base, port
+    finally:
+        nginx.terminate()
+        nginx.wait(20)

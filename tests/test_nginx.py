@@ -2,41 +2,15 @@
 download the image through the URL the server returned (built from X-Forwarded-Host/Proto).
 Skips only when the nginx binary is not installed (.ci/run installs Debian's nginx)."""
 import io
-import os
 import re
-import shutil
-import subprocess
-import time
 
 import pytest
 import requests
 from PIL import Image
 
-from server_helpers import API_KEY, ROOT, Gunicorn, free_port, require_pipeline
+from server_helpers import API_KEY, NGINX, Gunicorn, nginx_in_front, require_pipeline
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                       if os.path.exists(p)), None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
-
-
-def render_site(gunicorn_port: int, nginx_port: int) -> str:
-    """deploy/nginx.conf with the gunicorn upstream and the listen port substituted."""
-    site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site, n_up = re.subn(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{gunicorn_port};", site)
-    site, n_v4 = re.subn(r"listen 80;", f"listen 127.0.0.1:{nginx_port};", site)
-    site, n_v6 = re.subn(r"listen \[::\]:80;\n", "", site)
-    assert (n_up, n_v4, n_v6) == (1, 1, 1), "deploy/nginx.conf changed: update render_site()"
-    return site
-
-
-def nginx_conf(prefix, site_path) -> str:
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    return (f"{user}daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/error.log info;\nevents {{ worker_connections 64; }}\n"
-            f"http {{\n  access_log {prefix}/access.log;\n"
-            f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
-            f"  fastcgi_temp_path {prefix}/fcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
-            f"  scgi_temp_path {prefix}/scgi;\n  include {site_path};\n}}\n")
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +18,11 @@ def stack(tmp_path_factory):
     require_pipeline()
     tmp = tmp_path_factory.mktemp("nginx")
     srv = Gunicorn(tmp / "data", tmp / "gunicorn.log")
-    nginx = None
     try:
         srv.wait_healthy()
-        port = free_port()
-        site = tmp / "site.conf"
-        site.write_text(render_site(srv.port, port))
-        conf = tmp / "nginx.conf"
-        conf.write_text(nginx_conf(tmp, site))
-        subprocess.run([NGINX, "-t", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                       check=True, capture_output=True)
-        nginx = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        else:
-            pytest.fail("nginx did not come up: " + (tmp / "error.log").read_text()[-3000:], pytrace=False)
-        yield base, srv, tmp
+        with nginx_in_front(srv, tmp) as (base, _):
+            yield base, srv, tmp
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            nginx.wait(20)
         srv.stop()
 
 

@@ -4,15 +4,12 @@ which the app sees), and the app's 503 with Retry-After reaches the client throu
 Skips only when nginx is not installed (.ci/run installs it)."""
 import json
 import socket
-import subprocess
 import threading
-import time
 
 import pytest
 import requests
 
-from server_helpers import auth_headers, free_port, server_fixture
-from test_nginx import NGINX, nginx_conf, render_site
+from server_helpers import NGINX, auth_headers, nginx_in_front, server_fixture
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 GEN = "/v1/images/generations"
@@ -22,29 +19,10 @@ GEN = "/v1/images/generations"
 def stack(tmp_path_factory):
     srv = server_fixture(tmp_path_factory, "nginx-overload", app="fault_wsgi:app",
                          SD_MAX_QUEUE="1", SD_HTTP_THREADS="6")
-    tmp = srv.tmp
-    nginx = None
     try:
-        port = free_port()
-        (tmp / "site.conf").write_text(render_site(srv.port, port))
-        (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf"))
-        args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
-        subprocess.run(args + ["-t"], check=True, capture_output=True)
-        nginx = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.1)
-        else:
-            pytest.fail("nginx did not come up", pytrace=False)
-        yield base, port, srv
+        with nginx_in_front(srv, srv.tmp) as (base, port):
+            yield base, port, srv
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            nginx.wait(20)
         srv.stop()
 
 

@@ -79,7 +79,7 @@ def main(argv=None):
     drawn = score((shapes.draw(*p, rng=rng), p) for p in prompts)
     t = time.time()
     gen = score(generated(args.model, prompts, args.steps, args.cfg, args.seed))
-    print(f"| images | n | colour + background | shape | position | all |\n|---|---|---|---|---|---|")
+    print("| images | n | colour + background | shape | position | all |\n|---|---|---|---|---|---|")
     for name, s in (("drawn (classifier check)", drawn), (f"generated ({args.steps} euler steps, cfg {args.cfg})", gen)):
         print(f"| {name} | {s['n']} | {s['colour + background']:.0%} | {s['shape']:.0%} | {s['position']:.0%} | {s['all']:.0%} |")
     print(f"({time.time() - t:.0f} s)")
