@@ -23,6 +23,7 @@ cannot be stored answers 507 (disk full) or 500, and the images of that response
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -135,11 +136,15 @@ class _SaveLog:
 def _respond(image_request):
     st = _state()
     model = st.models.resolve(image_request.model)
-    images = st.generator.run(model, image_request.params,
+    params = image_request.params
+    native = getattr(model, "native_size", None)
+    if not image_request.size_given and native and native ** 2 <= st.limits.max_pixels:
+        params = dataclasses.replace(params, width=native, height=native)   # the model's own resolution
+    images = st.generator.run(model, params,
                               client_gone=client_gone_probe(request.environ))
     saves = _SaveLog(st.store)
     try:
-        data = [image_item(img, image_request.params.prompt, image_request.response_format,
+        data = [image_item(img, params.prompt, image_request.response_format,
                            saves, _file_url) for img in images]
     except OSError as e:
         for file_id in saves.saved:          # all or nothing: no orphans of a failed response

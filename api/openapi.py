@@ -46,7 +46,9 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
                  "pattern": r"^(auto|[0-9]{1,9}x[0-9]{1,9})$",
                  "description": "WIDTHxHEIGHT (overrides width and height); each side a multiple "
                                 f"of {P.SIDE_MULTIPLE} of at least {P.MIN_SIDE}, and "
-                                f"width*height <= {limits.max_pixels}. 'auto': width/height."},
+                                f"width*height <= {limits.max_pixels}. 'auto': width/height. "
+                                "Without size, width and height: the model's native size (from "
+                                "its metadata; 512 for SD1/SD2 files without one)."},
         "width": {"type": "integer", "minimum": P.MIN_SIDE, "maximum": limits.max_side,
                   "multipleOf": P.SIDE_MULTIPLE, "default": limits.default_side,
                   "description": f"Output width; width*height <= {limits.max_pixels}."},

@@ -91,6 +91,7 @@ class ImageRequest:
     model: str | None          # requested model id (None: the default model)
     response_format: str       # "url" | "b64_json"
     params: Any                # sdcore.pipeline.GenerationParams
+    size_given: bool = True    # False: no size/width/height sent; the model's native size applies
 
 
 # --- field sources ----------------------------------------------------------------------------
@@ -231,6 +232,8 @@ def _check_side(name: str, v: int, param: str) -> None:
 
 
 def _get_size(f: _Fields, limits: Limits) -> tuple[int, int]:
+    """(width, height); the defaults stand in when none is sent (the view then applies the model's
+    native size, see ``ImageRequest.size_given``)."""
     width = _get_int(f, "width", limits.default_side, -(2 ** 31), 2 ** 31)
     height = _get_int(f, "height", limits.default_side, -(2 ** 31), 2 ** 31)
     wparam, hparam = "width", "height"
@@ -338,6 +341,9 @@ def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
     if seed >= 0 and seed + n - 1 > SEED_RANGE[1]:
         raise invalid("seed", f"'seed' + n - 1 must fit in 64 bits (at most {SEED_RANGE[1]}).")
     width, height = _get_size(f, limits)
+    size = f.get("size") if f.has("size") else None
+    size_given = f.has("width") or f.has("height") or (
+        size is not None and not (isinstance(size, str) and size.strip().lower() == "auto"))
     kw = dict(
         prompt=prompt,
         negative_prompt=_get_str(f, "negative_prompt", DEFAULTS["negative_prompt"],
@@ -357,13 +363,13 @@ def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
     )
     response_format = _get_choice(f, "response_format", DEFAULTS["response_format"],
                                   RESPONSE_FORMATS)
-    return {"model": model, "response_format": response_format, "kw": kw}
+    return {"model": model, "response_format": response_format, "kw": kw, "size_given": size_given}
 
 
 def _make(parsed: dict) -> ImageRequest:
     from sdcore.pipeline import GenerationParams  # imported late: pulls in torch
     return ImageRequest(parsed["model"], parsed["response_format"],
-                        GenerationParams(**parsed["kw"]))
+                        GenerationParams(**parsed["kw"]), parsed["size_given"])
 
 
 def _json_object(request) -> dict:

@@ -210,3 +210,14 @@ def test_control_image_without_controlnet_is_a_400(server):
     flag = requests.post(f"{server.base}/v1/images/generations", headers=auth(), timeout=60,
                          json={"prompt": "x", "size": "64x64", "apply_canny_preprocessor": "yes"})
     assert flag.status_code == 400 and flag.json()["error"]["param"] == "apply_canny_preprocessor"
+
+
+def test_default_size_is_the_models_native_size(client):
+    """No size/width/height: the model's native resolution from its metadata (64 for the tiny
+    default model); an explicit size is still honoured."""
+    native = client.images.generate(prompt="x", response_format="b64_json", extra_body={"steps": 1})
+    assert png_of(b64_images(native)[0], size=(64, 64))
+    explicit = client.images.generate(prompt="x", size="128x64", response_format="b64_json", extra_body={"steps": 1})
+    assert png_of(b64_images(explicit)[0], size=(128, 64))
+    auto = client.images.generate(prompt="x", response_format="b64_json", extra_body={"steps": 1, "width": 72})
+    assert png_of(b64_images(auto)[0], size=(72, 512))
