@@ -41,12 +41,17 @@ class TensorFile:
             self._file = safe_open(path, framework="pt")
             self.metadata = self._file.metadata() or {}
             self._keys = list(self._file.keys())
-            self.get = self._file.get_tensor
-            self.shape = lambda k: tuple(self._file.get_slice(k).get_shape())
         else:
-            sd = _load_pickle(path)
-            self._keys, self.get = list(sd), sd.__getitem__
-            self.shape = lambda k: tuple(sd[k].shape)
+            self._dict = _load_pickle(path)
+            self._keys = list(self._dict)
+
+    # methods, not lambdas stored on self: a self-referencing attribute would keep the memory map
+    # (and its resident pages) alive after loading until the garbage collector finds the cycle
+    def get(self, key):
+        return self._file.get_tensor(key) if hasattr(self, "_file") else self._dict[key]
+
+    def shape(self, key):
+        return tuple(self._file.get_slice(key).get_shape()) if hasattr(self, "_file") else tuple(self._dict[key].shape)
 
     def keys(self):
         return self._keys

@@ -68,8 +68,10 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
     scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
     seed = p.seed if p.seed >= 0 else secrets.randbelow(2 ** 63)
     with torch.inference_mode():
-        cond = model.encode_text([p.prompt], clip_skip=p.clip_skip)
-        uncond = model.encode_text([p.negative_prompt], clip_skip=p.clip_skip) if p.cfg_scale != 1 else None
+        if p.cfg_scale != 1:     # one text-encoder batch for both prompts
+            cond, uncond = model.encode_text([p.prompt, p.negative_prompt], clip_skip=p.clip_skip).chunk(2)
+        else:
+            cond, uncond = model.encode_text([p.prompt], clip_skip=p.clip_skip), None
         init = _prepare_init(model, p)
         guided_hint = _prepare_control(model, p)
         out = []
