@@ -1,0 +1,45 @@
+"""Where a UNet step's time goes, ours vs diffusers on the same weights: the torch profiler's op table.
+
+    python -m bench.profile [--size 256] [--dtype bfloat16] [--threads 1] [--rows 12]
+"""
+import argparse
+
+import torch
+
+from bench.util import sd15_checkpoint
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--rows", type=int, default=12)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import diffusers
+    from torch.profiler import profile
+
+    import sdcore
+    from bench.peers import reference_modules
+    diffusers.utils.logging.set_verbosity_error()
+    dtype = getattr(torch, args.dtype)
+    model = sdcore.load_model(str(sd15_checkpoint()), dtype=dtype)
+    du = reference_modules(model)[0].to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
+    t = torch.tensor([500.0, 500.0])
+    with torch.inference_mode():
+        for name, fn in (("ours", lambda: model.unet(x, t, ctx)),
+                         ("diffusers", lambda: du(x, t, encoder_hidden_states=ctx).sample)):
+            fn()                                            # warm-up
+            with profile() as prof:
+                fn()
+            print(f"===== {name}: UNet step, batch 2, {args.size}², {args.dtype}, {torch.get_num_threads()} threads")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""``python -m bench``: our engine against diffusers/transformers (and stable-diffusion.cpp) on the same
+full-size SD1.5-shaped weights, in the same run, interleaved (ours, peer, ours, peer, ...), each
+figure the median of --runs after a warm-up, printed as seconds and as the ratio ours/peer.
+Writes the tables to docs/BENCHMARKS.md (see its header for how to read them).
+
+    python -m bench --quick                       # 256² only, no whole pipelines (about 7 minutes on 2 busy cores)
+    python -m bench --sizes 256,512 --dtypes float32,bfloat16
+    python -m bench --only unet --sizes 512 --dtypes float32 --append
+    python -m bench --only pipelines --pipelines 256:4 --sdcpp
+"""
+import argparse
+import gc
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.util import (NEGATIVE, PROMPT, ROOT, Stats, diffusers_folder, drop_page_cache, fmt, log, loadavg,
+                        machine_info, paired_ratios, run_worker, sd15_checkpoint)
+
+SECTIONS = ("load", "rss", "http", "unet", "vae", "text", "pipelines")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="256² only (unless --sizes), no whole pipelines")
+    p.add_argument("--sizes", help="image sizes for the UNet step and VAE decode (default 256,512; --quick: 256)")
+    p.add_argument("--dtypes", help="network dtypes (default CPU: float32,bfloat16; CUDA: float16,bfloat16)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each after the warm-up (default 3)")
+    p.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all but "
+                                  "pipelines; pipelines also when --pipelines is given)")
+    p.add_argument("--pipelines", nargs="?", const="default", metavar="SIZE:STEPS,...",
+                   help="whole txt2img (euler_a) vs diffusers' StableDiffusionPipeline (default 256:4, and 512:20 "
+                        "without --quick)")
+    p.add_argument("--sdcpp", action="store_true",
+                   help="also stable-diffusion.cpp in the whole-pipeline section (installs stable-diffusion-cpp-python "
+                        "into .cache/bench/sdcpp-venv on first use; compiles for several minutes)")
+    p.add_argument("--sdcpp-wtype", default="default", help="stable-diffusion.cpp weight type (default: the file's)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our UNet under torch.compile (inductor, freezing); compile time reported apart")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's: the cores)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's dense matmul peak in the measured dtype, to print the fraction of it a step reaches")
+    p.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown output (default docs/BENCHMARKS.md)")
+    p.add_argument("--append", action="store_true", help="add this run to --out instead of replacing it")
+    args = p.parse_args(argv)
+    cpu = not args.device.startswith("cuda")
+    args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,512")).split(",")]
+    if args.sdcpp and args.pipelines is None:
+        args.pipelines = "default"
+    dtypes = (args.dtypes or ("float32,bfloat16" if cpu else "float16,bfloat16")).split(",")
+    args.dtypes = sorted(dtypes, key=lambda d: d != "float32")  # float32 first: the reference for the others
+    args.only = set((args.only or ",".join(s for s in SECTIONS if s != "pipelines" or args.pipelines)).split(","))
+    if args.pipelines in (None, "default"):
+        args.pipelines = "256:4" if args.quick else "256:4,512:20"
+    args.pipelines = [tuple(int(v) for v in spec.split(":")) for spec in args.pipelines.split(",")]
+    if not args.only <= set(SECTIONS):
+        p.error(f"--only: unknown section(s) {sorted(args.only - set(SECTIONS))}")
+    return args
+
+
+class Report:
+    """Rows of one run, grouped by section, rendered as Markdown."""
+
+    def __init__(self):
+        self.rows, self.notes = [], []
+
+    def add(self, section, what, ours: Stats, peer: Stats | None = None, peer_name="", note=""):
+        self.rows.append(dict(section=section, what=what, ours=ours, peer=peer, peer_name=peer_name, note=note))
+        ratio = f"  ratio {ours.median / peer.median:.2f}" if peer and peer.seconds else ""
+        log(f"{section} | {what}: ours {ours}" + (f" | {peer_name} {peer}{ratio}" if peer else "") +
+            (f" | {note}" if note else ""))
+
+    def markdown(self) -> str:
+        out = []
+        for section in dict.fromkeys(r["section"] for r in self.rows):
+            out += [f"\n#### {section}\n", "| measurement | ours: median [min–max] | peer | peer: median [min–max] | "
+                    "ours/peer (medians) | ours/peer per round | notes |", "|---|---|---|---|---|---|---|"]
+            for r in (r for r in self.rows if r["section"] == section):
+                ours, peer = r["ours"], r["peer"]
+                ratio = rounds = "–"
+                if peer is not None and peer.seconds:
+                    ratio = f"**{ours.median / peer.median:.2f}**"
+                    pr = paired_ratios(ours, peer)
+                    rounds = f"{min(pr):.2f}–{max(pr):.2f}" if len(pr) > 1 else "–"
+                out.append(f"| {r['what']} | {ours} | {r['peer_name'] or '–'} | {peer if peer else '–'} | {ratio} | "
+                           f"{rounds} | {r['note']} |")
+        return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Load time and memory: fresh processes (bench/workers.py)
+# ------------------------------------------------------------------------------------------------
+def bench_load(rep, args, ckpt, folder):
+    """ours ``sdcore.load_model`` vs reading the file's bytes, and vs diffusers loading the same weights
+    from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold."""
+    dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
+    files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
+    tasks = {"read": ("read", ckpt), "ours": ("load-ours", ckpt, dtype, args.device),
+             "diffusers": ("load-diffusers", folder, dtype, args.device)}
+    for cache in ("warm", "cold"):
+        if cache == "cold" and not drop_page_cache():
+            rep.notes.append("Cold-cache loads were not measured: emptying the page cache needs root.")
+            break
+        if cache == "warm":
+            for f in files:                                 # into the page cache
+                run_worker("read", f)
+        res = {name: [] for name in tasks}
+        for _ in range(args.runs):
+            for name, task in tasks.items():
+                if cache == "cold":
+                    drop_page_cache()
+                res[name].append(run_worker(*task))
+        secs = {n: Stats([r["seconds"] for r in v]) for n, v in res.items()}
+        size_gib = ckpt.stat().st_size / 2 ** 30
+        rep.add("load", f"load {dtype}, {cache} page cache: ours vs raw read of the file ({size_gib:.2f} GiB)",
+                secs["ours"], secs["read"], "read the bytes", f"read {size_gib / secs['read'].median:.2f} GiB/s")
+        rep.add("load", f"load {dtype}, {cache} page cache: ours vs diffusers", secs["ours"], secs["diffusers"],
+                "diffusers from_pretrained (diffusers folder, fp16 variant)")
+        if cache == "warm":
+            peak = {n: Stats([r["peak"] for r in v], "MiB") for n, v in res.items()}
+            base = {n: Stats([r["base"] for r in v], "MiB") for n, v in res.items()}
+            last = {n: v[-1] for n, v in res.items()}
+            rep.add("memory", f"peak RSS of the loading process ({dtype})", peak["ours"], peak["diffusers"], "diffusers",
+                    f"after imports: ours {fmt(base['ours'].median, 'MiB')}, diffusers {fmt(base['diffusers'].median, 'MiB')}; "
+                    f"after the load: ours {fmt(last['ours']['anon'], 'MiB')} anonymous + {fmt(last['ours']['file'], 'MiB')} "
+                    f"mapped file pages, diffusers {fmt(last['diffusers']['anon'], 'MiB')} + {fmt(last['diffusers']['file'], 'MiB')}")
+
+
+def bench_rss(rep, args, ckpt, folder):
+    """Peak RSS of a whole generation (2 steps, the largest size) in a fresh process, ours vs diffusers."""
+    dtype, size = ("float32" if "float32" in args.dtypes else args.dtypes[0]), max(args.sizes)
+    res = {"ours": run_worker("gen-ours", ckpt, dtype, args.device, size, 2),
+           "diffusers": run_worker("gen-diffusers", folder, dtype, args.device, size, 2)}
+    rep.add("memory", f"peak RSS, load + {size}² txt2img (2 steps, {dtype})", Stats([res["ours"]["peak"]], "MiB"),
+            Stats([res["diffusers"]["peak"]], "MiB"), "diffusers",
+            f"RSS after the load, above the imports: ours {fmt(res['ours']['weights_rss'], 'MiB')} (of it mapped file pages "
+            f"{fmt(res['ours']['weights_file'], 'MiB')}), diffusers {fmt(res['diffusers']['weights_rss'], 'MiB')} "
+            f"({fmt(res['diffusers']['weights_file'], 'MiB')}); peak above that: ours "
+            f"{fmt(res['ours']['peak'] - res['ours']['base'] - res['ours']['weights_rss'], 'MiB')}, diffusers "
+            f"{fmt(res['diffusers']['peak'] - res['diffusers']['base'] - res['diffusers']['weights_rss'], 'MiB')}")
+
+
+def bench_http(rep, args):
+    """End-to-end latency through a real gunicorn on the tiny default model, minus the pipeline time
+    the server logs ("done in X s", 10 ms resolution; it includes the PNG encoding)."""
+    from bench.server import Server
+    srv = Server(threads=torch.get_num_threads())
+    try:
+        for size in (512,):
+            fmts = {"b64_json": lambda: srv.generate(size, 1, "b64_json"),
+                    "url": lambda: srv.generate(size, 1, "url", download=True)}
+            for f in fmts.values():
+                f()                                           # warm-up
+            res = {name: [] for name in fmts}
+            for _ in range(args.runs):
+                for name, f in fmts.items():
+                    res[name].append(f())
+            for name, rs in res.items():
+                over = Stats([r["e2e"] - r["pipeline"] for r in rs])
+                note = (f"end to end {Stats([r['e2e'] for r in rs])}, pipeline (server log) "
+                        f"{Stats([r['pipeline'] for r in rs])}, response body {rs[0]['bytes']:,} bytes")
+                if name == "url":
+                    note += f"; then GET of the PNG {Stats([r['download'] for r in rs])}"
+                rep.add("http", f"HTTP overhead, {size}² (tiny default model, 1 step), response_format={name}", over, note=note)
+    finally:
+        srv.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks and pipelines: in this process, ours and the peer holding the same weights
+# ------------------------------------------------------------------------------------------------
+def flops(module_fn) -> float:
+    """FLOPs of one call, counted on the meta device (nothing computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as fc:
+        module_fn()
+    return fc.get_total_flops()
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def timed_pair(args, ours, peer, runs=None, extra=None):
+    """Warm-up (whose outputs are returned for the agreement check), then interleaved runs."""
+    from bench.util import interleave
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    with torch.inference_mode():
+        out = ours(), peer(), *(f() for f in (extra or {}).values())
+        fns = {"ours": ours, "peer": peer, **(extra or {})}
+        return out, interleave(fns, runs or args.runs, warmup=0, sync=sync)
+
+
+def gflops_note(args, n_flops, ours: Stats, peer: Stats) -> str:
+    note = (f"{n_flops / 1e12:.3f} TFLOP; ours {n_flops / ours.median / 1e9:.0f} GFLOP/s, "
+            f"diffusers {n_flops / peer.median / 1e9:.0f} GFLOP/s")
+    if args.peak_tflops:
+        note += f"; {n_flops / ours.median / 1e12 / args.peak_tflops:.1%} of the {args.peak_tflops} TFLOP/s peak"
+    return note
+
+
+def bench_networks(rep, args, model, refs, dtype, fp32_out):
+    from sdcore.unet import UNet
+    from sdcore.vae import AutoencoderKL
+    du, dv, dt = refs
+    dev, dt_ = args.device, getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    for size in args.sizes if "unet" in args.only else ():
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dev, dt_)
+        ctx = torch.randn(2, 77, 768, generator=g).to(dev, dt_)
+        t = torch.tensor([500.0, 500.0], device=dev)
+        extra, compile_note = {}, ""
+        if args.compile:
+            from torch._inductor import config as inductor_config
+            inductor_config.freezing = True
+            compiled = torch.compile(model.unet)
+            t0 = time.perf_counter()
+            with torch.inference_mode():                # as the timed calls (a change of grad mode recompiles)
+                compiled(x, t, ctx)
+            compile_note = f"; compile + first call {fmt(time.perf_counter() - t0)}"
+            extra = {"compiled": lambda: compiled(x, t, ctx)}
+        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x, t, encoder_hidden_states=ctx).sample,
+                                    extra=extra)
+        if c:
+            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under torch.compile", st["compiled"],
+                    st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
+                    f"agree with ours eager: max rel {rel_err(c[0], o):.1e}{compile_note}")
+        n = flops(lambda: UNet(model.unet.cfg)(x.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
+        note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
+        if dtype == "float32":
+            fp32_out[("unet", size)] = o.float().cpu()
+        elif ("unet", size) in fp32_out:
+            note += f"; vs ours float32: max rel {rel_err(o.cpu(), fp32_out[('unet', size)]):.1e}"
+        rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}", st["ours"], st["peer"],
+                "diffusers UNet2DConditionModel (SDPA)", note)
+    for size in args.sizes if "vae" in args.only else ():
+        z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev, dt_)
+        scale = model.vae.cfg.scale_factor
+        (o, p), st = timed_pair(args, lambda: model.vae.decode(z), lambda: dv.decode(z / scale).sample)
+        n = flops(lambda: AutoencoderKL(model.vae.cfg).decode(z.to("meta", torch.float32)))
+        note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
+        if dtype == "float32":
+            fp32_out[("vae", size)] = o.float().cpu()
+        elif ("vae", size) in fp32_out:
+            px = ((o.float().cpu().clamp(-1, 1) - fp32_out[("vae", size)].clamp(-1, 1)).abs().mean() * 127.5).item()
+            note += f"; vs ours float32: mean abs pixel diff {px:.2f}/255"
+        rep.add("vae", f"VAE decode, {size}², {dtype}", st["ours"], st["peer"], "diffusers AutoencoderKL", note)
+    if "text" in args.only:
+        from bench.util import clip_tokenizer
+        tok = clip_tokenizer()
+        prompts = [PROMPT, NEGATIVE]
+
+        def peer():
+            ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            return dt(ids.to(dev)).last_hidden_state
+
+        def ours_pipeline_way():          # what sdcore.pipeline.generate does today: one call per prompt
+            return model.encode_text([PROMPT]), model.encode_text([NEGATIVE])
+
+        (o, p, _), st = timed_pair(args, lambda: model.encode_text(prompts), peer, runs=max(args.runs, 5),
+                                   extra={"ours_pipeline": ours_pipeline_way})
+        rep.add("text", f"text encoding, 2 prompts (tokenizer + CLIP), {dtype}", st["ours"], st["peer"],
+                "transformers CLIPTokenizer + CLIPTextModel", f"agree: max rel {rel_err(o, p):.1e}")
+        rep.add("text", f"text encoding as generate() calls it (2 × batch 1), {dtype}", st["ours_pipeline"], st["peer"],
+                "transformers, batch 2")
+
+
+def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
+    """Whole txt2img (euler_a, CFG 7, one image), ours ``generate`` vs diffusers' StableDiffusionPipeline on
+    the same modules (and stable-diffusion.cpp on the same file)."""
+    from bench.peers import pipeline, run_pipeline
+    from sdcore.pipeline import GenerationParams, generate
+    pipe = pipeline(*refs)
+    for size, steps in args.pipelines:
+        params = GenerationParams(PROMPT, NEGATIVE, width=size, height=size, steps=steps, seed=1, sample_method="euler_a")
+        extra = {"sdcpp": lambda: sdcpp.generate(size, steps)} if sdcpp is not None else {}
+        (o, p, *_), st = timed_pair(args, lambda: generate(model, params)[0].image, lambda: run_pipeline(pipe, size, steps),
+                                    extra=extra)
+        note = ""
+        px = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+        if dtype == "float32":
+            fp32_images[(size, steps)] = (o, p)
+        elif (size, steps) in fp32_images:
+            o32, p32 = fp32_images[(size, steps)]
+            note = f"mean abs pixel diff vs float32: ours {px(o, o32):.2f}/255, diffusers {px(p, p32):.2f}/255"
+        rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}", st["ours"], st["peer"],
+                "diffusers StableDiffusionPipeline", note)
+        if sdcpp is not None:
+            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a: ours {dtype} vs stable-diffusion.cpp",
+                    st["ours"], st["sdcpp"], f"stable-diffusion.cpp ({args.sdcpp_wtype} weights)",
+                    f"sd.cpp load {fmt(sdcpp.load_s)}, peak RSS {fmt(sdcpp.peak, 'MiB')}")
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()        # dtype-cast and scheduler-config chatter
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m bench " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    started, load_start = time.time(), loadavg()
+    info = machine_info(args.device)
+    log(f"{command}\n{info}")
+    ckpt = sd15_checkpoint()
+    folder = diffusers_folder(ckpt) if args.only & {"load", "rss"} else None
+    rep = Report()
+    if "load" in args.only:
+        bench_load(rep, args, ckpt, folder)
+    if "rss" in args.only:
+        bench_rss(rep, args, ckpt, folder)
+    if "http" in args.only:
+        bench_http(rep, args)
+    sdcpp = None
+    if "pipelines" in args.only and args.sdcpp:
+        from bench.sdcpp import SdCpp
+        sdcpp = SdCpp(ckpt, threads=torch.get_num_threads(), wtype=args.sdcpp_wtype)
+    fp32_out, fp32_images = {}, {}
+    if args.only & {"unet", "vae", "text", "pipelines"}:
+        import sdcore
+        from bench.peers import reference_modules
+        for dtype in args.dtypes:
+            log(f"loading ours and the references in {dtype}")
+            model = sdcore.load_model(str(ckpt), device=args.device, dtype=getattr(torch, dtype))
+            refs = tuple(m.to(args.device, getattr(torch, dtype)) for m in reference_modules(model))
+            bench_networks(rep, args, model, refs, dtype, fp32_out)
+            if "pipelines" in args.only:
+                bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp if dtype == args.dtypes[0] else None)
+            del model, refs
+            gc.collect()
+    if sdcpp is not None:
+        sdcpp.close()
+    write_markdown(args, command, info, rep, load_start, time.time() - started)
+    return 0
+
+
+HEADER = """# Benchmarks
+
+Produced by `bench/` (`python -m bench --help`); not part of the test suite. Every figure compares our
+engine with the peer a user would pick instead, **in the same run, interleaved** (ours, peer, ours,
+peer, ...; the first call of each is a warm-up and also checks that both compute the same thing), on the
+**same weights**: a full-size SD1.5-shaped checkpoint with random weights (single-file LDM layout, fp16
+on disk, `.cache/sd15-random-v1.safetensors`; random weights cost exactly what real ones do), handed to
+diffusers/transformers through our own layout map (`tests/refs.py`). Figures are median [min–max] of
+the timed runs; the ratio is ours/peer of the medians (below 1: we are faster), and "per round" the
+range of the ratios of the pairs that ran back to back. The machines these runs come from are shared
+(the load average is recorded): read the ratios, not the absolute seconds.
+"""
+
+
+def write_markdown(args, command, info, rep, load_start, duration):
+    out = ROOT / args.out
+    machine = (f"{info['cpu']}, {info['cores']} cores ({info['cpu_features']}), {info['memory']} RAM; "
+               f"torch {info['torch']} (threads: {info['torch_threads']}, {info['torch_cpu_capability']}), "
+               f"diffusers {info['diffusers']}, transformers {info['transformers']}, Python {info['python']}; "
+               f"device {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else ""))
+    block = [f"\n## Run of {time.strftime('%Y-%m-%d %H:%M', time.localtime())}\n", f"```\n{command}\n```\n",
+             f"- machine: {machine}",
+             f"- load average (1/5/15 min) at the start: {load_start}; at the end: {loadavg()}; the run took {duration / 60:.1f} min",
+             f"- runs: warm-up + {args.runs} timed (text encoding: at least 5)"]
+    if args.threads:
+        block.append(f"- torch threads set to {args.threads} (`--threads`) in this process, the load/memory workers and "
+                     "the gunicorn worker")
+    block += [f"- {n}" for n in rep.notes]
+    text = "\n".join(block) + "\n" + rep.markdown()
+    old = out.read_text() if out.exists() else ""
+    if args.append and old:
+        out.write_text(old.rstrip("\n") + "\n" + text)
+    else:
+        # a hand-written "## Findings" section (between the header and the first run) is kept
+        start = old.find("\n## Findings")
+        findings = old[start:old.find("\n## Run of", start) if "\n## Run of" in old[start:] else None] if start >= 0 else ""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(HEADER + findings.rstrip("\n") + ("\n" if findings else "") + text)
+    log(f"wrote {out}")

@@ -1,0 +1,221 @@
+"""Timing, statistics, machine facts and the cached inputs (checkpoint, diffusers folder, tokenizer)."""
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+GENERATOR_VERSION = 1          # the recipe of tests/test_full_size.py (same file name, so its cache is reused)
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+NEGATIVE = "blurry, low quality"
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    seconds: list = field(default_factory=list)      # or MiB, when unit is "MiB"
+    unit: str = "s"
+
+    @property
+    def median(self):
+        return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def min(self):
+        return min(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def max(self):
+        return max(self.seconds) if self.seconds else float("nan")
+
+    def __str__(self):
+        if len(self.seconds) == 1:
+            return fmt(self.median, self.unit)
+        return f"{fmt(self.median, self.unit)} [{fmt(self.min, self.unit)}–{fmt(self.max, self.unit)}]"
+
+
+def fmt(s: float, unit: str = "s") -> str:
+    """Seconds, with the precision that matters at that magnitude (or MiB)."""
+    if s != s:
+        return "–"
+    if unit == "MiB":
+        return f"{s:.0f} MiB"
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def interleave(fns: dict, runs: int, warmup: int = 1, sync=lambda: None) -> dict:
+    """Run every callable ``warmup`` times, then ``runs`` rounds of ours, peer, ours, peer, ...
+    (the order of ``fns``), so that a change in the machine's load hits all of them alike.
+    Returns {name: Stats}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync()
+    out = {name: Stats() for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out[name].seconds.append(time.perf_counter() - t0)
+    return out
+
+
+def paired_ratios(a: Stats, b: Stats) -> list:
+    """a/b round by round (each pair ran back to back, so it shares the machine's load)."""
+    return [x / y for x, y in zip(a.seconds, b.seconds)]
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {loadavg()}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The machine
+# ------------------------------------------------------------------------------------------------
+def machine_info(device: str) -> dict:
+    import diffusers
+    import torch
+    import transformers
+    cpu = "?"
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem_gib = "?"
+    try:
+        kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        mem_gib = f"{kb / 2 ** 20:.0f} GiB"
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "memory": mem_gib,
+        "cpu_features": ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "–",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (needs root): the next read of the checkpoint comes from disk."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+def run_worker(*args, python=sys.executable, timeout=1800) -> dict:
+    """``python -m bench.workers ARGS`` in a fresh process; its last stdout line is a JSON object."""
+    import torch
+    env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))     # the same threads as this process
+    proc = subprocess.run([python, "-m", "bench.workers", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached inputs
+# ------------------------------------------------------------------------------------------------
+def sd15_checkpoint() -> Path:
+    """The full-size SD1.5-shaped random checkpoint, single-file LDM layout, fp16 on disk.
+    Reuses the copy tests/test_full_size.py caches (same recipe, same seeds), else builds one."""
+    shared = ROOT / ".cache" / f"sd15-random-v{GENERATOR_VERSION}.safetensors"
+    if shared.exists():
+        return shared
+    path = CACHE / shared.name
+    if not path.exists():
+        import torch
+        from safetensors.torch import save_file
+
+        from sdcore.clip import TextConfig, TextEncoder
+        from sdcore.export import ldm_state_dict, random_init_
+        from sdcore.unet import UNet, UNetConfig
+        from sdcore.vae import AutoencoderKL, VAEConfig
+
+        def random(cls, cfg, seed):
+            with torch.device("meta"):
+                module = cls(cfg)
+            return random_init_(module.to_empty(device="cpu"), seed)
+
+        log(f"building {path} (once)")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        parts = (random(UNet, UNetConfig(), 1), random(AutoencoderKL, VAEConfig(), 2), random(TextEncoder, TextConfig(), 3))
+        save_file(ldm_state_dict(*parts, family="sd1", dtype=torch.float16), str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def clip_tokenizer_files() -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, written from the BPE vocabulary our
+    tokenizer reads (open_clip's copy), so diffusers' pipeline can be built offline."""
+    folder = CACHE / "clip-tokenizer"
+    if not (folder / "merges.txt").exists():
+        from sdcore.tokenizer import _bytes_to_unicode, _vocab_path
+        merges = gzip.open(_vocab_path()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        merges = [tuple(m.split()) for m in merges]
+        vocab = list(_bytes_to_unicode().values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+    folder = clip_tokenizer_files()
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)
+
+
+def diffusers_folder(ckpt: Path) -> Path:
+    """The same weights as a diffusers pipeline folder (fp16 variant), for diffusers' own loading path.
+    Reuses tests/test_full_size.py's copy when present."""
+    shared = ckpt.with_name(ckpt.name.removesuffix(".safetensors") + "-diffusers")
+    if (shared / "model_index.json").exists():
+        return shared
+    folder = CACHE / shared.name
+    if not (folder / "model_index.json").exists():
+        import torch
+
+        import sdcore
+        from tests import refs
+        log(f"building {folder} (once)")
+        m = sdcore.load_model(str(ckpt))
+        refs.save_diffusers_folder(str(folder) + ".tmp", refs.diffusers_unet_from_ours(m.unet),
+                                   refs.diffusers_vae_from_ours(m.vae), refs.transformers_text_from_ours(m.text_encoder),
+                                   dtype=torch.float16)
+        os.replace(str(folder) + ".tmp", folder)
+    return folder

@@ -1,0 +1,68 @@
+"""Measurements that need a fresh process (load time, peak memory): ``python -m bench.workers TASK ARGS``.
+Prints one JSON line: seconds of the measured call, and the process's memory (MiB): VmRSS after its
+imports ("base"), after the call ("rss", of which "anon" is anonymous memory and "file" pages of mapped
+files such as a checkpoint still mapped) and VmHWM, its peak ("peak")."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def mem(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def read(path):
+    """The bytes of the file, as ``cat file > /dev/null`` reads them (one reused buffer)."""
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(view):
+            pass
+
+
+def main(task, *args):
+    import torch
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    from bench.peers import pipeline_from_folder, run_pipeline
+    base = mem("VmRSS")
+    out = {}
+    t0 = time.perf_counter()
+    if task == "read":
+        read(args[0])
+    elif task == "load-ours":
+        import sdcore
+        sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))
+    elif task == "load-diffusers":
+        pipeline_from_folder(Path(args[0]), getattr(torch, args[1]), args[2])
+    elif task == "gen-ours":                    # PATH DTYPE DEVICE SIZE STEPS
+        import sdcore
+        from sdcore.pipeline import GenerationParams, generate
+        from bench.util import NEGATIVE, PROMPT
+        model = sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))
+        out["load_s"] = time.perf_counter() - t0
+        out["weights_rss"] = mem("VmRSS") - base
+        out["weights_file"] = mem("RssFile")
+        t0 = time.perf_counter()
+        generate(model, GenerationParams(PROMPT, NEGATIVE, width=int(args[3]), height=int(args[3]), steps=int(args[4]), seed=1))
+    elif task == "gen-diffusers":               # FOLDER DTYPE DEVICE SIZE STEPS
+        pipe = pipeline_from_folder(Path(args[0]), getattr(torch, args[1]), args[2])
+        out["load_s"] = time.perf_counter() - t0
+        out["weights_rss"] = mem("VmRSS") - base
+        out["weights_file"] = mem("RssFile")
+        t0 = time.perf_counter()
+        run_pipeline(pipe, int(args[3]), int(args[4]))
+    else:
+        raise SystemExit(f"unknown task {task}")
+    out.update(seconds=time.perf_counter() - t0, base=base, rss=mem("VmRSS"), peak=mem("VmHWM"),
+               anon=mem("RssAnon"), file=mem("RssFile"))
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
