@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import inspect
 import logging
 import math
 import sys
@@ -15,6 +14,8 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
+
+from sdcore.pipeline import PipelineError
 
 from .errors import APIError
 
@@ -70,25 +71,12 @@ def load_models(settings) -> ModelRegistry:
             hint = " (generate it with: python -m weights.make_default)" if path.endswith(
                 "tiny-sd1.safetensors") else ""
             raise FileNotFoundError(f"model {name!r}: {path} does not exist{hint}")
-        kwargs = dict(device=device, dtype=dtype, vae=settings.vae, name=name)
-        if settings.control_net:
-            if "control_net" not in inspect.signature(sdcore.load_model).parameters:
-                raise RuntimeError("--control-net: this sdcore.load_model has no control_net "
-                                   "argument (ControlNet is not supported yet)")
-            kwargs["control_net"] = settings.control_net
         t0 = time.monotonic()
-        models[name] = sdcore.load_model(path, **kwargs)
+        models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
+                                         control_net=settings.control_net)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  settings.dtype, time.monotonic() - t0)
     return ModelRegistry(models)
-
-
-def _pipeline_error_class():
-    try:
-        from sdcore.pipeline import PipelineError
-        return PipelineError
-    except ImportError:  # pragma: no cover - the pipeline is part of the project
-        return ()
 
 
 class ClientGone(Exception):
@@ -198,7 +186,7 @@ class Generator:
                 images = list(self._generate(model, params, progress=progress))
             except (ClientGone, APIError):
                 raise
-            except _pipeline_error_class() as e:
+            except PipelineError as e:
                 raise APIError(getattr(e, "message", None) or str(e), status=400,
                                param=getattr(e, "param", None)) from None
             except Exception as e:   # a genuine fault: logged with its traceback, never sent

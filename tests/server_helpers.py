@@ -60,7 +60,7 @@ class Gunicorn:
         self.log_path = log_path
         self.base = f"http://127.0.0.1:{self.port}"
         e = {k: v for k, v in os.environ.items() if not k.startswith("SD_") and k != "API_KEY"}
-        e.update(SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(data_dir),
+        e.update(SD_MODEL=str(WEIGHTS), SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(data_dir),
                  API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4",
                  SD_THREADS="2", SD_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
         if app != "wsgi:app":
