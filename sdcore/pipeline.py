@@ -93,6 +93,10 @@ def _check(model, p: GenerationParams):
             samplers.check_scheduler(p.scheduler)
     except ValueError as e:
         raise PipelineError(str(e), "sample_method" if "sampler" in str(e) else "scheduler") from None
+    if (p.scheduler or samplers.default_scheduler(p.sample_method)) == "lcm" and p.steps > 50:
+        # the lcm schedule has 50 distinct timesteps (original_inference_steps); past that it repeats
+        # them, and the multistep samplers would divide by a zero step
+        raise PipelineError(f"the lcm schedule allows at most 50 steps, got {p.steps}", "steps")
     if p.control_image is not None and getattr(model, "controlnet", None) is None:
         raise PipelineError("control_image was sent but this server has no ControlNet loaded "
                             "(start it with --control-net PATH)", "control_image")

@@ -61,6 +61,10 @@ def test_odd_multiple_of_8_sizes_and_bad_sizes(model):
     with pytest.raises(PipelineError) as e:
         generate(model, GenerationParams("x", sample_method="ddim"))
     assert e.value.param == "sample_method" and "euler_a" in e.value.message
+    for kw in ({"sample_method": "lcm"}, {"sample_method": "dpm++2m", "scheduler": "lcm"}):
+        with pytest.raises(PipelineError) as e:
+            generate(model, GenerationParams("x", steps=51, **kw))
+        assert e.value.param == "steps" and "at most 50" in e.value.message
 
 
 def test_img2img_strength_and_mask(model):
