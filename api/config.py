@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "weights" / "tiny-sd1.safetensors"
+# The trained shapes model when it is there (committed in weights/), else the generated random one.
+TRAINED_MODEL = REPO_ROOT / "weights" / "shapes-sd1.safetensors"
+DEFAULT_MODEL = TRAINED_MODEL if TRAINED_MODEL.exists() else REPO_ROOT / "weights" / "tiny-sd1.safetensors"
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults():
     s = Settings.from_env({})
-    assert s.model_specs() == [("tiny-sd1", str(DEFAULT_MODEL))]
-    assert DEFAULT_MODEL == ROOT / "weights" / "tiny-sd1.safetensors"
+    assert s.model_specs() == [("shapes-sd1", str(DEFAULT_MODEL))]
+    assert DEFAULT_MODEL == ROOT / "weights" / "shapes-sd1.safetensors"      # the committed trained model
     assert (s.host, s.port, s.workers, s.device, s.dtype, s.threads) == ("127.0.0.1", 8080, 1, "auto", "float32", None)
     assert (s.max_n, s.max_steps, s.file_ttl, s.api_key, s.download_url_prefix) == (10, 150, 3600, None, None)
     assert (s.max_pixels, s.max_upload_bytes, s.data_dir, s.proxy_hops) == (1024 * 1024, 20 * 1024 * 1024, "data", 1)

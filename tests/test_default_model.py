@@ -1,0 +1,55 @@
+"""The committed default model (weights/shapes-sd1.safetensors) is what the weights/README.md says,
+loads through the public loader, and — served by a real gunicorn with no model named, asked
+through the openai client — draws the colours it is asked for (read back from the pixels)."""
+import base64
+import hashlib
+import io
+import re
+
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+import sdcore
+from server_helpers import API_KEY, ROOT, Gunicorn
+from weights import score, shapes
+
+MODEL = ROOT / "weights" / "shapes-sd1.safetensors"
+PROMPTS = [("circle", "red", "blue", "in the centre"), ("square", "yellow", "black", "on the left"),
+           ("triangle", "white", "green", "on the right"), ("circle", "blue", "yellow", "on the left"),
+           ("square", "green", "white", "in the centre"), ("triangle", "black", "red", "in the centre")]
+
+
+def test_checkpoint_matches_readme_and_loads():
+    readme = (ROOT / "weights" / "README.md").read_text()
+    recorded = re.search(r"sha256 `([0-9a-f]{64})`", readme).group(1)
+    assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == recorded
+    m = sdcore.load_model(MODEL)
+    assert (m.family, m.prediction, m.native_size) == ("sd1", "eps", 64)
+    assert m.vae.cfg.scale_factor != 0.18215                       # measured, stored in the metadata
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("default-model")
+    srv = Gunicorn(tmp / "data", tmp / "gunicorn.log", SD_MODEL="")     # no model named: the default
+    try:
+        srv.wait_healthy()
+        yield OpenAI(base_url=f"{srv.base}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    finally:
+        srv.stop()
+
+
+def test_served_by_default_and_draws_the_asked_colours(client):
+    assert [m.id for m in client.models.list().data] == ["shapes-sd1"]
+    right = backgrounds = 0
+    for i, labels in enumerate(PROMPTS * 2):
+        r = client.images.generate(prompt=shapes.caption(*labels), response_format="b64_json",
+                                   extra_body={"steps": 20, "cfg_scale": 5.0, "sample_method": "euler", "seed": 100 + i})
+        img = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+        assert img.size == (64, 64)                                 # the model's native size
+        seen = score.classify(img)
+        right += seen["background"] == labels[2] and seen["colour"] == labels[1]
+        backgrounds += seen["background"] == labels[2]
+    print(f"asked colour on asked background: {right}/12; asked background: {backgrounds}/12")
+    assert right >= 4 and backgrounds >= 9, f"{right}/12 right colour and background, {backgrounds}/12 right background"
