@@ -78,12 +78,15 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # _weight= skips nn.Embedding's own init: on the meta device (where loading builds) init.normal_
+        # runs a Python decomposition that imports torch._dynamo, 1-2 s of every server start
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, _weight=torch.empty(cfg.vocab_size, cfg.width))
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        # OpenCLIP's initialisation; loading replaces all of it (and builds on the meta device, where
-        # these calls cost nothing), but a module built for training must not start from torch.empty
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        if not self.positional_embedding.is_meta:
+            # OpenCLIP's initialisation: loading replaces it, but a module built for training must not
+            # start from torch.empty
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
         if cfg.projection_dim:

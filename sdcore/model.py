@@ -59,8 +59,9 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
     unet_cfg = _apply_overrides(parts["unet_cfg"] or infer_unet_config(parts["unet"]), meta.get("unet"))
     vae_t, vae_cfg, vae_from = parts["vae"], parts["vae_cfg"], path
     if vae:
-        vae_t, vae_cfg, vae_from = _vae_parts(vae)
-    vae_cfg = _apply_overrides(vae_cfg or infer_vae_config(vae_t), meta.get("vae"))
+        vae_t, vae_cfg, vae_from = _vae_parts(vae)     # its configuration is its own, not the checkpoint's
+    else:
+        vae_cfg = _apply_overrides(vae_cfg or infer_vae_config(vae_t), meta.get("vae"))
     text_cfg = _apply_overrides(parts["text_cfg"] or infer_text_config(parts["text"], family), meta.get("text"))
 
     unet = build(UNet, unet_cfg, parts["unet"], device, dtype, "UNet", path)
@@ -219,12 +220,13 @@ def _vae_parts(path):
         chans = c["block_out_channels"]
         cfg = VAEConfig(ch=chans[0], ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c.get("layers_per_block", 1),
                         z_channels=c.get("latent_channels", 4), in_channels=c.get("in_channels", 3),
-                        scale_factor=c.get("scaling_factor", 0.18215))
+                        scale_factor=c.get("scaling_factor", 0.18215), norm_groups=c.get("norm_num_groups", 32))
         return renamed(_weights_in(path, "diffusion_pytorch_model"), layouts.vae_name_map(meta_keys(AutoencoderKL, cfg),
                        len(chans)), reshape=layouts.vae_is_linear_attn), cfg, path
     if not os.path.exists(path):
         raise CheckpointError(f"no such VAE file: {path}")
-    t = from_file(TensorFile(path))
+    tf = TensorFile(path)
+    t = from_file(tf)
     if any(k.startswith("first_stage_model.") for k in t.keys()):
         t = t.sub("first_stage_model.")
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in t:      # diffusers naming in a single file
@@ -236,4 +238,4 @@ def _vae_parts(path):
         return renamed(t, layouts.vae_name_map(meta_keys(AutoencoderKL, cfg), n), reshape=layouts.vae_is_linear_attn), cfg, path
     if "encoder.conv_in.weight" not in t:
         raise CheckpointError(f"{path} is not a VAE (no encoder.conv_in.weight)")
-    return t, None, path
+    return t, _apply_overrides(infer_vae_config(t), _metadata(tf).get("vae")), path

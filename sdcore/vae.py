@@ -18,17 +18,18 @@ class VAEConfig:
     z_channels: int = 4
     in_channels: int = 3
     scale_factor: float = 0.18215
+    norm_groups: int = 32          # SD's; a 32-channel level would be normalised channel by channel
 
 
-def Norm(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def Norm(channels, groups):
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, groups):
         super().__init__()
-        self.norm1, self.conv1 = Norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2, self.conv2 = Norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm1, self.conv1 = Norm(in_channels, groups), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = Norm(out_channels, groups), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
@@ -41,9 +42,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj stored as 1×1 convs."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, groups):
         super().__init__()
-        self.norm = Norm(channels)
+        self.norm = Norm(channels, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x):
@@ -73,9 +74,10 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, groups):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+        self.block_1, self.attn_1 = ResnetBlock(channels, channels, groups), AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -105,12 +107,12 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         c_in = cfg.ch
         for i, c in enumerate(chans):
-            blocks = [ResnetBlock(c_in if j == 0 else c, c) for j in range(cfg.num_res_blocks)]
+            blocks = [ResnetBlock(c_in if j == 0 else c, c, cfg.norm_groups) for j in range(cfg.num_res_blocks)]
             last = i == len(chans) - 1
             self.down.append(Level(blocks, None if last else "downsample", None if last else Downsample(c)))
             c_in = c
-        self.mid = Mid(c_in)
-        self.norm_out, self.conv_out = Norm(c_in), nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
+        self.mid = Mid(c_in, cfg.norm_groups)
+        self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):                              # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean, logvar)
         h = self.conv_in(x)
@@ -125,14 +127,14 @@ class Decoder(nn.Module):
         chans = [cfg.ch * m for m in cfg.ch_mult]
         c_in = chans[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
-        self.mid = Mid(c_in)
+        self.mid = Mid(c_in, cfg.norm_groups)
         levels = []
         for i in reversed(range(len(chans))):           # up.3 (deepest) runs first; indices follow the encoder's
-            blocks = [ResnetBlock(c_in if j == 0 else chans[i], chans[i]) for j in range(cfg.num_res_blocks + 1)]
+            blocks = [ResnetBlock(c_in if j == 0 else chans[i], chans[i], cfg.norm_groups) for j in range(cfg.num_res_blocks + 1)]
             levels.insert(0, Level(blocks, "upsample" if i else None, Upsample(chans[i]) if i else None))
             c_in = chans[i]
         self.up = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = Norm(c_in), nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
+        self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))

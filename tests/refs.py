@@ -35,7 +35,7 @@ def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
     n = len(cfg.ch_mult)
     return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                 up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
-                layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32,
+                layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups,
                 scaling_factor=cfg.scale_factor, sample_size=64)
 
 

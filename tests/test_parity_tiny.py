@@ -1,6 +1,8 @@
 """Our networks against diffusers / transformers on identical random weights (tiny SD1 and SD2 shapes),
 loaded through our loader from both file layouts."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -166,11 +168,45 @@ def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_
         assert refs.max_abs(w.vae.decode(x), other.decode(x)) <= TOL
 
 
+def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(tmp_path, default_model_path):
+    """The default model's VAE normalises 32 channels in 8 groups (not SD's 32): the group count must
+    reach the modules from the single file's metadata and from a diffusers folder's norm_num_groups."""
+    m = sdcore.load_model(default_model_path)
+    vae = random_init_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)), 7)
+    assert vae.decoder.norm_out.num_groups == 8
+    dv = refs.diffusers_vae_from_ours(vae)
+    x, img = torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64) * 2 - 1
+    save_single_file(tmp_path / "g8.safetensors", m.unet, vae, m.text_encoder)
+    dv.save_pretrained(tmp_path / "vae_folder")
+    with torch.no_grad():
+        ref = dv.decode(x / vae.cfg.scale_factor).sample
+        assert refs.max_abs(vae.decode(x), ref) <= TOL
+        assert refs.max_abs(vae.encode(img), dv.encode(img).latent_dist.mean * vae.cfg.scale_factor) <= TOL
+        for loaded in (sdcore.load_model(tmp_path / "g8.safetensors").vae,
+                       sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder")).vae):
+            assert loaded.cfg.norm_groups == 8
+            assert refs.max_abs(loaded.decode(x), ref) <= TOL
+        # read with SD's 32 groups the same weights decode to something else: the count matters
+        wrong = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+        wrong.load_state_dict(vae.state_dict())
+        assert refs.max_abs(wrong.decode(x), ref) > 1e-2
+
+
 def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
     """Every parameter is the tensor read from the file (assigned, not copied into a second init)."""
     m = sdcore.load_model(default_model_path)
     assert not any(p.is_meta for p in m.unet.parameters())
     assert not any(p.requires_grad for p in m.unet.parameters())
+
+
+def test_loading_does_not_import_the_compiler(default_model_path):
+    """Initialisers run on the meta device go through Python decompositions that import torch._dynamo
+    (~1 s and ~900 modules at every server start); building for a load must skip them."""
+    code = ("import sys, sdcore; sdcore.load_model(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy')))[:5])")
+    out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_fresh_modules_start_from_finite_weights():
