@@ -5,12 +5,12 @@ is read from the environment too and can be given as ``--api-key``; it is never 
 
 | option | env var | default |
 |---|---|---|
-| --model PATH or NAME=PATH (repeatable) | SD_MODEL (comma-separated entries) | weights/tiny-sd1.safetensors |
+| --model PATH or NAME=PATH (repeatable) | SD_MODEL (comma-separated entries) | weights/shapes-sd1.safetensors |
 | --model-name | SD_MODEL_NAME | file stem of the first model |
 | --vae | SD_VAE | none |
 | --control-net | SD_CONTROL_NET | none |
 | --device auto/cpu/cuda/cuda:N | SD_DEVICE | auto (cuda when available) |
-| --dtype float32/float16/bfloat16 | SD_DTYPE | float32 |
+| --dtype auto/float32/float16/bfloat16 | SD_DTYPE | auto (bfloat16 where the hardware computes it natively, else float32) |
 | --threads (torch CPU threads) | SD_THREADS | torch's default |
 | --host / --port | SD_HOST / SD_PORT | 127.0.0.1 / 8080 |
 | --workers (gunicorn worker processes) | SD_WORKERS | 1 |
@@ -49,7 +49,7 @@ TRAINED_MODEL = REPO_ROOT / "weights" / "shapes-sd1.safetensors"
 DEFAULT_MODEL = TRAINED_MODEL if TRAINED_MODEL.exists() else REPO_ROOT / "weights" / "tiny-sd1.safetensors"
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,7 @@ class Settings:
     vae: str | None = None
     control_net: str | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -219,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", action="append", metavar="[NAME=]PATH",
       help="single-file checkpoint or diffusers folder; repeat for several models (all are loaded "
-           "at start; the first is the default). Default: weights/tiny-sd1.safetensors")
+           "at start; the first is the default). Default: weights/shapes-sd1.safetensors")
     a("--model-name", help="id of the default model in /v1/models and the `model` field")
     a("--vae", help="VAE weights replacing the checkpoint's own")
     a("--control-net", help="ControlNet weights (enables control_image)")
     a("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    a("--dtype", choices=DTYPES, help="weights dtype (default float32)")
+    a("--dtype", choices=DTYPES, help="weights dtype (default auto: bfloat16 on CPUs with AVX512-BF16/AMX and on "
+      "CUDA cards with bf16, float16 on other CUDA cards, else float32)")
     a("--threads", type=int, help="torch CPU threads per worker")
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 8080)")

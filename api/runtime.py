@@ -57,6 +57,34 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 matmuls run at about twice the fp32 rate (elsewhere they are
+    emulated and slower than fp32)."""
+    try:
+        with open(CPUINFO) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto`` picks the fastest dtype whose images stay faithful (measured in docs/BENCHMARKS.md):
+    bfloat16 on a CPU with native bf16 and on CUDA cards that support it (no fp16 overflow in the
+    VAE), float16 on older CUDA cards, float32 elsewhere."""
+    import torch
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_models(settings) -> ModelRegistry:
     """Load every configured model (all at start; the first is the default)."""
     import torch
@@ -64,7 +92,7 @@ def load_models(settings) -> ModelRegistry:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    dtype = getattr(torch, settings.dtype)
+    dtype = resolve_dtype(settings.dtype, device)
     models = {}
     for name, path in settings.model_specs():
         if not Path(path).exists():
@@ -75,7 +103,7 @@ def load_models(settings) -> ModelRegistry:
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
-                 settings.dtype, time.monotonic() - t0)
+                 str(dtype).removeprefix("torch."), time.monotonic() - t0)
     return ModelRegistry(models)
 
 

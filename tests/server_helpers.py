@@ -62,7 +62,8 @@ class Gunicorn:
         e = {k: v for k, v in os.environ.items() if not k.startswith("SD_") and k != "API_KEY"}
         e.update(SD_MODEL=str(WEIGHTS), SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(data_dir),
                  API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4",
-                 SD_THREADS="2", SD_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+                 SD_THREADS="2", SD_LOG_LEVEL="info", PYTHONUNBUFFERED="1",
+                 SD_DTYPE="float32")          # the reference comparisons are fp32; the default-model test passes auto
         if app != "wsgi:app":
             e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
         e.update(env)

@@ -13,7 +13,7 @@ def test_defaults():
     s = Settings.from_env({})
     assert s.model_specs() == [("shapes-sd1", str(DEFAULT_MODEL))]
     assert DEFAULT_MODEL == ROOT / "weights" / "shapes-sd1.safetensors"      # the committed trained model
-    assert (s.host, s.port, s.workers, s.device, s.dtype, s.threads) == ("127.0.0.1", 8080, 1, "auto", "float32", None)
+    assert (s.host, s.port, s.workers, s.device, s.dtype, s.threads) == ("127.0.0.1", 8080, 1, "auto", "auto", None)
     assert (s.max_n, s.max_steps, s.file_ttl, s.api_key, s.download_url_prefix) == (10, 150, 3600, None, None)
     assert (s.max_pixels, s.max_upload_bytes, s.data_dir, s.proxy_hops) == (1024 * 1024, 20 * 1024 * 1024, "data", 1)
 
@@ -32,6 +32,22 @@ def test_from_env():
         4, 50, 4096, 1000, "/c.safetensors", 0)
     assert Settings.from_env({"SD_API_KEY": "k2"}).api_key == "k2"
     assert "kkkkk" not in repr(Settings.from_env({"API_KEY": "kkkkk"}))
+
+
+@pytest.mark.parametrize("flags, want", [("fpu sse avx2 avx512f avx512_bf16 avx512vl", "bfloat16"),
+                                         ("fpu sse avx2 amx_bf16 amx_tile", "bfloat16"),
+                                         ("fpu sse avx2 avx512f avx512vl", "float32"),       # bf16 emulated: slower
+                                         (None, "float32")])                                 # no /proc/cpuinfo
+def test_auto_dtype_on_cpu_follows_native_bf16(tmp_path, monkeypatch, flags, want):
+    import torch
+    from api import runtime
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(runtime, "CPUINFO", str(info))
+    assert runtime.resolve_dtype("auto", "cpu") == getattr(torch, want)
+    assert runtime.resolve_dtype("float32", "cpu") == torch.float32          # an explicit dtype is kept
+    assert runtime.resolve_dtype("float16", "cpu") == torch.float16
 
 
 def test_model_name_names_the_first_model():

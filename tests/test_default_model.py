@@ -6,11 +6,14 @@ import hashlib
 import io
 import re
 
+import numpy as np
 import pytest
+import torch
 from openai import OpenAI
 from PIL import Image
 
 import sdcore
+from sdcore.pipeline import GenerationParams, generate
 from server_helpers import API_KEY, ROOT, Gunicorn
 from weights import score, shapes
 
@@ -18,6 +21,19 @@ MODEL = ROOT / "weights" / "shapes-sd1.safetensors"
 PROMPTS = [("circle", "red", "blue", "in the centre"), ("square", "yellow", "black", "on the left"),
            ("triangle", "white", "green", "on the right"), ("circle", "blue", "yellow", "on the left"),
            ("square", "green", "white", "in the centre"), ("triangle", "black", "red", "in the centre")]
+
+
+def test_bfloat16_images_stay_within_stated_tolerance_of_float32():
+    """The server's default dtype on a CPU with native bf16 is bf16 (api/runtime.resolve_dtype); on the
+    default model its images must stay faithful to fp32's: mean abs pixel difference ≤ 1.5/255 per
+    image (measured 0.25-0.64), same prompts, seeds and samplers."""
+    m32, m16 = sdcore.load_model(MODEL), sdcore.load_model(MODEL, dtype=torch.bfloat16)
+    for i, labels in enumerate(PROMPTS[:3]):
+        for sampler in ("euler_a", "euler", "dpm++2m"):
+            p = GenerationParams(prompt=shapes.caption(*labels), width=64, height=64, steps=20, cfg_scale=5.0,
+                                 sample_method=sampler, seed=i)
+            a, b = (np.asarray(generate(m, p)[0].image, dtype=np.float64) for m in (m32, m16))
+            assert np.abs(a - b).mean() <= 1.5, (labels, sampler, np.abs(a - b).mean())
 
 
 def test_checkpoint_matches_readme_and_loads():
@@ -32,7 +48,8 @@ def test_checkpoint_matches_readme_and_loads():
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default-model")
-    srv = Gunicorn(tmp / "data", tmp / "gunicorn.log", SD_MODEL="")     # no model named: the default
+    # no model named and no dtype: the defaults a newcomer gets (bf16 on a CPU with native bf16)
+    srv = Gunicorn(tmp / "data", tmp / "gunicorn.log", SD_MODEL="", SD_DTYPE="")
     try:
         srv.wait_healthy()
         yield OpenAI(base_url=f"{srv.base}/v1", api_key=API_KEY, max_retries=0, timeout=300)

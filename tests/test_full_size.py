@@ -80,3 +80,19 @@ def test_diffusers_folder_of_the_same_weights(sd15, references, cache_dir):
         assert torch.equal(f.unet(x, t, ctx), sd15.unet(x, t, ctx))
         assert torch.equal(f.vae.decode(x), sd15.vae.decode(x))
         assert torch.equal(f.encode_text(["a cat"]), sd15.encode_text(["a cat"]))
+
+
+def test_bfloat16_load_stays_within_stated_tolerance_of_float32(sd15_file, sd15):
+    """bf16 is the server's default dtype on CPUs with native bf16 (api/runtime.resolve_dtype): the same
+    file loaded in bf16 must stay close to the fp32 networks, which test_forward_parity ties to diffusers.
+    Tolerances are about twice what was measured (UNet max rel 1.6e-2, VAE 0.57/255 mean)."""
+    half = sdcore.load_model(sd15_file, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.unet.parameters())
+    g = torch.Generator().manual_seed(2)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([999.0, 261.75])
+    with torch.inference_mode():
+        assert refs.max_rel(half.unet(x.bfloat16(), t, ctx.bfloat16()), sd15.unet(x, t, ctx)) <= 3e-2
+        pixels = lambda m, z: ((m.vae.decode(z).float().clamp(-1, 1) + 1) * 127.5)
+        assert (pixels(half, x[:1].bfloat16()) - pixels(sd15, x[:1])).abs().mean().item() <= 1.2
+        prompts = ["a photograph of an astronaut riding a horse", ""]
+        assert refs.max_rel(half.encode_text(prompts), sd15.encode_text(prompts)) <= 3e-2
