@@ -85,6 +85,14 @@ def resolve_dtype(dtype: str, device: str):
     return torch.float32
 
 
+def compile_and_warm_up(model):
+    """Compile now, at the native size with CFG, rather than inside the first request's time limit."""
+    from sdcore.pipeline import GenerationParams, generate
+    model.compile()
+    generate(model, GenerationParams(prompt="warm-up", width=model.native_size, height=model.native_size,
+                                     steps=1, sample_method="euler"))
+
+
 def load_models(settings) -> ModelRegistry:
     """Load every configured model (all at start; the first is the default)."""
     import torch
@@ -104,6 +112,11 @@ def load_models(settings) -> ModelRegistry:
                                          control_net=settings.control_net)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
+        if settings.compile:
+            t0 = time.monotonic()
+            compile_and_warm_up(models[name])
+            log.info("compiled model %r's UNet at %d×%d in %.1f s", name, models[name].native_size,
+                     models[name].native_size, time.monotonic() - t0)
     return ModelRegistry(models)
 
 

@@ -1,0 +1,38 @@
+"""The opt-in torch.compile path (--compile / SD_COMPILE): the compiled UNet draws the eager UNet's
+image, and the setting parses. Needs a C++ compiler (inductor generates C++ on the CPU)."""
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+import sdcore
+from api.config import ConfigError, Settings, parse_args
+from api.runtime import load_models
+from sdcore.pipeline import GenerationParams, generate
+from weights.make_default import DEFAULT_PATH as TINY
+
+
+def test_compile_setting_parses():
+    assert Settings.from_env({}).compile is False
+    assert Settings.from_env({"SD_COMPILE": "1"}).compile is True
+    assert Settings.from_env({"SD_COMPILE": "off"}).compile is False
+    with pytest.raises(ConfigError, match="SD_COMPILE"):
+        Settings.from_env({"SD_COMPILE": "maybe"})
+    assert parse_args(["--compile"], {})[0].compile is True
+    assert parse_args([], {"SD_COMPILE": "yes"})[0].compile is True        # no flag: the environment decides
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_unet_draws_the_eager_image(caplog):
+    settings = Settings.from_mapping({"models": [str(TINY)], "compile": True, "device": "cpu", "dtype": "float32"})
+    with caplog.at_level(logging.INFO):
+        compiled = load_models(settings).resolve(None)        # the server's path: compiled and warmed up at start
+    assert "compiled model 'tiny-sd1'" in caplog.text
+    eager = sdcore.load_model(TINY)
+    assert compiled.unet is not eager.unet and compiled.unet.cfg == eager.unet.cfg      # attributes reach through
+    p = GenerationParams(prompt="a red circle on a blue background", width=64, height=64, steps=3,
+                         sample_method="euler_a", seed=5)
+    a, b = (np.asarray(generate(m, p)[0].image, dtype=np.int16) for m in (eager, compiled))
+    assert np.abs(a - b).max() <= 2, np.abs(a - b).max()
+    assert a.std() > 5                                                  # a picture, not a constant
