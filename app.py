@@ -12,27 +12,19 @@
 ``main()`` is the ``sd-api-server`` console script: it parses the command line and runs gunicorn
 with ``gunicorn.conf.py`` (or Flask's development server with ``--dev``).
 
-Hardening (issue 7): every endpoint but /health needs ``Authorization: Bearer <API_KEY>`` when a
-key is configured (compared in constant time on SHA-256 digests, never logged); CORS is off
-unless ``--cors-origins`` / ``SD_CORS_ORIGINS`` lists origins (preflights from those are answered
-before authentication); ``GET /openapi.json`` describes every endpoint and field with this
+Hardening (issue 7): the Bearer key and CORS (``api/security.py``); ``GET /openapi.json`` describes every endpoint and field with this
 server's limits (``api/openapi.py``). Generations wait in a bounded first-come-first-served queue
 (503 + Retry-After when full); a client whose connection closes while it waits (or during its
-generation) is dropped: :func:`client_gone_probe` polls the request's socket. A url image that
-cannot be stored answers 507 (disk full) or 500, and the images of that response are removed.
+generation) is dropped (``api.runtime.client_gone_probe`` polls the request's socket). A url image
+that cannot be stored answers 507 (disk full) or 500, and the images of that response are removed.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
-import hmac
 import logging
 import mimetypes
 import re
-import select
-import socket
-import ssl
 import sys
 import time
 import uuid
@@ -46,8 +38,9 @@ from api.config import Settings, parse_args
 from api.errors import APIError, error_response, register_error_handlers
 from api.openapi import build_openapi
 from api.params import Limits, parse_edit, parse_generation
-from api.runtime import ClientGone, Generator, ModelRegistry, image_item, load_models
-from api.storage import ImageStore
+from api.runtime import ClientGone, Generator, ModelRegistry, client_gone_probe, image_item, load_models
+from api.security import add_cors_headers, check_api_key, key_digest, preflight_headers
+from api.storage import DISK_FULL, ImageStore, SaveLog
 
 log = logging.getLogger("sd_api_server")
 bp = Blueprint("api", __name__)
@@ -62,8 +55,7 @@ class _State:
         self.store = store
         self.limits = Limits.from_settings(settings)
         self.cors_origins = settings.cors_origin_list()
-        self.key_digest = (hashlib.sha256(settings.api_key.encode("utf-8")).digest()
-                           if settings.api_key else None)
+        self.key_digest = key_digest(settings.api_key)
         self.openapi = build_openapi(self.limits, models.ids(), auth=bool(settings.api_key),
                                      max_upload_bytes=settings.max_upload_bytes)
 
@@ -81,58 +73,6 @@ def _file_url(stored) -> str:
     return url_for("api.download", file_id=stored.id, name=stored.filename, _external=True)
 
 
-def client_gone_probe(environ):
-    """A function telling whether the client of this request has closed its connection, or
-    None where that cannot be known (TLS in the WSGI server, a test client).
-
-    gunicorn (gthread) puts the connection's socket in ``environ["gunicorn.socket"]`` (Werkzeug's
-    server in ``werkzeug.socket``). Once the request body has been read, a poll() that reports
-    the socket readable and a MSG_PEEK recv() that returns b"" mean the peer sent FIN (or the
-    socket shows an error): nobody is waiting for the answer. Bytes waiting there (a pipelined
-    request) mean the client is still there; the peek consumes nothing. Behind nginx this works
-    because nginx closes its upstream connection when its client goes away
-    (proxy_ignore_client_abort off, the default)."""
-    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if sock is None or isinstance(sock, ssl.SSLSocket) or not hasattr(sock, "fileno"):
-        return None
-
-    def gone() -> bool:
-        try:
-            fd = sock.fileno()
-            if fd < 0:
-                return True
-            poller = select.poll()
-            poller.register(fd, select.POLLIN | getattr(select, "POLLRDHUP", 0))
-            events = poller.poll(0)
-            if not events:
-                return False
-            ev = events[0][1]
-            if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                return True
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:           # reset, closed: gone
-            return True
-
-    return gone
-
-
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class _SaveLog:
-    """Wraps the store to remember what one response saved, to undo it if a later save fails."""
-
-    def __init__(self, store):
-        self.store, self.saved = store, []
-
-    def save(self, data, filename):
-        stored = self.store.save(data, filename)
-        self.saved.append(stored.id)
-        return stored
-
-
 def _respond(image_request):
     st = _state()
     model = st.models.resolve(image_request.model)
@@ -142,14 +82,14 @@ def _respond(image_request):
         params = dataclasses.replace(params, width=native, height=native)   # the model's own resolution
     images = st.generator.run(model, params,
                               client_gone=client_gone_probe(request.environ))
-    saves = _SaveLog(st.store)
+    saves = SaveLog(st.store)
     try:
         data = [image_item(img, params.prompt, image_request.response_format,
                            saves, _file_url) for img in images]
     except OSError as e:
         for file_id in saves.saved:          # all or nothing: no orphans of a failed response
             st.store.delete(file_id)
-        if e.errno in _DISK_FULL:
+        if e.errno in DISK_FULL:
             log.error("request %s: cannot store the image: %s", g.request_id,
                       errno.errorcode.get(e.errno, e.errno))
             raise APIError("The server cannot store the image: its disk is full. Retry later, "
@@ -247,58 +187,16 @@ def openapi():
 
 
 # --- request hooks ----------------------------------------------------------------------------
-_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-_CORS_EXPOSED = "Retry-After, X-Request-Id"
-
-
-def _cors_origin() -> str | None:
-    """The value of Access-Control-Allow-Origin for this request, or None (CORS off, no Origin
-    header, or an origin that is not allowed)."""
-    allowed = _state().cors_origins
-    origin = request.headers.get("Origin")
-    if not allowed or not origin:
-        return None
-    if allowed == ["*"]:
-        return "*"
-    return origin if origin.rstrip("/") in allowed else None
-
-
-def _preflight():
-    """Answer a CORS preflight (OPTIONS with Access-Control-Request-Method) from an allowed
-    origin, before authentication: browsers send preflights without credentials."""
-    origin = _cors_origin()
-    if origin is None:
-        return None
-    resp = current_app.response_class(status=204)
-    resp.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-    requested = request.headers.get("Access-Control-Request-Headers", "")
-    if requested and re.fullmatch(r"[A-Za-z0-9_, -]{1,1024}", requested):
-        resp.headers["Access-Control-Allow-Headers"] = requested
-    resp.headers["Access-Control-Max-Age"] = "600"
-    return resp
-
-
 def _before_request():
     rid = request.headers.get("X-Request-Id", "")
     g.request_id = rid if _REQUEST_ID_RE.fullmatch(rid) else uuid.uuid4().hex[:16]
+    st = _state()
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        resp = _preflight()
-        if resp is not None:
-            return resp
-    digest = _state().key_digest
-    if digest is not None and request.path != "/health":
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
-            raise APIError("Missing API key: send 'Authorization: Bearer <key>'.", status=401,
-                           type="authentication_error", code="missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        # fixed-length digests compared in constant time: neither the key's bytes nor its
-        # length leak through timing
-        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
-        if not hmac.compare_digest(given, digest) or scheme.lower() != "bearer":
-            raise APIError("Incorrect API key.", status=401, type="authentication_error",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        headers = preflight_headers(st.cors_origins, request.headers)
+        if headers is not None:
+            return current_app.response_class(status=204, headers=headers)
+    if st.key_digest is not None and request.path != "/health":
+        check_api_key(request.headers.get("Authorization", ""), st.key_digest)
     if request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
         # A chunked body: Werkzeug stops reading at MAX_CONTENT_LENGTH but then hands over the
         # truncated body as if it were whole; read it here (cached for the parsers) and refuse
@@ -310,14 +208,7 @@ def _before_request():
 
 def _after_request(resp):
     resp.headers["X-Request-Id"] = getattr(g, "request_id", "")
-    allowed = _state().cors_origins
-    if allowed and allowed != ["*"]:
-        resp.headers.add("Vary", "Origin")      # the answer depends on the Origin header
-    origin = _cors_origin()
-    if origin is not None:
-        resp.headers["Access-Control-Allow-Origin"] = origin
-        resp.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
-    return resp
+    return add_cors_headers(resp, _state().cors_origins, request.headers.get("Origin"))
 
 
 def _client_gone(_exc):

@@ -17,6 +17,7 @@ been swept yet is already invisible to :meth:`get`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -197,3 +198,18 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class SaveLog:
+    """Wraps the store to remember what one response saved, to undo it if a later save fails."""
+
+    def __init__(self, store):
+        self.store, self.saved = store, []
+
+    def save(self, data, filename):
+        stored = self.store.save(data, filename)
+        self.saved.append(stored.id)
+        return stored

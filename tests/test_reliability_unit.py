@@ -18,7 +18,7 @@ from api import storage
 from api.runtime import ClientGone, Generator
 from api.storage import ImageStore, valid_id
 from api_helpers import StubGenerate, error_of, make_app, png_bytes
-from app import client_gone_probe
+from api.runtime import client_gone_probe
 
 GEN = "/v1/images/generations"
 

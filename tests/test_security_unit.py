@@ -5,7 +5,6 @@ import hmac
 
 import pytest
 
-import app as app_module
 from api.config import ConfigError, Settings, parse_args
 from api_helpers import error_of, make_app
 
@@ -66,7 +65,7 @@ def test_key_compared_in_constant_time_on_digests(tmp_path, monkeypatch):
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     c = make_app(tmp_path, api_key=KEY)[0].test_client()
     for token in ("x", "sk-unit-ke", KEY + "-and-much-longer", KEY):
         c.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
