@@ -2,6 +2,7 @@
 background colour, the shape's colour, its position and its kind back from the pixels.
 
     python -m weights.score [--model weights/shapes-sd1.safetensors] [--stride 1] [--steps 20 --cfg 5]
+    python -m weights.score --stride 0 --grid docs/default-model-grid.png      # only the README's picture
 
 The classifier is plain geometry, checked first on the data set's own drawings (the "drawn" row).
 """
@@ -66,6 +67,31 @@ def generated(model_path, prompts, steps, cfg, seed, sampler="euler"):
         yield generate(model, p)[0].image, labels
 
 
+GRID_PROMPTS = [("circle", "red", "blue", "in the centre"), ("square", "yellow", "black", "on the left"),
+                ("triangle", "white", "green", "on the right"), ("circle", "blue", "yellow", "on the left"),
+                ("square", "green", "white", "in the centre"), ("triangle", "black", "red", "in the centre"),
+                ("circle", "white", "black", "on the right"), ("triangle", "yellow", "blue", "on the left")]
+
+
+def grid(model_path, path, steps, cfg, seeds=(100, 101), scale=2):
+    """The README's picture: GRID_PROMPTS across, one row per seed (the first cell is the README's
+    curl request), each image enlarged ``scale``× without smoothing."""
+    from PIL import Image
+    import sdcore
+    from sdcore.pipeline import GenerationParams, generate
+    model = sdcore.load_model(model_path)
+    size = 64 * scale
+    out = Image.new("RGB", (size * len(GRID_PROMPTS), size * len(seeds)), "white")
+    for row, seed in enumerate(seeds):
+        for col, labels in enumerate(GRID_PROMPTS):
+            p = GenerationParams(shapes.caption(*labels), width=64, height=64, steps=steps, cfg_scale=cfg,
+                                 seed=seed, sample_method="euler")
+            img = generate(model, p)[0].image.resize((size, size), Image.Resampling.NEAREST)
+            out.paste(img, (col * size, row * size))
+    out.save(path, optimize=True)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="weights/shapes-sd1.safetensors")
@@ -73,7 +99,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--grid", help="also write the README's grid PNG here")
     args = ap.parse_args(argv)
+    if args.grid:
+        grid(args.model, args.grid, args.steps, args.cfg)
+    if args.stride == 0:
+        return None
     prompts = shapes.all_prompts()[::args.stride]
     rng = random.Random(0)
     drawn = score((shapes.draw(*p, rng=rng), p) for p in prompts)
