@@ -12,11 +12,12 @@
 ``main()`` is the ``sd-api-server`` console script: it parses the command line and runs gunicorn
 with ``gunicorn.conf.py`` (or Flask's development server with ``--dev``).
 
-Hardening (issue 7): the Bearer key and CORS (``api/security.py``); ``GET /openapi.json`` describes every endpoint and field with this
-server's limits (``api/openapi.py``). Generations wait in a bounded first-come-first-served queue
-(503 + Retry-After when full); a client whose connection closes while it waits (or during its
-generation) is dropped (``api.runtime.client_gone_probe`` polls the request's socket). A url image
-that cannot be stored answers 507 (disk full) or 500, and the images of that response are removed.
+Hardening (issue 7): the Bearer key and CORS (``api/security.py``); ``GET /openapi.json``
+describes every endpoint and field with this server's limits (``api/openapi.py``). Generations
+wait in a bounded first-come-first-served queue (503 + Retry-After when full); a client whose
+connection closes while it waits (or during its generation) is dropped
+(``api.runtime.client_gone_probe`` polls the request's socket). A url image that cannot be stored
+answers 507 (disk full) or 500, and the images of that response are removed.
 """
 from __future__ import annotations
 
