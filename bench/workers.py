@@ -1,7 +1,8 @@
 """Measurements that need a fresh process (load time, peak memory): ``python -m bench.workers TASK ARGS``.
 Prints one JSON line: seconds of the measured call, and the process's memory (MiB): VmRSS after its
 imports ("base"), after the call ("rss", of which "anon" is anonymous memory and "file" pages of mapped
-files such as a checkpoint still mapped) and VmHWM, its peak ("peak")."""
+files such as a checkpoint still mapped) and VmHWM, its peak ("peak"); the generation tasks also the peak
+of the generation alone ("gen_peak": VmHWM reset after the load, through /proc/self/clear_refs)."""
 import json
 import os
 import sys
@@ -14,6 +15,12 @@ def mem(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak():
+    """Start VmHWM again from the current RSS (Linux: writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def read(path):
@@ -48,6 +55,8 @@ def main(task, *args):
         out["load_s"] = time.perf_counter() - t0
         out["weights_rss"] = mem("VmRSS") - base
         out["weights_file"] = mem("RssFile")
+        out["load_peak"] = mem("VmHWM")
+        reset_peak()
         t0 = time.perf_counter()
         generate(model, GenerationParams(PROMPT, NEGATIVE, width=int(args[3]), height=int(args[3]), steps=int(args[4]), seed=1))
     elif task == "gen-diffusers":               # FOLDER DTYPE DEVICE SIZE STEPS
@@ -55,11 +64,15 @@ def main(task, *args):
         out["load_s"] = time.perf_counter() - t0
         out["weights_rss"] = mem("VmRSS") - base
         out["weights_file"] = mem("RssFile")
+        out["load_peak"] = mem("VmHWM")
+        reset_peak()
         t0 = time.perf_counter()
         run_pipeline(pipe, int(args[3]), int(args[4]))
     else:
         raise SystemExit(f"unknown task {task}")
-    out.update(seconds=time.perf_counter() - t0, base=base, rss=mem("VmRSS"), peak=mem("VmHWM"),
+    if "load_peak" in out:
+        out["gen_peak"] = mem("VmHWM")
+    out.update(seconds=time.perf_counter() - t0, base=base, rss=mem("VmRSS"), peak=max(mem("VmHWM"), out.get("load_peak", 0)),
                anon=mem("RssAnon"), file=mem("RssFile"))
     print(json.dumps(out), flush=True)
 
