@@ -35,7 +35,7 @@ def parse_args(argv):
                    help="whole txt2img (euler_a) vs diffusers' StableDiffusionPipeline (default 256:4, and 512:20 "
                         "without --quick)")
     p.add_argument("--sdcpp", action="store_true",
-                   help="also stable-diffusion.cpp in the whole-pipeline section (installs stable-diffusion-cpp-python "
+                   help="also stable-diffusion.cpp in the whole-pipeline section, beside ours in the server's default dtype (installs stable-diffusion-cpp-python "
                         "into .cache/bench/sdcpp-venv on first use; compiles for several minutes)")
     p.add_argument("--sdcpp-wtype", default="default", help="stable-diffusion.cpp weight type (default: the file's)")
     p.add_argument("--compile", action="store_true",
@@ -266,15 +266,9 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
             ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             return dt(ids.to(dev)).last_hidden_state
 
-        def ours_pipeline_way():          # what sdcore.pipeline.generate does today: one call per prompt
-            return model.encode_text([PROMPT]), model.encode_text([NEGATIVE])
-
-        (o, p, _), st = timed_pair(args, lambda: model.encode_text(prompts), peer, runs=max(args.runs, 5),
-                                   extra={"ours_pipeline": ours_pipeline_way})
+        (o, p, *_), st = timed_pair(args, lambda: model.encode_text(prompts), peer, runs=max(args.runs, 5))
         rep.add("text", f"text encoding, 2 prompts (tokenizer + CLIP), {dtype}", st["ours"], st["peer"],
                 "transformers CLIPTokenizer + CLIPTextModel", f"agree: max rel {rel_err(o, p):.1e}")
-        rep.add("text", f"text encoding as generate() calls it (2 × batch 1), {dtype}", st["ours_pipeline"], st["peer"],
-                "transformers, batch 2")
 
 
 def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
@@ -325,10 +319,13 @@ def main(argv=None) -> int:
         bench_rss(rep, args, ckpt, folder)
     if "http" in args.only:
         bench_http(rep, args)
-    sdcpp = None
+    sdcpp, sdcpp_dtype = None, None
     if "pipelines" in args.only and args.sdcpp:
+        from api.runtime import resolve_dtype
         from bench.sdcpp import SdCpp
         sdcpp = SdCpp(ckpt, threads=torch.get_num_threads(), wtype=args.sdcpp_wtype)
+        default = str(resolve_dtype("auto", args.device)).removeprefix("torch.")
+        sdcpp_dtype = default if default in args.dtypes else args.dtypes[0]   # beside what our server runs
     fp32_out, fp32_images = {}, {}
     if args.only & {"unet", "vae", "text", "pipelines"}:
         import sdcore
@@ -339,7 +336,7 @@ def main(argv=None) -> int:
             refs = tuple(m.to(args.device, getattr(torch, dtype)) for m in reference_modules(model))
             bench_networks(rep, args, model, refs, dtype, fp32_out)
             if "pipelines" in args.only:
-                bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp if dtype == args.dtypes[0] else None)
+                bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp if dtype == sdcpp_dtype else None)
             del model, refs
             gc.collect()
     if sdcpp is not None:

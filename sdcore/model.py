@@ -244,6 +244,7 @@ def _vae_parts(path):
         cfg = VAEConfig(ch=ch, ch_mult=tuple(t.shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] // ch for i in range(n)),
                         num_res_blocks=len({k.split(".")[4] for k in t.keys() if k.startswith("encoder.down_blocks.0.resnets.")}),
                         z_channels=t.shape("post_quant_conv.weight")[0])
+        cfg = _apply_overrides(cfg, _metadata(tf).get("vae"))     # what shapes cannot tell (groups, scale)
         return renamed(t, layouts.vae_name_map(meta_keys(AutoencoderKL, cfg), n), reshape=layouts.vae_is_linear_attn), cfg, path
     if "encoder.conv_in.weight" not in t:
         raise CheckpointError(f"{path} is not a VAE (no encoder.conv_in.weight)")

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import sdcore
 from sdcore.clip import TextConfig, TextEncoder
 from sdcore.export import ldm_state_dict, random_init_, save_single_file
+from sdcore.loader import config_to_metadata
 from sdcore.unet import UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 from tests import refs
@@ -170,7 +171,8 @@ def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_
 
 def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(tmp_path, default_model_path):
     """The default model's VAE normalises 32 channels in 8 groups (not SD's 32): the group count must
-    reach the modules from the single file's metadata and from a diffusers folder's norm_num_groups."""
+    reach the modules from the single file's metadata, from a diffusers folder's norm_num_groups and from
+    the metadata of a VAE file in diffusers naming."""
     m = sdcore.load_model(default_model_path)
     vae = random_init_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)), 7)
     assert vae.decoder.norm_out.num_groups == 8
@@ -178,12 +180,16 @@ def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(
     x, img = torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64) * 2 - 1
     save_single_file(tmp_path / "g8.safetensors", m.unet, vae, m.text_encoder)
     dv.save_pretrained(tmp_path / "vae_folder")
+    # a VAE alone in one file with diffusers' names, its configuration in our metadata entry
+    save_file({k: v.contiguous() for k, v in dv.state_dict().items()}, str(tmp_path / "g8-vae-diffusers.safetensors"),
+              metadata=config_to_metadata(vae=vae.cfg))
     with torch.no_grad():
         ref = dv.decode(x / vae.cfg.scale_factor).sample
         assert refs.max_abs(vae.decode(x), ref) <= TOL
         assert refs.max_abs(vae.encode(img), dv.encode(img).latent_dist.mean * vae.cfg.scale_factor) <= TOL
         for loaded in (sdcore.load_model(tmp_path / "g8.safetensors").vae,
-                       sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder")).vae):
+                       sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder")).vae,
+                       sdcore.load_model(default_model_path, vae=str(tmp_path / "g8-vae-diffusers.safetensors")).vae):
             assert loaded.cfg.norm_groups == 8
             assert refs.max_abs(loaded.decode(x), ref) <= TOL
         # read with SD's 32 groups the same weights decode to something else: the count matters
