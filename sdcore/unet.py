@@ -128,14 +128,16 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear_proj:
             y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)                     # [B, H*W, C]
+        # token-major and contiguous ([B, H*W, C]): left as a transposed view, the layout would follow the
+        # residual adds through every block and each LayerNorm would copy its input first
+        y = y.flatten(2).transpose(1, 2).contiguous()
         if self.linear_proj:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)
         if self.linear_proj:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, c, h, w)
+        y = y.transpose(1, 2).reshape(b, c, h, w).contiguous()   # back to NCHW, not a channels-last view
         if not self.linear_proj:
             y = self.proj_out(y)
         return x + y
