@@ -23,6 +23,14 @@ def reset_peak():
         f.write("5")
 
 
+def loaded(out: dict, base: float, t0: float) -> float:
+    """Record the load (seconds, memory, peak) and start the generation's own peak; -> its start time."""
+    out.update(load_s=time.perf_counter() - t0, weights_rss=mem("VmRSS") - base, weights_file=mem("RssFile"),
+               load_peak=mem("VmHWM"))
+    reset_peak()
+    return time.perf_counter()
+
+
 def read(path):
     """The bytes of the file, as ``cat file > /dev/null`` reads them (one reused buffer)."""
     buf = bytearray(16 << 20)
@@ -52,21 +60,11 @@ def main(task, *args):
         from sdcore.pipeline import GenerationParams, generate
         from bench.util import NEGATIVE, PROMPT
         model = sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))
-        out["load_s"] = time.perf_counter() - t0
-        out["weights_rss"] = mem("VmRSS") - base
-        out["weights_file"] = mem("RssFile")
-        out["load_peak"] = mem("VmHWM")
-        reset_peak()
-        t0 = time.perf_counter()
+        t0 = loaded(out, base, t0)
         generate(model, GenerationParams(PROMPT, NEGATIVE, width=int(args[3]), height=int(args[3]), steps=int(args[4]), seed=1))
     elif task == "gen-diffusers":               # FOLDER DTYPE DEVICE SIZE STEPS
         pipe = pipeline_from_folder(Path(args[0]), getattr(torch, args[1]), args[2])
-        out["load_s"] = time.perf_counter() - t0
-        out["weights_rss"] = mem("VmRSS") - base
-        out["weights_file"] = mem("RssFile")
-        out["load_peak"] = mem("VmHWM")
-        reset_peak()
-        t0 = time.perf_counter()
+        t0 = loaded(out, base, t0)
         run_pipeline(pipe, int(args[3]), int(args[4]))
     else:
         raise SystemExit(f"unknown task {task}")

@@ -128,11 +128,10 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear_proj:
             y = self.proj_in(y)
-        # token-major and contiguous ([B, H*W, C]): left as a transposed view, the layout would follow the
-        # residual adds through every block and each LayerNorm would copy its input first
-        y = y.flatten(2).transpose(1, 2).contiguous()
-        if self.linear_proj:
-            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)                     # [B, H*W, C]
+        # tokens contiguous (proj_in's Linear output already is): left as a transposed view, the layout
+        # would follow the residual adds through every block and each LayerNorm would copy its input first
+        y = self.proj_in(y) if self.linear_proj else y.contiguous()
         for block in self.transformer_blocks:
             y = block(y, context)
         if self.linear_proj:
