@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from bench.util import sd15_checkpoint
+from bench.util import cfg_step_inputs, sd15_checkpoint
 
 
 def main(argv=None):
@@ -27,17 +27,14 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     model = sdcore.load_model(str(sd15_checkpoint()), dtype=dtype)
     du = reference_modules(model)[0].to(dtype)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g).to(dtype)
-    ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
-    t = torch.tensor([500.0, 500.0])
+    x, x_pair, t, ctx = cfg_step_inputs(args.size, dtype)
     with torch.inference_mode():
         for name, fn in (("ours", lambda: model.unet(x, t, ctx)),
-                         ("diffusers", lambda: du(x, t, encoder_hidden_states=ctx).sample)):
+                         ("diffusers", lambda: du(x_pair, t, encoder_hidden_states=ctx).sample)):
             fn()                                            # warm-up
             with profile() as prof:
                 fn()
-            print(f"===== {name}: UNet step, batch 2, {args.size}², {args.dtype}, {torch.get_num_threads()} threads")
+            print(f"===== {name}: UNet step, batch 2 (CFG), {args.size}², {args.dtype}, {torch.get_num_threads()} threads")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

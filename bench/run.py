@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from bench.util import (NEGATIVE, PROMPT, ROOT, Stats, diffusers_folder, drop_page_cache, fmt, log, loadavg,
-                        machine_info, paired_ratios, run_worker, sd15_checkpoint)
+from bench.util import (NEGATIVE, PROMPT, ROOT, Stats, cfg_step_inputs, diffusers_folder, drop_page_cache, fmt, log,
+                        loadavg, machine_info, paired_ratios, run_worker, sd15_checkpoint)
 
 SECTIONS = ("load", "rss", "http", "unet", "vae", "text", "pipelines")
 
@@ -218,9 +218,7 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
     dev, dt_ = args.device, getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     for size in args.sizes if "unet" in args.only else ():
-        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dev, dt_)
-        ctx = torch.randn(2, 77, 768, generator=g).to(dev, dt_)
-        t = torch.tensor([500.0, 500.0], device=dev)
+        x, x_pair, t, ctx = cfg_step_inputs(size, dt_, dev)
         extra, compile_note = {}, ""
         if args.compile:
             from torch._inductor import config as inductor_config
@@ -231,13 +229,14 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
                 compiled(x, t, ctx)
             compile_note = f"; compile + first call {fmt(time.perf_counter() - t0)}"
             extra = {"compiled": lambda: compiled(x, t, ctx)}
-        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x, t, encoder_hidden_states=ctx).sample,
+        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
                                     extra=extra)
         if c:
             rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under torch.compile", st["compiled"],
                     st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
                     f"agree with ours eager: max rel {rel_err(c[0], o):.1e}{compile_note}")
-        n = flops(lambda: UNet(model.unet.cfg)(x.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
+        # the FLOPs of the whole batch-2 step (diffusers' work; ours skips the shared part's second copy)
+        n = flops(lambda: UNet(model.unet.cfg)(x_pair.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
         note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
         if dtype == "float32":
             fp32_out[("unet", size)] = o.float().cpu()

@@ -71,6 +71,18 @@ def interleave(fns: dict, runs: int, warmup: int = 1, sync=lambda: None) -> dict
     return out
 
 
+def cfg_step_inputs(size: int, dtype, device="cpu", seed=0):
+    """One classifier-free-guidance UNet step at size² px: (x once [1, 4, h, w], the same x repeated
+    [2, ...], t [2], context [2, 77, 768] = [uncond, cond]). Ours takes the latent once, as the pipeline
+    hands it (the UNet shares it up to the first cross-attention); diffusers the repeated batch, as its
+    pipeline does."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device, dtype)
+    ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    return x, x.repeat(2, 1, 1, 1), torch.tensor([500.0, 500.0], device=device), ctx
+
+
 def paired_ratios(a: Stats, b: Stats) -> list:
     """a/b round by round (each pair ran back to back, so it shares the machine's load)."""
     return [x / y for x, y in zip(a.seconds, b.seconds)]

@@ -27,7 +27,7 @@ def _cat(a, b):
     return a
 
 
-def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0):
+def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0, share_latent=False):
     """Wrap `unet_fn(x_in, t, ctx) -> F` (eps or v) as `denoise(x, sigma) -> D`.
 
     - x_in = c_in·x; t = sigma_to_t(σ) as a [B] tensor on x's device, float32 (float64 when x
@@ -35,6 +35,8 @@ def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7
     - Guidance mixes the raw outputs, F = F_u + cfg·(F_c - F_u). Cond and uncond run as ONE call
       on a batch of 2B ordered [uncond, cond]; with cfg_scale == 1 or no uncond the
       unconditional pass is skipped (one call on B).
+    - share_latent: under guidance unet_fn gets x_in once, [B] against t and ctx of 2B rows, instead of
+      [x_in, x_in] (sdcore's UNet then runs its layers before the text enters once, not twice).
     - sigma: python float, 0-dim tensor, or a [B] tensor of per-sample levels.
     """
     check_name("prediction type", prediction, PREDICTIONS)
@@ -51,7 +53,8 @@ def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7
         x_in = x * c_in
         if guided:
             # Mixed in x's dtype: a bf16 UNet output would otherwise keep the guidance in bf16.
-            out = unet_fn(torch.cat([x_in, x_in]), torch.cat([t, t]), _cat(uncond, cond)).to(x.dtype)
+            x_pair = x_in if share_latent else torch.cat([x_in, x_in])
+            out = unet_fn(x_pair, torch.cat([t, t]), _cat(uncond, cond)).to(x.dtype)
             out_u, out_c = out.chunk(2)
             out = out_u + cfg_scale * (out_c - out_u)
         else:

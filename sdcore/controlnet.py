@@ -44,7 +44,7 @@ class ControlNet(UNetEncoder):
     def forward(self, x, t, context, guided_hint, y=None) -> list[torch.Tensor]:
         """x [B, in_ch, h, w], t float [B], context [B, T, Cc] -> the 13 residuals (unscaled): one per UNet
         skip connection, in order, then the middle block's. ``guided_hint`` broadcasts over the batch."""
-        emb = self.embed(t.expand(x.shape[0]), y)
+        x, emb = self.embed_batch(x, t, context, y)
         skips, h = self.encode(x, emb, context, hint=guided_hint)
         return [zero(s) for zero, s in zip(self.zero_convs, skips)] + [self.middle_block_out(h)]
 

@@ -130,7 +130,7 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
             control = control_residuals(model.controlnet, x_in, t, ctx, guided_hint, p.control_strength)
         return model.unet(x_in, t, ctx, control=control)
 
-    denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale)
+    denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)
     if init is not None and init["keep"] is not None and extra is None:
         denoise = _keep_outside_mask(denoise, init["latent"], init["keep"])
 

@@ -39,6 +39,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def per_conditioning(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x [B, ...] -> [batch, ...]: rows shared by the batch // B conditionings of each latent, repeated
+    in the order classifier-free guidance batches them ([uncond, cond]); x itself when already full."""
+    return x if x.shape[0] >= batch else x.repeat(batch // x.shape[0], *(1,) * (x.ndim - 1))
+
+
 def GroupNorm(channels, eps=1e-5):
     return nn.GroupNorm(32, channels, eps=eps)
 
@@ -54,7 +60,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]   # the timestep enters as a per-channel shift
+        # the timestep enters as a per-channel shift; x may hold only the first rows of emb's batch
+        # (a latent shared by its conditionings, see UNet.forward), whose embeddings are those rows
+        h = h + self.emb_layers(emb[:x.shape[0]])[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -107,6 +115,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
+        x = per_conditioning(x, context.shape[0])       # the text enters here: rows stop being shared
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -124,7 +133,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = proj()
 
     def forward(self, x, context):
-        b, c, h, w = x.shape
+        c, h, w = x.shape[1:]
         y = self.norm(x)
         if not self.linear_proj:
             y = self.proj_in(y)
@@ -136,10 +145,10 @@ class SpatialTransformer(nn.Module):
             y = block(y, context)
         if self.linear_proj:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, c, h, w).contiguous()   # back to NCHW, not a channels-last view
+        y = y.transpose(1, 2).reshape(-1, c, h, w).contiguous()  # back to NCHW, not a channels-last view
         if not self.linear_proj:
             y = self.proj_out(y)
-        return x + y
+        return per_conditioning(x, y.shape[0]) + y
 
 
 class Downsample(nn.Module):
@@ -217,15 +226,29 @@ class UNetEncoder(nn.Module):
             emb = emb + self.label_emb(y)
         return emb
 
+    def embed_batch(self, x, t, context, y=None):
+        """-> (x, emb [batch, 4·C]) for a call on x [B, ...] against a context [batch, T, Cc].
+
+        With classifier-free guidance the batch holds k = batch // B conditionings of the same latents
+        ([uncond, cond], as the denoiser orders them), and x may be given once, [B, ...]. Everything
+        before the first cross-attention is then the same for all k, so it runs once: the rows are
+        repeated where the text enters (``per_conditioning``), not before. Not with a label vector y
+        (SDXL): it differs per conditioning and enters through the time embedding."""
+        batch = max(x.shape[0], context.shape[0])
+        if y is not None:
+            x = per_conditioning(x, batch)
+        return x, self.embed(t.expand(batch), y)
+
     def encode(self, x, emb, context, hint=None):
-        """-> (skips: list of every input block's output, middle block output)."""
+        """-> (skips: list of every input block's output, middle block output), all [batch, ...]."""
         skips, h = [], x
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
             if i == 0 and hint is not None:        # ControlNet adds its embedded hint after conv_in
                 h = h + hint
             skips.append(h)
-        return skips, self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context)
+        return [per_conditioning(s, emb.shape[0]) for s in skips], per_conditioning(h, emb.shape[0])
 
 
 class UNet(UNetEncoder):
@@ -247,12 +270,13 @@ class UNet(UNetEncoder):
         self.out = nn.Sequential(GroupNorm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, y=None, control=None):
-        """x [B, in_ch, H, W], t float [B], context [B, T, context_dim] -> [B, out_ch, H, W].
+        """x [B, in_ch, H, W], t float [B], context [B, T, context_dim] -> [B, out_ch, H, W]; x may be
+        [B/k, ...] when the k conditionings of classifier-free guidance share the latents (embed_batch).
 
         ``control``: ControlNet residuals (one per skip connection, then the middle block's), already
         scaled by the control strength; added to the skips and the middle output.
         """
-        emb = self.embed(t.expand(x.shape[0]), y)
+        x, emb = self.embed_batch(x, t, context, y)
         skips, h = self.encode(x, emb, context)
         if control is not None:
             *down, mid = control

@@ -67,6 +67,21 @@ def test_parity_with_diffusers_controlnet_and_unet(cfg, tmp_path):
         assert refs.max_abs(out, unet(x, t, ctx)) > 0.1                   # the control really changes the output
 
 
+def test_guidance_runs_the_shared_latent_once_in_the_controlnet_too():
+    """The latent given once against [uncond, cond]: the ControlNet's residuals are diffusers' on the
+    repeated batch (the ControlNet is the UNet's encoder, so it shares the same way)."""
+    cn = _controlnet(TINY_UNET)
+    dcn = refs.diffusers_controlnet_from_ours(cn)
+    x, _, ctx, hint = _inputs(TINY_UNET.context_dim)
+    x, t = x[:1], torch.tensor([640.0, 640.0])
+    ours = _residuals(cn, x, t, ctx, hint)
+    with torch.no_grad():
+        down, mid = dcn(x.repeat(2, 1, 1, 1), t, ctx, controlnet_cond=hint, return_dict=False)
+    for r, ref in zip(ours, [*down, mid], strict=True):          # residuals reach |10|: relative
+        assert r.shape == ref.shape and refs.max_abs(r, ref) <= TOL * ref.abs().max().clamp(min=1)
+    assert refs.max_abs(ours[-1][0], ours[-1][1]) > 0.01     # the two conditionings differ after the text
+
+
 def test_single_file_layouts_load_the_same_network(tmp_path):
     """control_model.* (as in a whole-pipeline file), bare LDM names, and diffusers names in one file;
     fp16 on disk; without any config in the file every hyperparameter is read off the shapes."""
@@ -167,7 +182,7 @@ def test_strength_zero_is_the_uncontrolled_image_and_strength_scales_linearly(co
     with torch.no_grad():
         hint = torch.tensor(list(_control_image().getdata()), dtype=torch.float32).T.reshape(1, 3, 64, 64) / 255
         direct = cn(x, t, ctx, cn.embed_hint(hint))
-    assert x.shape[0] == 2 and not torch.equal(ctx[0], ctx[1])                    # [uncond, cond]
+    assert x.shape[0] == 1 and ctx.shape[0] == 2 and not torch.equal(ctx[0], ctx[1])    # latent once, [uncond, cond]
     # (the pipeline's hint is (x/127.5 - 1 + 1)/2, this one x/255: equal to a few ulp)
     assert len(full) == 13 and max(refs.max_rel(a, b) for a, b in zip(full, direct)) <= 1e-5
     # exact: the strength-1 residuals are the raw ones, and the others the same tensors × strength

@@ -1,5 +1,6 @@
 """Our networks against diffusers / transformers on identical random weights (tiny SD1 and SD2 shapes),
 loaded through our loader from both file layouts."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import sdcore
 from sdcore.clip import TextConfig, TextEncoder
 from sdcore.export import ldm_state_dict, random_init_, save_single_file
 from sdcore.loader import config_to_metadata
-from sdcore.unet import UNet, UNetConfig
+from sdcore.unet import BasicTransformerBlock, UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 from tests import refs
+from weights.make_default import UNET as TINY_UNET
 from weights.make_default import build_tiny
 
 TOL = 1e-5
@@ -105,6 +107,48 @@ def test_odd_latent_sizes_follow_the_skip_connections():
         out = unet(x, t, ctx)
         assert out.shape == x.shape
         assert refs.max_abs(out, du(x, t, encoder_hidden_states=ctx).sample) <= TOL
+
+
+def _rows_seen(unet):
+    """Batch rows reaching conv_in and the first transformer block's self- and cross-attention."""
+    block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    rows, parts = {}, {"conv_in": unet.input_blocks[0], "attn1": block.attn1, "attn2": block.attn2}
+    for name, m in parts.items():
+        m.register_forward_pre_hook(lambda mod, args, name=name: rows.update({name: args[0].shape[0]}))
+    return rows
+
+
+@pytest.mark.parametrize("cfg", [TINY_UNET, SD2_UNET], ids=["sd1", "sd2-linear-proj"])
+def test_guidance_runs_the_shared_latent_once_until_the_text_enters(cfg):
+    """Classifier-free guidance: 2 latents given once against 4 conditionings ([uncond, cond], each
+    latent with its own t) equal diffusers on the repeated batch; the layers before the first
+    cross-attention ran on the 2 latents only."""
+    unet = random_init_(UNet(cfg), 7)
+    du = refs.diffusers_unet_from_ours(unet)
+    g = torch.Generator().manual_seed(8)
+    x, ctx = torch.randn(2, 4, 9, 11, generator=g), torch.randn(4, 77, cfg.context_dim, generator=g)
+    t = torch.tensor([3.25, 811.5]).repeat(2)
+    rows = _rows_seen(unet)
+    with torch.no_grad():
+        out = unet(x, t, ctx)
+        assert refs.max_abs(out, du(x.repeat(2, 1, 1, 1), t, encoder_hidden_states=ctx).sample) <= TOL
+    assert out.shape == (4, 4, 9, 11) and rows == {"conv_in": 2, "attn1": 2, "attn2": 4}
+
+
+def test_guidance_with_a_label_vector_repeats_the_latent_first():
+    """SDXL's label vector y differs per conditioning and enters with the time embedding, so nothing
+    is shared: the result is that of the repeated batch from conv_in on."""
+    cfg = dataclasses.replace(TINY_UNET, adm_in_channels=6)
+    unet = random_init_(UNet(cfg), 9)
+    g = torch.Generator().manual_seed(10)
+    x, ctx, y = torch.randn(1, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.randn(2, 6, generator=g)
+    t = torch.tensor([400.0, 400.0])
+    rows = _rows_seen(unet)
+    with torch.no_grad():
+        out = unet(x, t, ctx, y=y)
+        assert rows["conv_in"] == 2
+        assert refs.max_abs(out, unet(x.repeat(2, 1, 1, 1), t, ctx, y=y)) <= 1e-6
+        assert refs.max_abs(out[0], out[1]) > 0.01        # y reached the output
 
 
 def test_prediction_type_sources(tmp_path):

@@ -128,5 +128,5 @@ def test_inpainting_unet_gets_mask_and_masked_latent(tmp_path, model):
     mask.paste((0, 0, 0, 0), (0, 0, 32, 64))
     generate(m, GenerationParams("x", steps=2, width=64, height=64, sample_method="euler",
                                  init_image=Image.new("RGB", (64, 64), (250, 250, 250)), mask=mask))
-    assert len(seen) == 2 and seen[0].shape == (2, 5, 8, 8)
+    assert len(seen) == 2 and seen[0].shape == (1, 5, 8, 8)         # the latent once for [uncond, cond]
     assert seen[0][0, 0, :, :4].eq(1).all() and seen[0][0, 0, :, 4:].eq(0).all()     # mask channel: 1 = repaint

@@ -196,6 +196,25 @@ def test_wrapper_batches_cond_and_uncond_in_one_call():
     assert seen[0]["y"].shape == (4, 6) and seen[0]["y"][:2].sum() == 0 and seen[0]["y"][2:].sum() == 12
 
 
+def test_wrapper_can_pass_the_latent_once_for_both_conditionings():
+    """share_latent: unet_fn gets x_in [B] against t and ctx of 2B rows (the UNet repeats it itself);
+    the guided result is the one of the [x_in, x_in] call."""
+    f = raw_unet()
+    calls = []
+
+    def repeating(x_in, t, ctx):
+        calls.append(x_in.shape[0])
+        return f(x_in.repeat(ctx.shape[0] // x_in.shape[0], 1, 1, 1), t, ctx)
+    g = torch.Generator().manual_seed(8)
+    cond, uncond = torch.randn(2, 77, 3, generator=g, dtype=F64), torch.randn(2, 77, 3, generator=g, dtype=F64)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=F64)
+    shared = samplers.make_denoiser(repeating, "eps", cond, uncond, 6.0, share_latent=True)(x, 1.7)
+    assert calls == [2]
+    assert (shared - samplers.make_denoiser(f, "eps", cond, uncond, 6.0)(x, 1.7)).abs().max() <= 1e-15
+    samplers.make_denoiser(repeating, "eps", cond, uncond, 1.0, share_latent=True)(x, 1.7)
+    assert calls == [2, 2]                            # unguided: one call on B, as without the flag
+
+
 def test_wrapper_sigma_forms_agree():
     f = raw_unet()
     cond = torch.randn(3, 77, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
