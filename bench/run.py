@@ -10,6 +10,7 @@ Writes the tables to docs/BENCHMARKS.md (see its header for how to read them).
 """
 import argparse
 import gc
+import math
 import shlex
 import sys
 import time
@@ -94,13 +95,22 @@ class Report:
 # ------------------------------------------------------------------------------------------------
 # Load time and memory: fresh processes (bench/workers.py)
 # ------------------------------------------------------------------------------------------------
+def weights_bytes(ckpt, dtype: str) -> int:
+    """Bytes of the checkpoint's floating-point weights in ``dtype`` (what a load into that dtype allocates)."""
+    from safetensors import safe_open
+    with safe_open(str(ckpt), framework="pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if f.get_slice(k).get_dtype().startswith(("F", "BF")))
+    return n * getattr(torch, dtype).itemsize
+
+
 def bench_load(rep, args, ckpt, folder):
     """ours ``sdcore.load_model`` vs reading the file's bytes, and vs diffusers loading the same weights
     from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold."""
     dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
     files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
     tasks = {"read": ("read", ckpt), "ours": ("load-ours", ckpt, dtype, args.device),
-             "diffusers": ("load-diffusers", folder, dtype, args.device)}
+             "diffusers": ("load-diffusers", folder, dtype, args.device),
+             "touch": ("touch", weights_bytes(ckpt, dtype))}
     for cache in ("warm", "cold"):
         if cache == "cold" and not drop_page_cache():
             rep.notes.append("Cold-cache loads were not measured: emptying the page cache needs root.")
@@ -120,6 +130,11 @@ def bench_load(rep, args, ckpt, folder):
                 secs["ours"], secs["read"], "read the bytes", f"read {size_gib / secs['read'].median:.2f} GiB/s")
         rep.add("load", f"load {dtype}, {cache} page cache: ours vs diffusers", secs["ours"], secs["diffusers"],
                 "diffusers from_pretrained (diffusers folder, fp16 variant)")
+        if cache == "warm":
+            rep.add("load", f"load {dtype}, warm page cache: ours vs only faulting in fresh memory of the weights' size",
+                    secs["ours"], secs["touch"], f"allocate and fill {weights_bytes(ckpt, dtype) / 2 ** 30:.2f} GiB",
+                    "the floor of any load that builds the weights in new memory (a dtype conversion must): "
+                    "one page fault per 4 KiB page")
         if cache == "warm":
             peak = {n: Stats([r["peak"] for r in v], "MiB") for n, v in res.items()}
             base = {n: Stats([r["base"] for r in v], "MiB") for n, v in res.items()}

@@ -50,6 +50,9 @@ def main(task, *args):
     t0 = time.perf_counter()
     if task == "read":
         read(args[0])
+    elif task == "touch":                       # BYTES: the page faults of that much fresh memory, nothing read
+        import torch
+        torch.empty(int(args[0]), dtype=torch.uint8).fill_(1)
     elif task == "load-ours":
         import sdcore
         sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))

@@ -129,6 +129,27 @@ def from_file(tf: TensorFile) -> Tensors:
     return t
 
 
+CAST_CHUNK = 1 << 20          # values per step of the two-step cast: 4 MiB of fp32 scratch, cache-resident
+
+
+def cast(t: torch.Tensor, device, dtype, scratch: torch.Tensor) -> torch.Tensor:
+    """``t.to(device, dtype)``; fp16 -> bf16 on the CPU through fp32, a chunk at a time (``scratch``).
+
+    ATen's direct Half -> BFloat16 copy converts one value at a time (≈ 1 G values/s on 2 cores), its
+    Half -> Float and Float -> BFloat16 copies are vectorised: the two steps run ≈ 3 × faster, and
+    every checkpoint in fp16 (most downloads) loads into the CPU default bf16 this way. Bit-identical:
+    fp16 -> fp32 is exact, and both ways round that fp32 value to the nearest bf16."""
+    if not (t.dtype == torch.float16 and dtype == torch.bfloat16 and t.device.type == "cpu"
+            and torch.device(device).type == "cpu" and t.numel() > scratch.numel() // 4):
+        return t.to(device=device, dtype=dtype)
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.reshape(-1), out.view(-1)
+    for i in range(0, src.numel(), scratch.numel()):
+        n = min(scratch.numel(), src.numel() - i)
+        dst[i:i + n].copy_(scratch[:n].copy_(src[i:i + n]))
+    return out
+
+
 def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, convert=None):
     """Build ``module_cls(cfg)`` on the meta device and assign every parameter from ``tensors``."""
     with torch.device("meta"):
@@ -138,10 +159,10 @@ def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, convert=
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} {what} tensors, e.g. {', '.join(missing[:3])}: "
                               f"the file is incomplete or not a full Stable Diffusion checkpoint")
-    sd = {}
+    sd, scratch = {}, torch.empty(CAST_CHUNK, dtype=torch.float32)
     for k in wanted:
         t = tensors.get(k)
-        sd[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        sd[k] = cast(t, device, dtype, scratch) if t.is_floating_point() else t.to(device)
     try:
         module.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

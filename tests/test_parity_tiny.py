@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import sdcore
 from sdcore.clip import TextConfig, TextEncoder
 from sdcore.export import ldm_state_dict, random_init_, save_single_file
-from sdcore.loader import config_to_metadata
+from sdcore.loader import CAST_CHUNK, cast, config_to_metadata
 from sdcore.unet import BasicTransformerBlock, UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 from tests import refs
@@ -194,6 +194,24 @@ def test_mixed_dtypes_cast_per_tensor_and_ckpt_layout(tmp_path, default_model_pa
         assert ka == kb and torch.equal(va, vb)
     bf = sdcore.load_model(tmp_path / "mixed.safetensors", dtype=torch.bfloat16)
     assert {p.dtype for p in bf.unet.parameters()} == {torch.bfloat16}
+
+
+def test_fp16_to_bf16_load_cast_is_bit_identical_to_torchs():
+    """The loader's two-step fp16 -> fp32 -> bf16 cast (in chunks) gives exactly torch's direct cast:
+    specials, subnormals, ties, a tail shorter than a chunk, and a transposed (non-contiguous) source."""
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, -65504.0, 2 ** -24, -(2 ** -24), 2 ** -14,
+                            1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -10, 3.14159], dtype=torch.float16)
+    every_fp16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    g = torch.Generator().manual_seed(11)
+    t = torch.cat([special, every_fp16[~every_fp16.isnan()], (torch.randn(CAST_CHUNK, generator=g) * 30).half()])
+    scratch = torch.empty(CAST_CHUNK, dtype=torch.float32)
+    n = t.numel() // 1001 * 1001
+    for src in (t, t[:n].view(1001, -1).T):
+        out = cast(src, "cpu", torch.bfloat16, scratch)
+        assert out.shape == src.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert torch.equal(out.view(torch.int16), src.to(torch.bfloat16).view(torch.int16))
+    nan = torch.full((CAST_CHUNK,), float("nan"), dtype=torch.float16)
+    assert cast(nan, "cpu", torch.bfloat16, scratch).isnan().all()
 
 
 def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_path):
