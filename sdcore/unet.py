@@ -237,6 +237,9 @@ class UNetEncoder(nn.Module):
         repeated where the text enters (``per_conditioning``), not before. Not with a label vector y
         (SDXL): it differs per conditioning and enters through the time embedding."""
         batch = max(x.shape[0], context.shape[0])
+        if batch % x.shape[0] or batch % context.shape[0]:
+            raise ValueError(f"latents [{x.shape[0]}] and conditionings [{context.shape[0]}]: one must be a "
+                             f"multiple of the other")
         if y is not None:
             x = per_conditioning(x, batch)
         return x, self.embed(t.expand(batch), y)

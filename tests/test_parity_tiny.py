@@ -133,6 +133,8 @@ def test_guidance_runs_the_shared_latent_once_until_the_text_enters(cfg):
         out = unet(x, t, ctx)
         assert refs.max_abs(out, du(x.repeat(2, 1, 1, 1), t, encoder_hidden_states=ctx).sample) <= TOL
     assert out.shape == (4, 4, 9, 11) and rows == {"conv_in": 2, "attn1": 2, "attn2": 4}
+    with pytest.raises(ValueError, match="multiple"):
+        unet(x, torch.tensor([3.25, 811.5, 9.0]), ctx[:3])
 
 
 def test_guidance_with_a_label_vector_repeats_the_latent_first():
