@@ -1,6 +1,6 @@
 """Where a UNet step's time goes, ours vs diffusers on the same weights: the torch profiler's op table.
 
-    python -m bench.profile [--size 256] [--dtype bfloat16] [--threads 1] [--rows 12]
+    python -m bench.profile [--size 256] [--dtype bfloat16] [--threads 1] [--rows 12] [--compile]
 """
 import argparse
 
@@ -15,6 +15,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--compile", action="store_true", help="ours under torch.compile (inductor, frozen weights)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -28,8 +29,9 @@ def main(argv=None):
     model = sdcore.load_model(str(sd15_checkpoint()), dtype=dtype)
     du = reference_modules(model)[0].to(dtype)
     x, x_pair, t, ctx = cfg_step_inputs(args.size, dtype)
+    unet = model.compile().unet if args.compile else model.unet
     with torch.inference_mode():
-        for name, fn in (("ours", lambda: model.unet(x, t, ctx)),
+        for name, fn in (("ours" + (", compiled" if args.compile else ""), lambda: unet(x, t, ctx)),
                          ("diffusers", lambda: du(x_pair, t, encoder_hidden_states=ctx).sample)):
             fn()                                            # warm-up
             with profile() as prof:

@@ -61,7 +61,7 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers(x)
         # the timestep enters as a per-channel shift; x may hold only the first rows of emb's batch
-        # (a latent shared by its conditionings, see UNet.forward), whose embeddings are those rows
+        # (a latent shared by its conditionings, see UNetEncoder.embed_batch), whose embeddings are those rows
         h = h + self.emb_layers(emb[:x.shape[0]])[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
