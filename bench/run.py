@@ -36,8 +36,9 @@ def parse_args(argv):
                    help="whole txt2img (euler_a) vs diffusers' StableDiffusionPipeline (default 256:4, and 512:20 "
                         "without --quick)")
     p.add_argument("--sdcpp", action="store_true",
-                   help="also stable-diffusion.cpp in the whole-pipeline section, beside ours in the server's default dtype (installs stable-diffusion-cpp-python "
-                        "into .cache/bench/sdcpp-venv on first use; compiles for several minutes)")
+                   help="also stable-diffusion.cpp in the whole-pipeline section, beside ours in the server's default "
+                        "dtype (installs stable-diffusion-cpp-python into .cache/bench/sdcpp-venv on first use; "
+                        "compiles for several minutes)")
     p.add_argument("--sdcpp-wtype", default="default", help="stable-diffusion.cpp weight type (default: the file's)")
     p.add_argument("--compile", action="store_true",
                    help="also time our UNet under torch.compile (inductor, freezing); compile time reported apart")
@@ -99,7 +100,8 @@ def weights_bytes(ckpt, dtype: str) -> int:
     """Bytes of the checkpoint's floating-point weights in ``dtype`` (what a load into that dtype allocates)."""
     from safetensors import safe_open
     with safe_open(str(ckpt), framework="pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if f.get_slice(k).get_dtype().startswith(("F", "BF")))
+        slices = [f.get_slice(k) for k in f.keys()]
+        n = sum(math.prod(s.get_shape()) for s in slices if s.get_dtype().startswith(("F", "BF")))
     return n * getattr(torch, dtype).itemsize
 
 
@@ -108,9 +110,9 @@ def bench_load(rep, args, ckpt, folder):
     from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold."""
     dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
     files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
+    n_bytes = weights_bytes(ckpt, dtype)
     tasks = {"read": ("read", ckpt), "ours": ("load-ours", ckpt, dtype, args.device),
-             "diffusers": ("load-diffusers", folder, dtype, args.device),
-             "touch": ("touch", weights_bytes(ckpt, dtype))}
+             "diffusers": ("load-diffusers", folder, dtype, args.device), "touch": ("touch", n_bytes)}
     for cache in ("warm", "cold"):
         if cache == "cold" and not drop_page_cache():
             rep.notes.append("Cold-cache loads were not measured: emptying the page cache needs root.")
@@ -118,9 +120,10 @@ def bench_load(rep, args, ckpt, folder):
         if cache == "warm":
             for f in files:                                 # into the page cache
                 run_worker("read", f)
-        res = {name: [] for name in tasks}
+        todo = tasks if cache == "warm" else {n: t for n, t in tasks.items() if n != "touch"}   # touch reads nothing
+        res = {name: [] for name in todo}
         for _ in range(args.runs):
-            for name, task in tasks.items():
+            for name, task in todo.items():
                 if cache == "cold":
                     drop_page_cache()
                 res[name].append(run_worker(*task))
@@ -132,10 +135,9 @@ def bench_load(rep, args, ckpt, folder):
                 "diffusers from_pretrained (diffusers folder, fp16 variant)")
         if cache == "warm":
             rep.add("load", f"load {dtype}, warm page cache: ours vs only faulting in fresh memory of the weights' size",
-                    secs["ours"], secs["touch"], f"allocate and fill {weights_bytes(ckpt, dtype) / 2 ** 30:.2f} GiB",
+                    secs["ours"], secs["touch"], f"allocate and fill {n_bytes / 2 ** 30:.2f} GiB",
                     "the floor of any load that builds the weights in new memory (a dtype conversion must): "
                     "one page fault per 4 KiB page")
-        if cache == "warm":
             peak = {n: Stats([r["peak"] for r in v], "MiB") for n, v in res.items()}
             base = {n: Stats([r["base"] for r in v], "MiB") for n, v in res.items()}
             last = {n: v[-1] for n, v in res.items()}
