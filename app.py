@@ -220,13 +220,14 @@ def _client_gone(_exc):
 
 # --- factory ----------------------------------------------------------------------------------
 def _setup_logging(level: str) -> None:
-    log.setLevel(getattr(logging, level.upper(), logging.INFO))
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: "
-                                         "%(message)s"))
-        log.addHandler(h)
-        log.propagate = False
+    for logger in (log, logging.getLogger("sdcore")):     # the core's messages (e.g. the weights cache) too
+        logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+        if not logger.handlers:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: "
+                                             "%(message)s"))
+            logger.addHandler(h)
+            logger.propagate = False
 
 
 def create_app(config=None, model=None, generate=None) -> Flask:

@@ -12,6 +12,7 @@ is read from the environment too and can be given as ``--api-key``; it is never 
 | --device auto/cpu/cuda/cuda:N | SD_DEVICE | auto (cuda when available) |
 | --dtype auto/float32/float16/bfloat16 | SD_DTYPE | auto (bfloat16 where the hardware computes it natively, else float32) |
 | --compile (torch.compile the UNet; warm-up compile at start) | SD_COMPILE (1/0) | off |
+| --weights-cache DIR or off (weights converted to the dtype, memory-mapped by later loads and shared by workers) | SD_WEIGHTS_CACHE | auto: $XDG_CACHE_HOME/sd-api-server/weights or ~/.cache/sd-api-server/weights |
 | --threads (torch CPU threads) | SD_THREADS | torch's default |
 | --host / --port | SD_HOST / SD_PORT | 127.0.0.1 / 8080 |
 | --workers (gunicorn worker processes) | SD_WORKERS | 1 |
@@ -67,6 +68,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    weights_cache: str = "auto"
     threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -139,6 +141,15 @@ class Settings:
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate model names: {ids}; use --model NAME=PATH")
         return out
+
+    def weights_cache_dir(self) -> str | None:
+        """Where converted weights are kept (None: off)."""
+        if self.weights_cache.strip().lower() in ("off", "none", "0", "false", "no"):
+            return None
+        if self.weights_cache.strip().lower() == "auto":
+            from sdcore.weights_cache import default_dir
+            return default_dir()
+        return self.weights_cache
 
     def validate(self) -> None:
         def positive(name, minimum=1):
@@ -236,10 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
       "CUDA cards with bf16, float16 on other CUDA cards, else float32)")
     a("--compile", action="store_const", const=True, help="torch.compile the UNet (inductor, weights frozen): "
       "faster steps (0.8x eager measured on CPU, bf16), minutes of compiling at start and at each new image size")
+    a("--weights-cache", metavar="DIR|off", help="keep weights converted to the dtype in DIR: later loads (and "
+      "the other workers) memory-map them instead of converting again, sharing one copy in memory "
+      "(default auto: ~/.cache/sd-api-server/weights, or under $XDG_CACHE_HOME)")
     a("--threads", type=int, help="torch CPU threads per worker")
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 8080)")
-    a("--workers", type=int, help="gunicorn worker processes, each loads its own model (default 1)")
+    a("--workers", type=int, help="gunicorn worker processes, each loads its own model (default 1; "
+      "through the weights cache they share the weights' memory)")
     a("--http-threads", type=int, help="gunicorn threads per worker (default 8)")
     a("--timeout", type=int, help="gunicorn worker timeout in seconds (default 600)")
     a("--data-dir", help="where images returned as URLs are stored (default ./data)")

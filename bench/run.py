@@ -12,13 +12,14 @@ import argparse
 import gc
 import math
 import shlex
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 
-from bench.util import (NEGATIVE, PROMPT, ROOT, Stats, cfg_step_inputs, diffusers_folder, drop_page_cache, fmt, log,
+from bench.util import (CACHE, NEGATIVE, PROMPT, ROOT, Stats, cfg_step_inputs, diffusers_folder, drop_page_cache, fmt, log,
                         loadavg, machine_info, paired_ratios, run_worker, sd15_checkpoint)
 
 SECTIONS = ("load", "rss", "http", "unet", "vae", "text", "pipelines")
@@ -107,12 +108,18 @@ def weights_bytes(ckpt, dtype: str) -> int:
 
 def bench_load(rep, args, ckpt, folder):
     """ours ``sdcore.load_model`` vs reading the file's bytes, and vs diffusers loading the same weights
-    from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold."""
+    from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold;
+    ours three ways: converting in memory, from the converted-weights cache (memory-mapped), and the
+    first load that fills that cache."""
     dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
     files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
     n_bytes = weights_bytes(ckpt, dtype)
+    cached, filling = CACHE / "weights-cache", CACHE / "weights-cache-first"
     tasks = {"read": ("read", ckpt), "ours": ("load-ours", ckpt, dtype, args.device),
+             "ours mapped": ("load-ours", ckpt, dtype, args.device, cached),
+             "ours first": ("load-ours", ckpt, dtype, args.device, filling),
              "diffusers": ("load-diffusers", folder, dtype, args.device), "touch": ("touch", n_bytes)}
+    run_worker(*tasks["ours mapped"])                       # the cache holds this checkpoint's conversion
     for cache in ("warm", "cold"):
         if cache == "cold" and not drop_page_cache():
             rep.notes.append("Cold-cache loads were not measured: emptying the page cache needs root.")
@@ -124,15 +131,23 @@ def bench_load(rep, args, ckpt, folder):
         res = {name: [] for name in todo}
         for _ in range(args.runs):
             for name, task in todo.items():
+                if name == "ours first":
+                    shutil.rmtree(filling, ignore_errors=True)
                 if cache == "cold":
                     drop_page_cache()
                 res[name].append(run_worker(*task))
         secs = {n: Stats([r["seconds"] for r in v]) for n, v in res.items()}
         size_gib = ckpt.stat().st_size / 2 ** 30
-        rep.add("load", f"load {dtype}, {cache} page cache: ours vs raw read of the file ({size_gib:.2f} GiB)",
+        rep.add("load", f"load {dtype}, {cache} page cache: ours converting in memory vs raw read of the file ({size_gib:.2f} GiB)",
                 secs["ours"], secs["read"], "read the bytes", f"read {size_gib / secs['read'].median:.2f} GiB/s")
         rep.add("load", f"load {dtype}, {cache} page cache: ours vs diffusers", secs["ours"], secs["diffusers"],
                 "diffusers from_pretrained (diffusers folder, fp16 variant)")
+        rep.add("load", f"load {dtype}, {cache} page cache: ours from the converted-weights cache vs raw read of the "
+                f"file", secs["ours mapped"], secs["read"], "read the bytes",
+                "the converted networks memory-mapped, every page faulted in (the server's default; cold: read from disk)")
+        rep.add("load", f"load {dtype}, {cache} page cache: ours' first load, converting and writing the cache, vs "
+                f"converting in memory", secs["ours first"], secs["ours"], "ours without the cache",
+                "once per checkpoint and dtype; the write is fsynced")
         if cache == "warm":
             rep.add("load", f"load {dtype}, warm page cache: ours vs only faulting in fresh memory of the weights' size",
                     secs["ours"], secs["touch"], f"allocate and fill {n_bytes / 2 ** 30:.2f} GiB",

@@ -53,9 +53,9 @@ def main(task, *args):
     elif task == "touch":                       # BYTES: the page faults of that much fresh memory, nothing read
         import torch
         torch.empty(int(args[0]), dtype=torch.uint8).fill_(1)
-    elif task == "load-ours":
+    elif task == "load-ours":                   # PATH DTYPE DEVICE [CACHE_DIR: the converted-weights cache]
         import sdcore
-        sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))
+        sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]), cache_dir=(args[3:] or [None])[0])
     elif task == "load-diffusers":
         pipeline_from_folder(Path(args[0]), getattr(torch, args[1]), args[2])
     elif task == "gen-ours":                    # PATH DTYPE DEVICE SIZE STEPS

@@ -52,9 +52,10 @@ class ControlNet(UNetEncoder):
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
-def load_controlnet(path, device="cpu", dtype=torch.float32) -> ControlNet:
+def load_controlnet(path, device="cpu", dtype=torch.float32, cache_dir=None) -> ControlNet:
     """A ControlNet from a single file (``control_model.*`` keys or bare, LDM names; or diffusers names)
-    or a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model[.fp16].safetensors)."""
+    or a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model[.fp16].safetensors).
+    ``cache_dir``: as for ``load_model``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no such ControlNet file or folder: {path}")
@@ -79,7 +80,7 @@ def load_controlnet(path, device="cpu", dtype=torch.float32) -> ControlNet:
         raise CheckpointError(f"{path} is a ControlNet variant that is not supported (no zero_convs: "
                               f"control-LoRA or T2I-adapter?); use a full ControlNet")
     cfg = _apply_overrides(cfg or _infer_config(t), overrides)
-    cn = build(ControlNet, cfg, t, device, dtype, "ControlNet", path)
+    cn = build(ControlNet, cfg, t, device, dtype, "ControlNet", path, cache_dir)
     cn.source = path
     return cn
 

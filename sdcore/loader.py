@@ -13,7 +13,7 @@ import struct
 
 import torch
 
-from . import layouts
+from . import layouts, weights_cache
 from .clip import TextConfig
 from .tokenizer import EOS
 from .unet import UNetConfig
@@ -150,25 +150,41 @@ def cast(t: torch.Tensor, device, dtype, scratch: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, convert=None):
-    """Build ``module_cls(cfg)`` on the meta device and assign every parameter from ``tensors``."""
+def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, cache_dir=None):
+    """Build ``module_cls(cfg)`` on the meta device and assign every parameter from ``tensors``.
+    ``cache_dir``: keep the converted weights there (``weights_cache``) when loading converts them."""
     with torch.device("meta"):
         module = module_cls(cfg)
-    wanted = module.state_dict().keys()
+    wanted = module.state_dict()
     missing = [k for k in wanted if k not in tensors]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} {what} tensors, e.g. {', '.join(missing[:3])}: "
                               f"the file is incomplete or not a full Stable Diffusion checkpoint")
-    sd, scratch = {}, torch.empty(CAST_CHUNK, dtype=torch.float32)
-    for k in wanted:
+    scratch = torch.empty(CAST_CHUNK, dtype=torch.float32)
+
+    def convert(k):
         t = tensors.get(k)
-        sd[k] = cast(t, device, dtype, scratch) if t.is_floating_point() else t.to(device)
+        return cast(t, device, dtype, scratch) if t.is_floating_point() else t.to(device)
+
+    sd = None
+    if cache_dir and torch.device(device).type == "cpu" and _converts(tensors, wanted, dtype):
+        sd = weights_cache.load(cache_dir, path, what, cfg, dtype, wanted, convert)
+    if sd is None:
+        sd = {k: convert(k) for k in wanted}
     try:
         module.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{path}: {what} tensor shapes do not fit the inferred architecture ({first[:200]})") from None
     return module.eval().requires_grad_(False)
+
+
+def _converts(tensors: Tensors, wanted: dict, dtype) -> bool:
+    """Loading casts some tensor (a same-dtype load maps the file as it is), and every shape fits
+    (else the load fails with the shapes' error, and nothing is cached)."""
+    if any(tuple(tensors.shape(k)) != tuple(m.shape) for k, m in wanted.items()):
+        return False
+    return any(t.is_floating_point() and t.dtype != dtype for t in map(tensors.get, wanted))
 
 
 # ------------------------------------------------------------------------------------------------

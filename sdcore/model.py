@@ -50,12 +50,16 @@ class StableDiffusion:
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | None = None,
-               vae: str | None = None, name: str | None = None, control_net: str | None = None) -> StableDiffusion:
+               vae: str | None = None, name: str | None = None, control_net: str | None = None,
+               cache_dir: str | None = None) -> StableDiffusion:
     """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder.
 
     ``prediction``: "eps" or "v" to override; else the file's metadata, the diffusers scheduler
     config, or (SD2 only) the one-forward-pass heuristic decide. ``vae``: a separate VAE file/folder.
     ``control_net``: a ControlNet file/folder, loaded on the same device/dtype and checked against the model.
+    ``cache_dir``: where to keep weights converted to ``dtype`` on the CPU (``sdcore.weights_cache``):
+    later loads memory-map them, and processes loading the same model share their memory. None: convert
+    in memory on every load.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -73,9 +77,9 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
         vae_cfg = _apply_overrides(vae_cfg or infer_vae_config(vae_t), meta.get("vae"))
     text_cfg = _apply_overrides(parts["text_cfg"] or infer_text_config(parts["text"], family), meta.get("text"))
 
-    unet = build(UNet, unet_cfg, parts["unet"], device, dtype, "UNet", path)
-    vae_model = build(AutoencoderKL, vae_cfg, vae_t, device, dtype, "VAE", vae_from)
-    text = build(TextEncoder, text_cfg, parts["text"], device, dtype, "text encoder", path)
+    unet = build(UNet, unet_cfg, parts["unet"], device, dtype, "UNet", path, cache_dir)
+    vae_model = build(AutoencoderKL, vae_cfg, vae_t, device, dtype, "VAE", vae_from, cache_dir)
+    text = build(TextEncoder, text_cfg, parts["text"], device, dtype, "text encoder", path, cache_dir)
     prediction = prediction or meta.get("prediction") or parts["prediction"]
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"
@@ -85,7 +89,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path)
     if control_net:
         from .controlnet import attach_controlnet, load_controlnet     # lazily: controlnet.py imports this module
-        attach_controlnet(model, load_controlnet(control_net, device, dtype))
+        attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model
 
 

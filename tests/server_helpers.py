@@ -63,7 +63,8 @@ class Gunicorn:
         e.update(SD_MODEL=str(WEIGHTS), SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(data_dir),
                  API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4",
                  SD_THREADS="2", SD_LOG_LEVEL="info", PYTHONUNBUFFERED="1",
-                 SD_DTYPE="float32")          # the reference comparisons are fp32; the default-model test passes auto
+                 SD_DTYPE="float32",          # the reference comparisons are fp32; the default-model test passes auto
+                 SD_WEIGHTS_CACHE=str(data_dir.parent / "weights-cache"))     # not the user's ~/.cache
         if app != "wsgi:app":
             e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
         e.update(env)

@@ -63,6 +63,17 @@ def test_bad_env(env):
         Settings.from_env(env)
 
 
+def test_weights_cache_setting(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert Settings.from_env({}).weights_cache_dir() == "/xdg/sd-api-server/weights"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/op")
+    assert Settings.from_env({}).weights_cache_dir() == "/home/op/.cache/sd-api-server/weights"
+    assert Settings.from_env({"SD_WEIGHTS_CACHE": "off"}).weights_cache_dir() is None
+    assert Settings.from_env({"SD_WEIGHTS_CACHE": "/srv/cache"}).weights_cache_dir() == "/srv/cache"
+    assert parse_args(["--weights-cache", "off"], {"SD_WEIGHTS_CACHE": "/srv/cache"})[0].weights_cache_dir() is None
+
+
 def test_duplicate_model_names():
     with pytest.raises(ConfigError):
         Settings.from_env({"SD_MODEL": "/a/m.safetensors,/b/m.safetensors"}).model_specs()
