@@ -184,6 +184,24 @@ def bench_rss(rep, args, ckpt, folder):
             f"diffusers {fmt(res['diffusers']['gen_peak'], 'MiB')}")
 
 
+def bench_workers(rep, args, ckpt):
+    """Memory of two gunicorn workers serving the checkpoint: each converting its own weights, vs both
+    mapping the converted-weights cache (the server's default)."""
+    from bench.server import Server
+    dtype, pss = ("float32" if "float32" in args.dtypes else args.dtypes[0]), {}
+    for name, cache in (("converting", "off"), ("cached", str(CACHE / "weights-cache"))):
+        srv = Server(model=ckpt, threads=1, SD_WORKERS="2", SD_DTYPE=dtype, SD_WEIGHTS_CACHE=cache)
+        try:
+            pss[name] = srv.worker_pss(2)
+        finally:
+            srv.stop()
+    rep.add("memory", f"2 gunicorn workers on the checkpoint ({dtype}), sum of their PSS: mapping the converted-weights "
+            f"cache vs each converting", Stats([sum(pss["cached"])], "MiB"), Stats([sum(pss["converting"])], "MiB"),
+            "each worker converting its own copy",
+            f"per worker {', '.join(fmt(x, 'MiB') for x in pss['cached'])} vs {', '.join(fmt(x, 'MiB') for x in pss['converting'])}: "
+            "the mapped weights are page cache, one copy shared by every worker")
+
+
 def bench_http(rep, args):
     """End-to-end latency through a real gunicorn on the tiny default model, minus the pipeline time
     the server logs ("done in X s", 10 ms resolution; it includes the PNG encoding)."""
@@ -348,6 +366,7 @@ def main(argv=None) -> int:
         bench_load(rep, args, ckpt, folder)
     if "rss" in args.only:
         bench_rss(rep, args, ckpt, folder)
+        bench_workers(rep, args, ckpt)
     if "http" in args.only:
         bench_http(rep, args)
     sdcpp, sdcpp_dtype = None, None

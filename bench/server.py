@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from bench.util import ROOT
+from bench.util import CACHE, ROOT
 
 API_KEY = "bench-key"
 TINY = ROOT / "weights" / "tiny-sd1.safetensors"
@@ -29,7 +29,7 @@ class Server:
         e = {k: v for k, v in os.environ.items() if not k.startswith("SD_") and k != "API_KEY"}
         e.update(SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(self.tmp / "data"), SD_MODEL=str(model),
                  API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4", SD_LOG_LEVEL="info",
-                 SD_ACCESS_LOG="", PYTHONUNBUFFERED="1")
+                 SD_ACCESS_LOG="", PYTHONUNBUFFERED="1", SD_WEIGHTS_CACHE=str(CACHE / "weights-cache"))
         if threads:
             e["SD_THREADS"] = str(threads)
         e.update(env)
@@ -84,6 +84,18 @@ class Server:
                 raise RuntimeError(f"no 'done in' line for {rid}:\n{self.log_text()[-2000:]}")
             time.sleep(0.02)
 
+    def worker_pss(self, workers: int, timeout: float = 300) -> list[float]:
+        """Once ``workers`` workers have logged their model load: each one's proportional set size (MiB;
+        pages shared between processes count a share each, /proc/PID/smaps_rollup)."""
+        deadline = time.monotonic() + timeout
+        while self.log_text().count("loaded model") < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} workers not loaded after {timeout} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.2)
+        pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(d) == self.proc.pid]
+        return [int(re.search(r"^Pss:\s+(\d+)", (Path("/proc") / str(p) / "smaps_rollup").read_text(), re.M)[1]) / 1024
+                for p in pids]
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -93,3 +105,10 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+def _ppid(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
