@@ -57,12 +57,12 @@ def load(cache_dir, source, what, cfg, dtype, wanted: dict, convert) -> dict | N
             if tensors is None:
                 t0 = time.perf_counter()
                 size = _write(path, wanted, dtype, convert, fingerprint)
-                for name in os.listdir(cache_dir):       # older conversions of this source, dead writers' files
-                    if name.startswith(stem + "-") and os.path.join(cache_dir, name) != path:
-                        os.remove(os.path.join(cache_dir, name))
                 log.info("converted %s weights of %s to %s in %.1f s, cached as %s (%.2f GiB)", what, source,
                          str(dtype).removeprefix("torch."), time.perf_counter() - t0, path, size / 2**30)
                 tensors = _mapped(path, wanted, dtype)
+            for name in os.listdir(cache_dir):       # older conversions of this source, killed writers' files
+                if name.startswith(stem + "-") and os.path.join(cache_dir, name) != path:
+                    os.remove(os.path.join(cache_dir, name))
         if tensors is None:
             raise OSError(f"{path} does not read back as written")
     except OSError as e:

@@ -121,6 +121,16 @@ def test_a_changed_source_replaces_its_entries(tmp_path):
     assert len(set(n.split("-")[0] for n in new)) == 3
 
 
+def test_a_killed_writers_file_is_removed(tmp_path):
+    src, cache = _checkpoint(tmp_path / "model.safetensors"), str(tmp_path / "cache")
+    sdcore.load_model(src, dtype=torch.bfloat16, cache_dir=cache)
+    entry = _unet_entry(cache)
+    with open(f"{entry}.4242.tmp", "wb") as f:          # what a worker killed mid-write leaves
+        f.write(b"\0" * 4096)
+    sdcore.load_model(src, dtype=torch.bfloat16, cache_dir=cache)
+    assert sorted(os.listdir(cache)) == sorted(_entries(cache) + [n.split("-")[0] + ".lock" for n in _entries(cache)])
+
+
 def test_fingerprint_of_a_folder_follows_its_files(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "w.safetensors").write_bytes(b"1234")
