@@ -11,8 +11,8 @@ key covers the source files' sizes and modification times, the network's configu
 own code, so any change to them writes a new file (and removes the old one of that source). A file is
 written under a temporary name and renamed into place, holding an exclusive lock, and never changed
 afterwards: workers starting together convert once, and a mapped file is never rewritten under a
-reader. A write that cannot happen (no space, no permission) logs a warning and the load converts
-in memory as without a cache.
+reader. A write that cannot happen (no space, no permission, a dtype safetensors cannot store) logs a
+warning and the load converts in memory as without a cache.
 """
 import contextlib
 import fcntl
@@ -26,6 +26,7 @@ import struct
 import time
 
 import torch
+from safetensors import safe_open
 
 log = logging.getLogger("sdcore.weights_cache")
 
@@ -65,8 +66,9 @@ def load(cache_dir, source, what, cfg, dtype, wanted: dict, convert) -> dict | N
                     os.remove(os.path.join(cache_dir, name))
         if tensors is None:
             raise OSError(f"{path} does not read back as written")
-    except OSError as e:
-        log.warning("converted-weights cache not used for the %s of %s (%s): converting in memory", what, source, e)
+    except Exception as e:      # a cache must never fail a load: a bad source fails the same way in memory
+        log.warning("converted-weights cache not used for the %s of %s (%s: %s): converting in memory", what, source,
+                    type(e).__name__, e)
         return None
     for t in tensors.values():      # fault the pages in now, not in the first generation (cold cache: reads the file)
         t.reshape(-1)[::max(1, PAGE // t.element_size())].sum()
@@ -82,7 +84,6 @@ def _mapped(path, wanted, dtype) -> dict | None:
     an interrupted write, or damaged: it will be written again)."""
     if not os.path.exists(path):
         return None
-    from safetensors import safe_open
     try:
         f = safe_open(path, framework="pt")
         if set(f.keys()) != set(wanted):
