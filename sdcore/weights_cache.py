@@ -61,6 +61,8 @@ def load(cache_dir, source, what, cfg, dtype, wanted: dict, convert) -> dict | N
                 log.info("converted %s weights of %s to %s in %.1f s, cached as %s (%.2f GiB)", what, source,
                          str(dtype).removeprefix("torch."), time.perf_counter() - t0, path, size / 2**30)
                 tensors = _mapped(path, wanted, dtype)
+            else:
+                log.info("%s weights of %s in %s: mapped from %s", what, source, str(dtype).removeprefix("torch."), path)
             for name in os.listdir(cache_dir):       # older conversions of this source, killed writers' files
                 if name.startswith(stem + "-") and os.path.join(cache_dir, name) != path:
                     os.remove(os.path.join(cache_dir, name))

@@ -56,7 +56,7 @@ def _mapped_files(tensors) -> set:
     return {next((f for lo, hi, f in maps if lo <= t.data_ptr() < hi), None) for t in tensors if t.numel()}
 
 
-def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypatch):
+def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypatch, caplog):
     src, cache = _checkpoint(tmp_path / "model.safetensors"), str(tmp_path / "cache")
     cn_path = tmp_path / "cn.safetensors"
     save_controlnet(cn_path, _controlnet(TINY_UNET), dtype=torch.float16)
@@ -68,7 +68,9 @@ def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypat
     def no_conversion(*a, **k):
         raise AssertionError("a cached load converted a tensor")
     monkeypatch.setattr(loader, "cast", no_conversion)
-    later = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path), cache_dir=cache)
+    with caplog.at_level(logging.INFO, logger="sdcore.weights_cache"):
+        later = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path), cache_dir=cache)
+    assert caplog.text.count("mapped from") == 4 and "converted" not in caplog.text
     _assert_same_weights(later, in_memory)
     entries = {os.path.join(cache, n) for n in _entries(cache)}
     assert _mapped_files(_networks(later).values()) == entries       # every weight lives in a mapped cache file
