@@ -68,6 +68,7 @@ def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypat
     def no_conversion(*a, **k):
         raise AssertionError("a cached load converted a tensor")
     monkeypatch.setattr(loader, "cast", no_conversion)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdcore.weights_cache"):
         later = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path), cache_dir=cache)
     assert caplog.text.count("mapped from") == 4 and "converted" not in caplog.text
