@@ -1,7 +1,8 @@
 """gunicorn settings for sd-api-server: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
 Image generation is long (seconds to minutes) and CPU/GPU bound, so:
-* one worker process per model copy (SD_WORKERS, default 1); each worker runs one generation at
+* one worker process per model copy (SD_WORKERS, default 1; without SD_THREADS they split the cores,
+  and through the converted-weights cache they share the weights' memory); each worker runs one generation at
   a time and lets at most SD_MAX_QUEUE more wait, first come first served (503 with Retry-After
   beyond that, at once); a waiting request whose client disconnects leaves the queue (the app
   polls the connection's socket, ``gunicorn.socket`` in the WSGI environ of the gthread worker);

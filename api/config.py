@@ -13,7 +13,7 @@ is read from the environment too and can be given as ``--api-key``; it is never 
 | --dtype auto/float32/float16/bfloat16 | SD_DTYPE | auto (bfloat16 where the hardware computes it natively, else float32) |
 | --compile (torch.compile the UNet; warm-up compile at start) | SD_COMPILE (1/0) | off |
 | --weights-cache DIR or off (weights converted to the dtype, memory-mapped by later loads and shared by workers) | SD_WEIGHTS_CACHE | auto: $XDG_CACHE_HOME/sd-api-server/weights or ~/.cache/sd-api-server/weights |
-| --threads (torch CPU threads) | SD_THREADS | torch's default |
+| --threads (torch CPU threads per worker) | SD_THREADS | torch's default (the cores), divided among the workers |
 | --host / --port | SD_HOST / SD_PORT | 127.0.0.1 / 8080 |
 | --workers (gunicorn worker processes) | SD_WORKERS | 1 |
 | --http-threads (gunicorn gthread threads) | SD_HTTP_THREADS | 8 |
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weights-cache", metavar="DIR|off", help="keep weights converted to the dtype in DIR: later loads (and "
       "the other workers) memory-map them instead of converting again, sharing one copy in memory "
       "(default auto: ~/.cache/sd-api-server/weights, or under $XDG_CACHE_HOME)")
-    a("--threads", type=int, help="torch CPU threads per worker")
+    a("--threads", type=int, help="torch CPU threads per worker (default: the cores divided among the workers)")
     a("--host", help="listen address (default 127.0.0.1)")
     a("--port", type=int, help="listen port (default 8080)")
     a("--workers", type=int, help="gunicorn worker processes, each loads its own model (default 1; "

@@ -74,6 +74,14 @@ def test_weights_cache_setting(monkeypatch):
     assert parse_args(["--weights-cache", "off"], {"SD_WEIGHTS_CACHE": "/srv/cache"})[0].weights_cache_dir() is None
 
 
+def test_workers_split_the_cores_unless_threads_is_set():
+    from api.runtime import worker_threads
+    assert worker_threads(Settings.from_env({}), 8) is None                          # one worker: torch's default
+    assert worker_threads(Settings.from_env({"SD_WORKERS": "2"}), 8) == 4
+    assert worker_threads(Settings.from_env({"SD_WORKERS": "3"}), 2) == 1
+    assert worker_threads(Settings.from_env({"SD_WORKERS": "2", "SD_THREADS": "3"}), 8) == 3
+
+
 def test_duplicate_model_names():
     with pytest.raises(ConfigError):
         Settings.from_env({"SD_MODEL": "/a/m.safetensors,/b/m.safetensors"}).model_specs()
