@@ -144,9 +144,10 @@ class Settings:
 
     def weights_cache_dir(self) -> str | None:
         """Where converted weights are kept (None: off)."""
-        if self.weights_cache.strip().lower() in ("off", "none", "0", "false", "no"):
+        choice = self.weights_cache.strip().lower()
+        if choice in ("off", "none", "0", "false", "no"):
             return None
-        if self.weights_cache.strip().lower() == "auto":
+        if choice == "auto":
             from sdcore.weights_cache import default_dir
             return default_dir()
         return self.weights_cache

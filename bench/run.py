@@ -97,6 +97,11 @@ class Report:
 # ------------------------------------------------------------------------------------------------
 # Load time and memory: fresh processes (bench/workers.py)
 # ------------------------------------------------------------------------------------------------
+def memory_dtype(args) -> str:
+    """The one dtype the load and memory sections measure: float32 when asked for, else the first."""
+    return "float32" if "float32" in args.dtypes else args.dtypes[0]
+
+
 def weights_bytes(ckpt, dtype: str) -> int:
     """Bytes of the checkpoint's floating-point weights in ``dtype`` (what a load into that dtype allocates)."""
     from safetensors import safe_open
@@ -111,7 +116,7 @@ def bench_load(rep, args, ckpt, folder):
     from a diffusers folder (fp16 variant), each in a fresh process (imports not timed), warm and cold;
     ours three ways: converting in memory, from the converted-weights cache (memory-mapped), and the
     first load that fills that cache."""
-    dtype = "float32" if "float32" in args.dtypes else args.dtypes[0]
+    dtype = memory_dtype(args)
     files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
     n_bytes = weights_bytes(ckpt, dtype)
     cached, filling = CACHE / "weights-cache", CACHE / "weights-cache-first"
@@ -172,7 +177,7 @@ def bench_rss(rep, args, ckpt, folder):
     """Peak RSS of a whole generation (2 steps, the largest size) in a fresh process, ours vs diffusers: of
     the process (load included), and of the generation alone against the issue's budget (the loaded
     model + 1.5 GiB)."""
-    dtype, size = ("float32" if "float32" in args.dtypes else args.dtypes[0]), max(args.sizes)
+    dtype, size = memory_dtype(args), max(args.sizes)
     res = {"ours": run_worker("gen-ours", ckpt, dtype, args.device, size, 2),
            "diffusers": run_worker("gen-diffusers", folder, dtype, args.device, size, 2)}
     loaded = {n: r["base"] + r["weights_rss"] for n, r in res.items()}
@@ -194,7 +199,7 @@ def bench_workers(rep, args, ckpt):
     """Memory of two gunicorn workers serving the checkpoint: each converting its own weights, vs both
     mapping the converted-weights cache (the server's default)."""
     from bench.server import Server
-    dtype, pss = ("float32" if "float32" in args.dtypes else args.dtypes[0]), {}
+    dtype, pss = memory_dtype(args), {}
     for name, cache in (("converting", "off"), ("cached", str(CACHE / "weights-cache"))):
         srv = Server(model=ckpt, threads=1, SD_WORKERS="2", SD_DTYPE=dtype, SD_WEIGHTS_CACHE=cache)
         try:

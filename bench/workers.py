@@ -58,7 +58,6 @@ def main(task, *args):
     if task == "read":
         read(args[0])
     elif task == "touch":                       # BYTES: the page faults of that much fresh memory, nothing read
-        import torch
         torch.empty(int(args[0]), dtype=torch.uint8).fill_(1)
     elif task == "load-ours":                   # PATH DTYPE DEVICE [CACHE_DIR: the converted-weights cache]
         import sdcore

@@ -139,8 +139,8 @@ def _fingerprint(source, what, cfg, dtype) -> dict:
         files = sorted(os.path.join(d, n) for d, _, names in os.walk(source) for n in names)
     else:
         files = [source]
-    stats = [(os.path.relpath(p, source) if p != source else "", os.stat(p).st_size, os.stat(p).st_mtime_ns)
-             for p in files]
+    stats = [(os.path.relpath(p, source) if p != source else "", st.st_size, st.st_mtime_ns)
+             for p, st in ((p, os.stat(p)) for p in files)]
     return {"source": source, "files": stats, "what": what, "config": repr(cfg), "dtype": str(dtype),
             "code": _code_digest()}
 
