@@ -1,23 +1,44 @@
 #!/bin/sh
-# The benchmark on a lent GPU, as one device call (the device tool's `run`; see docs/BENCHMARKS.md).
+# The GPU checks and benchmark on a lent card, as one device call (the device tool's `run`; see docs/BENCHMARKS.md).
 #
-# The device image has torch, transformers, safetensors, einops and pillow; diffusers, open_clip_torch
-# (only its BPE vocabulary is read) and importlib_metadata travel as wheels. Once, here:
+# The device image has torch, transformers, safetensors, einops, pillow, regex, werkzeug and jinja2; the
+# rest travels as wheels. Once, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 importlib_metadata
-# then run, with carry [".whl"] and timeout_s 600:
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 \
+#       open_clip_torch==3.3.0 importlib_metadata==8.7.0 ftfy==6.3.1 wcwidth==0.9.4 flask==3.1.3 \
+#       blinker==1.9.0 itsdangerous==2.2.0 gunicorn==27.0.1
+# then run, with carry [".whl"] and timeout_s 570:
 #   sh bench/gpu.sh
-# Sized for one 10-minute call on an H100/H200: the 512² UNet step (eager and compiled, fp16 and bf16),
-# VAE decode and text encoding, then whole 512² 20-step pipelines; each part writes its own table
-# under $OUT, so a part that runs out of time leaves the other's. PEAK_TFLOPS: the card's dense
-# fp16/bf16 peak (H100 SXM and H200: 989).
+# Sized for one call of under 10 minutes on an H100/H200, most important first, each part under its own
+# timeout and writing its own files under $OUT, so a part that runs out of time leaves the others':
+#   1. bench/gpu_check.py: every sampler on CUDA (float32/float16/bfloat16) against the CPU, and the real
+#      server on CUDA;
+#   2. the card's bf16/fp16 matmul rate (the ceiling to read the UNet's fraction of peak against);
+#   3. the 512² UNet step in float16: eager, compiled, compiled with CUDA graphs, vs diffusers; VAE, text;
+#   4. the same in bfloat16, eager only;
+#   5. whole 512² 20-step txt2img in float32, float16, bfloat16 (pixel difference against float32).
+# PEAK_TFLOPS: the card's dense fp16/bf16 peak by its datasheet (H100 SXM and H200: 989).
 set -u
 OUT=${OUT:-/tmp/bench-gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-common="--device cuda --sizes 512 --dtypes float16,bfloat16 --runs 5 --peak-tflops ${PEAK_TFLOPS:-989}"
-timeout 330 python3 -m bench $common --only unet,vae,text --compile --out "$OUT/networks.md" 2>&1 | tee "$OUT/networks.log"
-timeout 200 python3 -m bench $common --only pipelines --pipelines 512:20 --out "$OUT/pipelines.md" 2>&1 | tee "$OUT/pipelines.log"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+timeout 100 python3 -m bench.gpu_check cuda 2>&1 | tee "$OUT/gpu_check.log"
+timeout 40 python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import torch, time
+for dt in (torch.bfloat16, torch.float16):
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=dt) for _ in range(2))
+    for _ in range(3): a @ b
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    for _ in range(20): a @ b
+    torch.cuda.synchronize()
+    print(f"{dt} 8192³ matmul on random data: {20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12:.0f} TFLOP/s")
+EOF
+common="--device cuda --sizes 512 --runs 5 --peak-tflops ${PEAK_TFLOPS:-989}"
+timeout 250 python3 -m bench $common --dtypes float16 --only unet,vae,text --compile default,reduce-overhead \
+    --out "$OUT/fp16.md" 2>&1 | tee "$OUT/fp16.log"
+timeout 70 python3 -m bench $common --dtypes bfloat16 --only unet,vae,text --out "$OUT/bf16.md" 2>&1 | tee "$OUT/bf16.log"
+timeout 130 python3 -m bench --device cuda --runs 3 --dtypes float32,float16,bfloat16 --only pipelines --pipelines 512:20 \
+    --out "$OUT/pipelines.md" 2>&1 | tee "$OUT/pipelines.log"

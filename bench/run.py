@@ -41,8 +41,9 @@ def parse_args(argv):
                         "dtype (installs stable-diffusion-cpp-python into .cache/bench/sdcpp-venv on first use; "
                         "compiles for several minutes)")
     p.add_argument("--sdcpp-wtype", default="default", help="stable-diffusion.cpp weight type (default: the file's)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time our UNet under torch.compile (inductor, freezing); compile time reported apart")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE,...",
+                   help="also time our UNet under torch.compile (inductor, freezing), in each of the given modes "
+                        "(default: default; on CUDA also reduce-overhead: CUDA graphs); compile time reported apart")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's: the cores)")
     p.add_argument("--peak-tflops", type=float,
@@ -51,6 +52,7 @@ def parse_args(argv):
     p.add_argument("--append", action="store_true", help="add this run to --out instead of replacing it")
     args = p.parse_args(argv)
     cpu = not args.device.startswith("cuda")
+    args.compile = args.compile.split(",") if args.compile else []
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,512")).split(",")]
     if args.sdcpp and args.pipelines is None:
         args.pipelines = "default"
@@ -272,6 +274,22 @@ def gflops_note(args, n_flops, ours: Stats, peer: Stats) -> str:
     return note
 
 
+def compiled_unet(unet, mode, x, t, ctx):
+    """(a call of ``unet`` under torch.compile in ``mode``, inductor with frozen weights as
+    ``StableDiffusion.compile``; its compile + first call in s)."""
+    from torch._inductor import config as inductor_config
+    inductor_config.freezing = True
+    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+    # CUDA graphs replay into the same output buffer: keep each result apart (a copy of [1, 4, h, w])
+    call = (lambda: compiled(x, t, ctx).clone()) if "overhead" in mode or "cudagraphs" in mode else (lambda: compiled(x, t, ctx))
+    t0 = time.perf_counter()
+    with torch.inference_mode():                # as the timed calls (a change of grad mode recompiles)
+        call()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return call, time.perf_counter() - t0
+
+
 def bench_networks(rep, args, model, refs, dtype, fp32_out):
     from sdcore.unet import UNet
     from sdcore.vae import AutoencoderKL
@@ -280,24 +298,19 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
     g = torch.Generator().manual_seed(0)
     for size in args.sizes if "unet" in args.only else ():
         x, x_pair, t, ctx = cfg_step_inputs(size, dt_, dev)
-        extra, compile_note = {}, ""
-        if args.compile:
-            from torch._inductor import config as inductor_config
-            inductor_config.freezing = True
-            compiled = torch.compile(model.unet)
-            t0 = time.perf_counter()
-            with torch.inference_mode():                # as the timed calls (a change of grad mode recompiles)
-                compiled(x, t, ctx)
-            compile_note = f"; compile + first call {fmt(time.perf_counter() - t0)}"
-            extra = {"compiled": lambda: compiled(x, t, ctx)}
-        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
-                                    extra=extra)
-        if c:
-            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under torch.compile", st["compiled"],
-                    st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
-                    f"agree with ours eager: max rel {rel_err(c[0], o):.1e}{compile_note}")
         # the FLOPs of the whole batch-2 step (diffusers' work; ours skips the shared part's second copy)
         n = flops(lambda: UNet(model.unet.cfg)(x_pair.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
+        extra, compile_notes = {}, {}
+        for mode in args.compile:
+            extra[mode], compile_notes[mode] = compiled_unet(model.unet, mode, x, t, ctx)
+        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
+                                    extra=extra)
+        for mode, out in zip(extra, c):
+            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under torch.compile"
+                    + (f" (mode {mode})" if mode != "default" else ""), st[mode],
+                    st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
+                    f"agree with ours eager: max rel {rel_err(out, o):.1e}; compile + first call "
+                    f"{fmt(compile_notes[mode])};" + gflops_note(args, n, st[mode], st["peer"]).partition(";")[2])
         note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
         if dtype == "float32":
             fp32_out[("unet", size)] = o.float().cpu()

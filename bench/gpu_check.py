@@ -1,0 +1,120 @@
+"""Correctness on a GPU (run by bench/gpu.sh on a lent card; CI has none): ``python -m bench.gpu_check``.
+
+1. Every sampler, txt2img, and one img2img, with the embedded default model (trained, so its images
+   mean something): the image generated on CUDA in float32, float16 and bfloat16 against the CPU
+   float32 image of the same seed. The noise comes from a CPU generator, so a seed gives the same
+   image on both; what differs is the arithmetic (TF32 convolutions, half precision).
+2. The real server on CUDA: gunicorn started as in production, one b64_json generation over HTTP.
+
+Prints one line per case (mean abs pixel difference, /255) and exits 1 when a float32 image differs
+by more than FP32_LIMIT, a half-precision one by more than HALF_LIMIT, or the server fails.
+"""
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import samplers
+import sdcore
+from sdcore.pipeline import GenerationParams, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "weights" / "shapes-sd1.safetensors"
+FP32_LIMIT, HALF_LIMIT = 1.0, 3.0      # mean abs pixel difference, /255
+# 20 steps: at a handful of steps this small model's image can flip to another mode (dpm2, 6 steps, seed 7:
+# bfloat16 on the CPU turns the background from yellow to white, 73/255 from float32), which says
+# nothing about the arithmetic. At 20 steps every CPU half-precision image is within 0.8/255.
+
+
+def pixel_diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def cases():
+    base = dict(prompt="a red circle on a blue background", negative_prompt="", width=64, height=64, steps=20, seed=7)
+    for name in samplers.SAMPLERS:
+        yield f"txt2img {name}", GenerationParams(**base, sample_method=name)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    yield "img2img euler_a", GenerationParams(**base, sample_method="euler_a", init_image=init, strength=0.6)
+
+
+def check_pipeline(device) -> bool:
+    ref = sdcore.load_model(str(MODEL))
+    expected = {name: generate(ref, p)[0].image for name, p in cases()}
+    ok = True
+    for dtype, limit in ((torch.float32, FP32_LIMIT), (torch.float16, HALF_LIMIT), (torch.bfloat16, HALF_LIMIT)):
+        model = sdcore.load_model(str(MODEL), device=device, dtype=dtype)
+        for name, p in cases():
+            d = pixel_diff(generate(model, p)[0].image, expected[name])
+            ok &= bool(d <= limit)
+            print(f"{'ok  ' if d <= limit else 'FAIL'} {name:<18} {device} {str(dtype)[6:]:<9} vs cpu float32: "
+                  f"mean abs pixel diff {d:.2f}/255 (limit {limit})", flush=True)
+    return ok
+
+
+def check_server(device) -> bool:
+    port = 18000 + os.getpid() % 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, SD_DEVICE=device, SD_PORT=str(port), SD_DATA_DIR=tmp, API_KEY="",
+                   SD_WEIGHTS_CACHE="off")
+        log = open(Path(tmp) / "server.log", "w+")
+        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        print("FAIL server did not start:\n" + log.read()[-3000:])
+                        return False
+                    time.sleep(0.5)
+            body = json.dumps({"prompt": "a red circle", "size": "64x64", "steps": 4, "seed": 3,
+                               "response_format": "b64_json"}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body,
+                                         {"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            reply = json.load(urllib.request.urlopen(req, timeout=120))
+            seconds = time.perf_counter() - t0
+            image = Image.open(io.BytesIO(base64.b64decode(reply["data"][0]["b64_json"])))
+            log.seek(0)
+            loaded = [line.strip() for line in log if "loaded model" in line]
+            print(f"ok   server on {device}: {image.size} {image.mode} PNG in {seconds:.2f} s; {loaded[-1] if loaded else ''}")
+            return image.size == (64, 64)
+        except Exception as e:           # the HTTP error, the JSON or the image: all a failure here
+            log.seek(0)
+            print(f"FAIL server: {e!r}\n" + log.read()[-3000:])
+            return False
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def main(argv=None) -> int:
+    device = (argv if argv is not None else sys.argv[1:] or ["cuda"])[0]   # "cpu": a rehearsal of the script
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print("no CUDA device")
+            return 1
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    ok = check_pipeline(device)
+    ok &= check_server(device)
+    print("gpu_check:", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
