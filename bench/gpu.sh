@@ -8,25 +8,28 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 \
 #       open_clip_torch==3.3.0 importlib_metadata==8.7.0 ftfy==6.3.1 wcwidth==0.9.4 flask==3.1.3 \
 #       blinker==1.9.0 itsdangerous==2.2.0 gunicorn==27.0.1
-# then run, with carry [".whl"] and timeout_s 570:
-#   sh bench/gpu.sh
-# Sized for one call of under 10 minutes on an H100/H200, most important first, each part under its own
-# timeout and writing its own files under $OUT, so a part that runs out of time leaves the others':
-#   1. bench/gpu_check.py: every sampler on CUDA (float32/float16/bfloat16) against the CPU, and the real
-#      server on CUDA;
-#   2. the card's bf16/fp16 matmul rate (the ceiling to read the UNet's fraction of peak against);
-#   3. the 512² UNet step in float16: eager, compiled, compiled with CUDA graphs, vs diffusers; VAE, text;
-#   4. the same in bfloat16, eager only;
-#   5. whole 512² 20-step txt2img in float32, float16, bfloat16 (pixel difference against float32).
+# then run, with carry [".whl"] and timeout_s 590:
+#   sh bench/gpu.sh [PART ...]
+# Each part runs under its own timeout and writes its own files under $OUT, so a part that runs out of
+# time leaves the others'. The parts (default: check ceiling fp16 bf16 pipelines, sized for one call of
+# under 10 minutes on an H100/H200):
+#   check      bench/gpu_check.py: every sampler on CUDA (float32/float16/bfloat16) against the CPU, the
+#              --compile path (CUDA graphs) against eager, and the real server on CUDA with --compile;
+#   ceiling    the card's bf16/fp16 matmul rate (the ceiling to read the UNet's fraction of peak against);
+#   fp16       the 512² UNet step in float16: eager, torch.compile, torch.compile with its CUDA graphs,
+#              ours --compile, vs diffusers; VAE decode; text encoding;
+#   bf16       the same in bfloat16, eager only;
+#   pipelines  whole 512² 20-step txt2img in float32, float16, bfloat16 (pixel difference against float32);
+#   compiled   the 512² UNet step and whole 20-step txt2img in float16 with ours --compile.
 # PEAK_TFLOPS: the card's dense fp16/bf16 peak by its datasheet (H100 SXM and H200: 989).
 set -u
 OUT=${OUT:-/tmp/bench-gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 100 python3 -m bench.gpu_check cuda 2>&1 | tee "$OUT/gpu_check.log"
-timeout 40 python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee -a "$OUT/gpu.txt"
+common="--device cuda --sizes 512 --runs 5 --peak-tflops ${PEAK_TFLOPS:-989}"
+ceiling='
 import torch, time
 for dt in (torch.bfloat16, torch.float16):
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=dt) for _ in range(2))
@@ -35,10 +38,18 @@ for dt in (torch.bfloat16, torch.float16):
     for _ in range(20): a @ b
     torch.cuda.synchronize()
     print(f"{dt} 8192³ matmul on random data: {20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12:.0f} TFLOP/s")
-EOF
-common="--device cuda --sizes 512 --runs 5 --peak-tflops ${PEAK_TFLOPS:-989}"
-timeout 250 python3 -m bench $common --dtypes float16 --only unet,vae,text --compile default,reduce-overhead \
-    --out "$OUT/fp16.md" 2>&1 | tee "$OUT/fp16.log"
-timeout 70 python3 -m bench $common --dtypes bfloat16 --only unet,vae,text --out "$OUT/bf16.md" 2>&1 | tee "$OUT/bf16.log"
-timeout 130 python3 -m bench --device cuda --runs 3 --dtypes float32,float16,bfloat16 --only pipelines --pipelines 512:20 \
-    --out "$OUT/pipelines.md" 2>&1 | tee "$OUT/pipelines.log"
+'
+for part in ${@:-check ceiling fp16 bf16 pipelines}; do
+    case $part in
+    check) timeout 240 python3 -m bench.gpu_check cuda 2>&1 | tee "$OUT/gpu_check.log" ;;
+    ceiling) timeout 40 python3 -c "$ceiling" 2>&1 | tee -a "$OUT/gpu.txt" ;;
+    fp16) timeout 300 python3 -m bench $common --dtypes float16 --only unet,vae,text --compile default,reduce-overhead,ours \
+            --out "$OUT/fp16.md" 2>&1 | tee "$OUT/fp16.log" ;;
+    bf16) timeout 70 python3 -m bench $common --dtypes bfloat16 --only unet,vae,text --out "$OUT/bf16.md" 2>&1 | tee "$OUT/bf16.log" ;;
+    pipelines) timeout 130 python3 -m bench --device cuda --runs 3 --dtypes float32,float16,bfloat16 --only pipelines \
+            --pipelines 512:20 --out "$OUT/pipelines.md" 2>&1 | tee "$OUT/pipelines.log" ;;
+    compiled) timeout 200 python3 -m bench $common --dtypes float16 --only unet,pipelines --compile ours --pipelines 512:20 \
+            --out "$OUT/compiled.md" 2>&1 | tee "$OUT/compiled.log" ;;
+    *) echo "unknown part: $part"; exit 2 ;;
+    esac
+done

@@ -9,12 +9,14 @@ Writes the tables to docs/BENCHMARKS.md (see its header for how to read them).
     python -m bench --only pipelines --pipelines 256:4 --sdcpp
 """
 import argparse
+import copy
 import gc
 import math
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -42,8 +44,10 @@ def parse_args(argv):
                         "compiles for several minutes)")
     p.add_argument("--sdcpp-wtype", default="default", help="stable-diffusion.cpp weight type (default: the file's)")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE,...",
-                   help="also time our UNet under torch.compile (inductor, freezing), in each of the given modes "
-                        "(default: default; on CUDA also reduce-overhead: CUDA graphs); compile time reported apart")
+                   help="also time our UNet compiled, in each of the given modes: default (torch.compile, inductor "
+                        "with frozen weights), reduce-overhead (the same with torch's CUDA graphs), ours (the server's "
+                        "--compile: StableDiffusion.compile); the whole pipelines too, with ours. Compile time reported "
+                        "apart. Without a value: default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's: the cores)")
     p.add_argument("--peak-tflops", type=float,
@@ -53,6 +57,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     cpu = not args.device.startswith("cuda")
     args.compile = args.compile.split(",") if args.compile else []
+    if not set(args.compile) <= set(COMPILE_MODES):
+        p.error(f"--compile: unknown mode(s) {sorted(set(args.compile) - set(COMPILE_MODES))}")
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,512")).split(",")]
     if args.sdcpp and args.pipelines is None:
         args.pipelines = "default"
@@ -274,14 +280,21 @@ def gflops_note(args, n_flops, ours: Stats, peer: Stats) -> str:
     return note
 
 
-def compiled_unet(unet, mode, x, t, ctx):
-    """(a call of ``unet`` under torch.compile in ``mode``, inductor with frozen weights as
-    ``StableDiffusion.compile``; its compile + first call in s)."""
+COMPILE_MODES = {"default": "torch.compile", "reduce-overhead": "torch.compile (mode reduce-overhead: its CUDA graphs)",
+                 "ours": "--compile (StableDiffusion.compile: torch.compile, on CUDA + a CUDA graph per shape)"}
+
+
+def compiled_unet(model, mode, x, t, ctx):
+    """(a call of ``model``'s UNet compiled in ``mode`` (COMPILE_MODES), inductor with frozen weights;
+    its compile + first call in s)."""
     from torch._inductor import config as inductor_config
     inductor_config.freezing = True
-    compiled = torch.compile(unet, mode=None if mode == "default" else mode)
+    if mode == "ours":
+        compiled = copy.copy(model).compile().unet
+    else:
+        compiled = torch.compile(model.unet, mode=None if mode == "default" else mode)
     # CUDA graphs replay into the same output buffer: keep each result apart (a copy of [1, 4, h, w])
-    call = (lambda: compiled(x, t, ctx).clone()) if "overhead" in mode or "cudagraphs" in mode else (lambda: compiled(x, t, ctx))
+    call = (lambda: compiled(x, t, ctx).clone()) if mode == "reduce-overhead" else (lambda: compiled(x, t, ctx))
     t0 = time.perf_counter()
     with torch.inference_mode():                # as the timed calls (a change of grad mode recompiles)
         call()
@@ -302,15 +315,14 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
         n = flops(lambda: UNet(model.unet.cfg)(x_pair.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
         extra, compile_notes = {}, {}
         for mode in args.compile:
-            extra[mode], compile_notes[mode] = compiled_unet(model.unet, mode, x, t, ctx)
+            extra[f"compiled {mode}"], compile_notes[mode] = compiled_unet(model, mode, x, t, ctx)
         (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
                                     extra=extra)
-        for mode, out in zip(extra, c):
-            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under torch.compile"
-                    + (f" (mode {mode})" if mode != "default" else ""), st[mode],
+        for mode, out in zip(args.compile, c):
+            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under {COMPILE_MODES[mode]}", st[f"compiled {mode}"],
                     st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
                     f"agree with ours eager: max rel {rel_err(out, o):.1e}; compile + first call "
-                    f"{fmt(compile_notes[mode])};" + gflops_note(args, n, st[mode], st["peer"]).partition(";")[2])
+                    f"{fmt(compile_notes[mode])};" + gflops_note(args, n, st[f"compiled {mode}"], st["peer"]).partition(";")[2])
         note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
         if dtype == "float32":
             fp32_out[("unet", size)] = o.float().cpu()
@@ -350,20 +362,30 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
     from bench.peers import pipeline, run_pipeline
     from sdcore.pipeline import GenerationParams, generate
     pipe = pipeline(*refs)
+    compiled = copy.copy(model).compile() if "ours" in args.compile else None
     for size, steps in args.pipelines:
         params = GenerationParams(PROMPT, NEGATIVE, width=size, height=size, steps=steps, seed=1, sample_method="euler_a")
         extra = {"sdcpp": lambda: sdcpp.generate(size, steps)} if sdcpp is not None else {}
-        (o, p, *_), st = timed_pair(args, lambda: generate(model, params)[0].image, lambda: run_pipeline(pipe, size, steps),
+        if compiled is not None:
+            t0 = time.perf_counter()
+            generate(compiled, replace(params, steps=1))
+            compile_s = time.perf_counter() - t0
+            extra["compiled"] = lambda: generate(compiled, params)[0].image
+        (o, p, *c), st = timed_pair(args, lambda: generate(model, params)[0].image, lambda: run_pipeline(pipe, size, steps),
                                     extra=extra)
-        note = ""
         px = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+        note = f"mean abs pixel diff ours vs diffusers {px(o, p):.2f}/255"
         if dtype == "float32":
             fp32_images[(size, steps)] = (o, p)
         elif (size, steps) in fp32_images:
             o32, p32 = fp32_images[(size, steps)]
-            note = f"mean abs pixel diff vs float32: ours {px(o, o32):.2f}/255, diffusers {px(p, p32):.2f}/255"
+            note += f"; vs float32: ours {px(o, o32):.2f}/255, diffusers {px(p, p32):.2f}/255"
         rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}", st["ours"], st["peer"],
                 "diffusers StableDiffusionPipeline", note)
+        if compiled is not None:
+            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours with --compile", st["compiled"],
+                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours eager {px(c[-1], o):.2f}/255; "
+                    f"compile + capture (a 1-step image) {fmt(compile_s)}")
         if sdcpp is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a: ours {dtype} vs stable-diffusion.cpp",
                     st["ours"], st["sdcpp"], f"stable-diffusion.cpp ({args.sdcpp_wtype} weights)",

@@ -36,3 +36,27 @@ def test_compiled_unet_draws_the_eager_image(caplog):
     a, b = (np.asarray(generate(m, p)[0].image, dtype=np.int16) for m in (eager, compiled))
     assert np.abs(a - b).max() <= 2, np.abs(a - b).max()
     assert a.std() > 5                                                  # a picture, not a constant
+
+
+def test_cuda_graph_wrapper_runs_cpu_and_unreplayable_calls_as_they_are():
+    # The capture itself needs a GPU (bench/gpu_check.py checks it on a lent card); off CUDA, outside
+    # inference mode, or with ControlNet residuals the wrapper must call the network unchanged.
+    import torch
+
+    from sdcore.cuda_graphs import CUDAGraphed
+    unet = sdcore.load_model(TINY).unet
+    calls = []
+
+    def fn(x, t, ctx, control=None):
+        calls.append(control)
+        return unet(x, t, ctx)
+
+    graphed = CUDAGraphed(fn, unet)
+    assert graphed.cfg is unet.cfg                                     # attributes reach through
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, unet.cfg.context_dim)
+    with torch.inference_mode():
+        out = graphed(x, t, ctx)
+        torch.testing.assert_close(out, unet(x, t, ctx), rtol=0, atol=0)
+    with torch.no_grad():
+        graphed(x, t, ctx, control="residuals")
+    assert calls == [None, "residuals"] and graphed.graphs == {}      # nothing captured off CUDA
