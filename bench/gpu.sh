@@ -8,19 +8,22 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 \
 #       open_clip_torch==3.3.0 importlib_metadata==8.7.0 ftfy==6.3.1 wcwidth==0.9.4 flask==3.1.3 \
 #       blinker==1.9.0 itsdangerous==2.2.0 gunicorn==27.0.1
-# then run, with carry [".whl"] and timeout_s 590:
+# then run, with carry [".whl"] and timeout_s 590 (a 15-minute lease holds two such calls):
 #   sh bench/gpu.sh [PART ...]
 # Each part runs under its own timeout and writes its own files under $OUT, so a part that runs out of
-# time leaves the others'. The parts (default: check ceiling fp16 bf16 pipelines, sized for one call of
-# under 10 minutes on an H100/H200):
-#   check      bench/gpu_check.py: every sampler on CUDA (float32/float16/bfloat16) against the CPU, the
-#              --compile path (CUDA graphs) against eager, and the real server on CUDA with --compile;
-#   ceiling    the card's bf16/fp16 matmul rate (the ceiling to read the UNet's fraction of peak against);
-#   fp16       the 512² UNet step in float16: eager, torch.compile, torch.compile with its CUDA graphs,
-#              ours --compile, vs diffusers; VAE decode; text encoding;
-#   bf16       the same in bfloat16, eager only;
-#   pipelines  whole 512² 20-step txt2img in float32, float16, bfloat16 (pixel difference against float32);
-#   compiled   the 512² UNet step and whole 20-step txt2img in float16 with ours --compile.
+# time leaves the others'. Together they need two calls of under 10 minutes (H200, 2026-11-26; the first
+# call also builds the 2 GiB checkpoint, ~20 s): `sh bench/gpu.sh check ceiling bf16`, then
+# `sh bench/gpu.sh fp16 compiled pipelines`. The parts (default: all, in that order):
+#   check      (~5 min; each new shape compiles for 40-85 s) bench/gpu_check.py: every sampler on CUDA
+#              (float32/float16/bfloat16) against the CPU, the --compile path (CUDA graphs) against eager,
+#              and the real server on CUDA with --compile;
+#   ceiling    (~10 s) the card's bf16/fp16 matmul rate, the ceiling to read the UNet's fraction of peak against;
+#   bf16       (~20 s) the 512² UNet step in bfloat16, eager, vs diffusers; VAE decode; text encoding;
+#   fp16       (~3 min) the same in float16, and the UNet step also under torch.compile, torch.compile with
+#              its CUDA graphs (mode reduce-overhead), and ours --compile;
+#   compiled   (~2.5 min) the 512² UNet step and whole 20-step txt2img in float16 with ours --compile;
+#   pipelines  (~1 min) whole 512² 20-step txt2img in float32, float16, bfloat16 (pixel difference
+#              against float32).
 # PEAK_TFLOPS: the card's dense fp16/bf16 peak by its datasheet (H100 SXM and H200: 989).
 set -u
 OUT=${OUT:-/tmp/bench-gpu}
@@ -39,9 +42,9 @@ for dt in (torch.bfloat16, torch.float16):
     torch.cuda.synchronize()
     print(f"{dt} 8192³ matmul on random data: {20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12:.0f} TFLOP/s")
 '
-for part in ${@:-check ceiling fp16 bf16 pipelines}; do
+for part in ${@:-check ceiling bf16 fp16 compiled pipelines}; do
     case $part in
-    check) timeout 240 python3 -m bench.gpu_check cuda 2>&1 | tee "$OUT/gpu_check.log" ;;
+    check) timeout 420 python3 -m bench.gpu_check cuda 2>&1 | tee "$OUT/gpu_check.log" ;;
     ceiling) timeout 40 python3 -c "$ceiling" 2>&1 | tee -a "$OUT/gpu.txt" ;;
     fp16) timeout 300 python3 -m bench $common --dtypes float16 --only unet,vae,text --compile default,reduce-overhead,ours \
             --out "$OUT/fp16.md" 2>&1 | tee "$OUT/fp16.log" ;;

@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,6 +150,8 @@ def check_server(device) -> bool:
 
 
 def main(argv=None) -> int:
+    # a `timeout` stopping this script must still stop the server it started (the finally clause)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     device = (argv if argv is not None else sys.argv[1:] or ["cuda"])[0]   # "cpu": a rehearsal of the script
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
