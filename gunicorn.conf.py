@@ -4,7 +4,9 @@ Image generation is long (seconds to minutes) and CPU/GPU bound, so:
 * one worker process per model copy (SD_WORKERS, default 1; without SD_THREADS they split the cores,
   and through the converted-weights cache they share the weights' memory); each worker runs one generation at
   a time and lets at most SD_MAX_QUEUE more wait, first come first served (503 with Retry-After
-  beyond that, at once); a waiting request whose client disconnects leaves the queue (the app
+  beyond that, at once). Workers do not pick requests by load (a busy gthread worker keeps accepting):
+  for parallel generations run single-worker instances behind nginx's least_conn (deploy/nginx.conf,
+  README "Behind nginx"); a waiting request whose client disconnects leaves the queue (the app
   polls the connection's socket, ``gunicorn.socket`` in the WSGI environ of the gthread worker);
 * the gthread worker with a few threads (SD_HTTP_THREADS, default 8), so /health, /v1/models,
   /v1/files and downloads are answered while a generation runs; keep it above SD_MAX_QUEUE + 1;

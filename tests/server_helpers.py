@@ -219,10 +219,11 @@ NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/loca
                                        if os.path.exists(p)), None)
 
 
-def render_site(gunicorn_port: int, nginx_port: int) -> str:
-    """deploy/nginx.conf with the gunicorn upstream and the listen port substituted."""
+def render_site(gunicorn_ports: list[int], nginx_port: int) -> str:
+    """deploy/nginx.conf with the gunicorn upstream(s) and the listen port substituted."""
     site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site, n_up = re.subn(r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{gunicorn_port};", site)
+    servers = "\n    ".join(f"server 127.0.0.1:{port};" for port in gunicorn_ports)
+    site, n_up = re.subn(r"(?m)^    server 127\.0\.0\.1:8080;", servers, site)
     site, n_v4 = re.subn(r"listen 80;", f"listen 127.0.0.1:{nginx_port};", site)
     site, n_v6 = re.subn(r"listen \[::\]:80;\n", "", site)
     assert (n_up, n_v4, n_v6) == (1, 1, 1), "deploy/nginx.conf changed: update render_site()"
@@ -240,11 +241,11 @@ def nginx_conf(prefix, site_path) -> str:
 
 
 @contextlib.contextmanager
-def nginx_in_front(srv: "Gunicorn", tmp: Path):
-    """A real nginx running deploy/nginx.conf in front of ``srv`` on a free loopback port;
-    yields (base URL, port)."""
+def nginx_in_front(srv: "Gunicorn | list[Gunicorn]", tmp: Path):
+    """A real nginx running deploy/nginx.conf in front of ``srv`` (one instance or several) on a free
+    loopback port; yields (base URL, port)."""
     port = free_port()
-    (tmp / "site.conf").write_text(render_site(srv.port, port))
+    (tmp / "site.conf").write_text(render_site([s.port for s in (srv if isinstance(srv, list) else [srv])], port))
     (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf"))
     args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
     subprocess.run(args + ["-t"], check=True, capture_output=True)

@@ -3,6 +3,8 @@ download the image through the URL the server returned (built from X-Forwarded-H
 Skips only when the nginx binary is not installed (.ci/run installs Debian's nginx)."""
 import io
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -67,3 +69,46 @@ def test_nginx_body_limit_matches_app(stack):
     r = requests.post(base + "/v1/images/edits", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"},
                       files={"image": ("big.png", b"\0" * (21 * 1024 * 1024), "image/png")}, data={"prompt": "p"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_least_conn_passes_over_a_busy_instance(tmp_path):
+    # deploy/nginx.conf's parallel setup: two single-worker instances on one data dir. While the first
+    # instance generates a long request, the next two requests both go to the idle one (round robin
+    # would queue one of them behind the busy instance), and each url image downloads through nginx
+    # whichever instance wrote it.
+    require_pipeline()
+    data = tmp_path / "data"
+    a = Gunicorn(data, tmp_path / "a.log", SD_THREADS="1", SD_DTYPE="bfloat16")
+    b = Gunicorn(data, tmp_path / "b.log", SD_THREADS="1", SD_DTYPE="bfloat16")
+    h = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(base, size, steps, seed):
+        return requests.post(base + "/v1/images/generations", headers=h, timeout=300,
+                             json={"prompt": "a lighthouse", "size": f"{size}x{size}", "steps": steps, "seed": seed})
+
+    def generations(srv):
+        return re.findall(r"request \S+: generating", srv.log_text())
+
+    try:
+        a.wait_healthy()
+        b.wait_healthy()
+        with nginx_in_front([a, b], tmp_path) as (base, _), ThreadPoolExecutor(1) as pool:
+            long = pool.submit(post, base, 256, 40, 1)
+            deadline = time.monotonic() + 60
+            while not (generations(a) or generations(b)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy, idle = (a, b) if generations(a) else (b, a)
+            assert generations(busy), "the long request never started"
+            short = [post(base, 64, 2, seed) for seed in (2, 3)]
+            long_ended = long.done()
+            assert [r.status_code for r in short] == [200, 200], [r.text for r in short]
+            routed = len(generations(idle)), len(generations(busy))
+            assert routed == (2, 1), (f"generations on the idle and the busy instance: {routed} (the long request had "
+                                      f"{'' if long_ended else 'not '}ended when the short ones returned)")
+            assert long.result().status_code == 200
+            for r in short + [long.result()]:
+                d = requests.get(r.json()["data"][0]["url"], headers=h, timeout=30)
+                assert d.status_code == 200 and Image.open(io.BytesIO(d.content)).format == "PNG"
+    finally:
+        a.stop()
+        b.stop()
