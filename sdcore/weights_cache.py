@@ -8,7 +8,8 @@ every gunicorn worker that maps the same file shares one copy of the weights ins
 
 One file per (source, network, dtype): ``<dir>/<source key>-<content key>.safetensors``. The content
 key covers the source files' sizes and modification times, the network's configuration and sdcore's
-own code, so any change to them writes a new file (and removes the old one of that source). A file is
+own code, so any change to them writes a new file (and removes the old one of that source); the files
+of a source that no longer exists are removed at the next load that uses the cache. A file is
 written under a temporary name and renamed into place, holding an exclusive lock, and never changed
 afterwards: workers starting together convert once, and a mapped file is never rewritten under a
 reader. A write that cannot happen (no space, no permission, a dtype safetensors cannot store) logs a
@@ -66,6 +67,7 @@ def load(cache_dir, source, what, cfg, dtype, wanted: dict, convert) -> dict | N
             for name in os.listdir(cache_dir):       # older conversions of this source, killed writers' files
                 if name.startswith(stem + "-") and os.path.join(cache_dir, name) != path:
                     os.remove(os.path.join(cache_dir, name))
+        _remove_orphans(cache_dir)
         if tensors is None:
             raise OSError(f"{path} does not read back as written")
     except Exception as e:      # a cache must never fail a load: a bad source fails the same way in memory
@@ -75,6 +77,31 @@ def load(cache_dir, source, what, cfg, dtype, wanted: dict, convert) -> dict | N
     for t in tensors.values():      # fault the pages in now, not in the first generation (cold cache: reads the file)
         t.reshape(-1)[::max(1, PAGE // t.element_size())].sum()
     return tensors
+
+
+def _remove_orphans(cache_dir) -> None:
+    """Remove the entries whose source no longer exists (a deleted or moved checkpoint: 2 GiB each for
+    SD1.5 in bf16), each under its source's lock, skipped while another process holds that. A source
+    that is only missing for now (an unmounted disk) costs one conversion when it is back."""
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(path, framework="pt") as f:
+                source = json.loads(f.metadata()["sdcore.weights_cache"])["source"]
+        except Exception:       # not an entry of ours, or being replaced right now: left alone
+            continue
+        if os.path.exists(source):
+            continue
+        with open(os.path.join(cache_dir, name.split("-")[0] + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                log.info("removed %s from the converted-weights cache: its source %s no longer exists", path, source)
 
 
 def _stored_dtype(meta: torch.Tensor, dtype):

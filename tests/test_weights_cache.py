@@ -1,6 +1,8 @@
 """The converted-weights cache: a load that casts writes the converted networks once; later loads
 memory-map them (no conversion), bit-identical to converting in memory; a changed source, a damaged
 entry or an unusable cache directory never gives wrong weights or a failed load."""
+import fcntl
+import json
 import logging
 import os
 import subprocess
@@ -225,3 +227,32 @@ def test_processes_starting_together_convert_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert sum(int(o[0]) for o in outs) == 3                         # three networks, each converted once
     assert len({o[1] for o in outs}) == 1 and len(_entries(cache)) == 3
+
+
+def test_entries_of_a_deleted_source_are_removed_unless_locked(tmp_path):
+    cache = str(tmp_path / "cache")
+    kept, gone, locked = (os.path.realpath(_checkpoint(tmp_path / f"{name}.safetensors", seed=seed))   # as recorded
+                          for seed, name in enumerate(("kept", "gone", "locked")))
+    for src in (kept, gone, locked):
+        sdcore.load_model(src, dtype=torch.bfloat16, cache_dir=cache)
+    assert len(_entries(cache)) == 9
+    before = set(_entries(cache))
+    locked_entries = {n for n in before if _source_of(cache, n) == locked}
+    os.remove(gone)
+    os.remove(locked)
+    held = [open(os.path.join(cache, n.split("-")[0] + ".lock"), "a") for n in locked_entries]
+    for f in held:                              # another process converting or replacing that source
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    sdcore.load_model(kept, dtype=torch.bfloat16, cache_dir=cache)
+    assert {_source_of(cache, n) for n in _entries(cache)} == {kept, locked}
+    assert len(_entries(cache)) == 6
+    for f in held:
+        f.close()
+    sdcore.load_model(kept, dtype=torch.bfloat16, cache_dir=cache)
+    assert {_source_of(cache, n) for n in _entries(cache)} == {kept} and len(_entries(cache)) == 3
+
+
+def _source_of(cache, name):
+    from safetensors import safe_open
+    with safe_open(os.path.join(cache, name), framework="pt") as f:
+        return json.loads(f.metadata()["sdcore.weights_cache"])["source"]
