@@ -1,10 +1,7 @@
-"""A real gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``) on the tiny default model, as the
-integration tests start it (tests/server_helpers.py), for the HTTP overhead measurement."""
-import os
+"""A real gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``), started as the integration tests start
+it (tests/server_helpers.py) but in the server's default dtype and threads, for the HTTP overhead and
+the workers' memory."""
 import re
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -12,49 +9,18 @@ from pathlib import Path
 
 import requests
 
-from bench.util import CACHE, ROOT
-
-API_KEY = "bench-key"
-TINY = ROOT / "weights" / "tiny-sd1.safetensors"
+from bench.util import CACHE
+from tests.server_helpers import API_KEY, WEIGHTS, Gunicorn
 
 
-class Server:
-    def __init__(self, model=TINY, threads: int = 0, **env):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
-        self.log_path = self.tmp / "gunicorn.log"
-        e = {k: v for k, v in os.environ.items() if not k.startswith("SD_") and k != "API_KEY"}
-        e.update(SD_HOST="127.0.0.1", SD_PORT=str(self.port), SD_DATA_DIR=str(self.tmp / "data"), SD_MODEL=str(model),
-                 API_KEY=API_KEY, SD_DEVICE="cpu", SD_WORKERS="1", SD_HTTP_THREADS="4", SD_LOG_LEVEL="info",
-                 SD_ACCESS_LOG="", PYTHONUNBUFFERED="1", SD_WEIGHTS_CACHE=str(CACHE / "weights-cache"))
-        if threads:
-            e["SD_THREADS"] = str(threads)
-        e.update(env)
-        self.log = open(self.log_path, "wb")
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        self.proc = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT, env=e,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if requests.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gunicorn not healthy after 300 s:\n{self.log_text()[-3000:]}")
-            time.sleep(0.2)
+class Server(Gunicorn):
+    def __init__(self, model=WEIGHTS, threads: int = 0, **env):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+        settings = dict(SD_MODEL=str(model), SD_THREADS=str(threads) if threads else None, SD_DTYPE=None,
+                        SD_ACCESS_LOG="", SD_WEIGHTS_CACHE=str(CACHE / "weights-cache"))
+        super().__init__(tmp / "data", tmp / "gunicorn.log", **{**settings, **env})
+        self.wait_healthy(timeout=300)
         self.session = requests.Session()
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text("utf-8", "replace")
 
     def generate(self, size: int, steps: int, response_format: str, download: bool = False) -> dict:
         """One request; returns end-to-end seconds, the server's logged pipeline seconds, and for
@@ -74,15 +40,8 @@ class Server:
             png = self.session.get(item["url"], headers=headers, timeout=60)
             png.raise_for_status()
             out["download"] = time.perf_counter() - t0
-        deadline = time.monotonic() + 10
-        while True:
-            m = re.search(rf"request {rid}: done in ([0-9.]+) s", self.log_text())
-            if m:
-                out["pipeline"] = float(m.group(1))
-                return out
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no 'done in' line for {rid}:\n{self.log_text()[-2000:]}")
-            time.sleep(0.02)
+        out["pipeline"] = float(self.wait_log(rf"request {rid}: done in ([0-9.]+) s", timeout=10).group(1))
+        return out
 
     def worker_pss(self, workers: int, timeout: float = 300) -> list[float]:
         """Once ``workers`` workers have logged their model load: each one's proportional set size (MiB;
@@ -90,25 +49,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while self.log_text().count("loaded model") < workers:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{workers} workers not loaded after {timeout} s:\n{self.log_text()[-3000:]}")
+                raise RuntimeError(f"{workers} workers not loaded after {timeout} s:\n{self.log_tail(3000)}")
             time.sleep(0.2)
-        pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(d) == self.proc.pid]
         return [int(re.search(r"^Pss:\s+(\d+)", (Path("/proc") / str(p) / "smaps_rollup").read_text(), re.M)[1]) / 1024
-                for p in pids]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-def _ppid(proc_dir: Path) -> int:
-    try:
-        return int((proc_dir / "stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+                for p in self.worker_pids()]

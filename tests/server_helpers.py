@@ -48,7 +48,8 @@ def free_port() -> int:
 class Gunicorn:
     """``gunicorn -c gunicorn.conf.py <app>`` on a free loopback port.
 
-    ``env`` overrides the environment (SD_* settings; ``API_KEY=""`` runs without a key).
+    ``env`` overrides the environment (SD_* settings; ``API_KEY=""`` runs without a key; None removes
+    a setting, leaving the server's default).
     ``app`` is the WSGI entry point (``fault_wsgi:app`` for the fault tests: tests/ is put on
     PYTHONPATH). ``preexec_fn`` runs in the child before exec (resource limits).
     ``log_pipe``: the server's output goes through a pipe copied to ``log_path`` by a thread
@@ -68,6 +69,7 @@ class Gunicorn:
         if app != "wsgi:app":
             e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
         e.update(env)
+        e = {k: v for k, v in e.items() if v is not None}        # None: leave that setting at its default
         self.log = open(log_path, "wb")
         self._copier = None
         self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", app],
