@@ -290,6 +290,8 @@ def main(argv=None) -> int:
 
     from gunicorn.app.base import Application
 
+    from api.gworker import gunicorn_settings
+
     class _Server(Application):
         def init(self, parser, opts, args):  # no gunicorn command line: ours was parsed above
             return None
@@ -303,6 +305,8 @@ def main(argv=None) -> int:
             # command-line options win over gunicorn.conf.py's environment variables
             self.cfg.set("bind", [f"{settings.host}:{settings.port}"])
             self.cfg.set("workers", settings.workers)
+            for name, value in gunicorn_settings(settings.workers).items():     # several workers: balanced
+                self.cfg.set(name, value)
             self.cfg.set("threads", settings.http_threads)
             self.cfg.set("timeout", settings.timeout)
             self.cfg.set("graceful_timeout", settings.timeout)

@@ -4,9 +4,8 @@ Image generation is long (seconds to minutes) and CPU/GPU bound, so:
 * one worker process per model copy (SD_WORKERS, default 1; without SD_THREADS they split the cores,
   and through the converted-weights cache they share the weights' memory); each worker runs one generation at
   a time and lets at most SD_MAX_QUEUE more wait, first come first served (503 with Retry-After
-  beyond that, at once). Workers do not pick requests by load (a busy gthread worker keeps accepting):
-  for parallel generations run single-worker instances behind nginx's least_conn (deploy/nginx.conf,
-  README "Behind nginx"); a waiting request whose client disconnects leaves the queue (the app
+  beyond that, at once). With several workers, a worker leaves a new connection to one that handles
+  fewer (api/gworker.py; keep-alive off); a waiting request whose client disconnects leaves the queue (the app
   polls the connection's socket, ``gunicorn.socket`` in the WSGI environ of the gthread worker);
 * the gthread worker with a few threads (SD_HTTP_THREADS, default 8), so /health, /v1/models,
   /v1/files and downloads are answered while a generation runs; keep it above SD_MAX_QUEUE + 1;
@@ -26,11 +25,15 @@ def _int(name, default):
 
 bind = [f"{os.environ.get('SD_HOST', '').strip() or '127.0.0.1'}:{_int('SD_PORT', 8080)}"]
 workers = _int("SD_WORKERS", 1)
-worker_class = "gthread"
 threads = _int("SD_HTTP_THREADS", 8)
 timeout = _int("SD_TIMEOUT", 600)
 graceful_timeout = timeout
 keepalive = 5
+worker_class = "gthread"
+# Several workers: a worker leaves a new connection to one that handles fewer (api/gworker.py). A
+# request on a kept-alive connection would go to whichever worker holds it, so keep-alive is off then.
+from api.gworker import gunicorn_settings  # noqa: E402
+globals().update(gunicorn_settings(workers))
 
 # preload_app must stay False: the app loads the model when it is created. Loading it in the
 # master before fork would start torch's OpenMP/MKL thread pools (and possibly a CUDA context)

@@ -143,4 +143,8 @@ def test_main_starts_gunicorn_with_conf_and_cli(monkeypatch):
     assert app_module.main(["--port", "8123", "--host", "0.0.0.0", "--workers", "2", "--timeout", "900"]) == 0
     cfg = seen["cfg"]
     assert cfg.bind == ["0.0.0.0:8123"] and cfg.workers == 2 and cfg.threads == 5
-    assert cfg.worker_class_str == "gthread" and cfg.preload_app is False and cfg.timeout == 900
+    assert cfg.preload_app is False and cfg.timeout == 900
+    # several workers: the balancing worker class (api/gworker.py), without keep-alive; one: plain gthread
+    assert cfg.worker_class_str == "api.gworker.BalancedThreadWorker" and cfg.keepalive == 0
+    assert app_module.main(["--workers", "1"]) == 0
+    assert seen["cfg"].worker_class_str == "gthread" and seen["cfg"].keepalive == 5

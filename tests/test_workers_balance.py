@@ -1,0 +1,50 @@
+"""SD_WORKERS > 1: a worker leaves a new connection to a less loaded worker (api/gworker.py), instead
+of queueing the request behind its own generation."""
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from server_helpers import API_KEY, Gunicorn, require_pipeline
+
+GENERATING = r"\[(\d+)\] INFO [\w.]+: request \S+: generating"
+
+
+def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
+    require_pipeline()
+    srv = Gunicorn(tmp_path / "data", tmp_path / "gunicorn.log", SD_WORKERS="2", SD_THREADS="1", SD_DTYPE="bfloat16")
+    h = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(size, steps, seed):
+        return requests.post(srv.base + "/v1/images/generations", headers=h, timeout=300,
+                             json={"prompt": "a lighthouse", "size": f"{size}x{size}", "steps": steps, "seed": seed,
+                                   "response_format": "b64_json"})
+
+    try:
+        srv.wait_healthy()
+        deadline = time.monotonic() + 180
+        while srv.log_text().count("sd-api-server ready") < 2:          # both workers loaded
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.1)
+        assert "Using worker: api.gworker.BalancedThreadWorker" in srv.log_text()
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(post, 256, 40, 1)
+            busy = srv.wait_log(GENERATING, timeout=60).group(1)
+            short = [post(64, 2, seed) for seed in (2, 3)]
+            long_ended = long.done()
+            assert [r.status_code for r in short] == [200, 200], [r.text for r in short]
+            assert long.result().status_code == 200
+        pids = re.findall(GENERATING, srv.log_text())
+        assert len(pids) == 3 and pids[0] == busy
+        assert busy not in pids[1:], (f"a short request went to the busy worker {busy} (the long request had "
+                                      f"{'' if long_ended else 'not '}ended when the short ones returned): {pids}")
+        # two requests sent at the same moment: one each (a worker counts a connection from its accept)
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda seed: post(128, 20, seed), (4, 5)))
+        assert [r.status_code for r in pair] == [200, 200]
+        pids = re.findall(GENERATING, srv.log_text())[3:]
+        assert len(pids) == 2 and pids[0] != pids[1], pids
+    finally:
+        srv.stop()
+
