@@ -12,6 +12,7 @@ import argparse
 import copy
 import gc
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -221,6 +222,36 @@ def bench_workers(rep, args, ckpt):
             "the mapped weights are page cache, one copy shared by every worker")
 
 
+def bench_parallel(rep, args, ckpt):
+    """Two requests sent at once to one server (the checkpoint in the server's default dtype, 256², 4
+    steps), until both images are back: two workers (each taking half the cores; a worker leaves a new
+    connection to the one that handles fewer) vs one worker (the second request waits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.server import Server
+    res = {}
+    for workers in (2, 1):
+        srv = Server(model=ckpt, SD_WORKERS=str(workers), SD_WEIGHTS_CACHE=str(CACHE / "weights-cache"))
+        try:
+            srv.wait_workers(workers)
+            times = []
+            for i in range(args.runs + 1):                # the first pair warms both workers up
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda _: srv.generate(256, 4, "b64_json"), range(2)))
+                times.append(time.perf_counter() - t0)
+            res[workers] = Stats(times[1:])
+            pids = re.findall(r"\[(\d+)\] INFO [\w.]+: request \S+: generating", srv.log_text())
+            if workers == 2:
+                spread = sum(a != b for a, b in zip(pids[::2], pids[1::2]))
+        finally:
+            srv.stop()
+    rep.add("http", "two 256² txt2img requests at once (4 steps, SD1.5-shaped), until both are back: 2 workers vs 1",
+            res[2], res[1], "1 worker (the second request waits)",
+            f"with 2 workers {spread} of {args.runs + 1} pairs ran one request per worker; torch threads split among "
+            "the workers")
+
+
 def bench_http(rep, args):
     """End-to-end latency through a real gunicorn on the tiny default model, minus the pipeline time
     the server logs ("done in X s", 10 ms resolution; it includes the PNG encoding)."""
@@ -416,6 +447,7 @@ def main(argv=None) -> int:
             bench_workers(rep, args, ckpt)
     if "http" in args.only:
         bench_http(rep, args)
+        bench_parallel(rep, args, ckpt)
     sdcpp, sdcpp_dtype = None, None
     if "pipelines" in args.only and args.sdcpp:
         from api.runtime import resolve_dtype

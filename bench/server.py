@@ -43,13 +43,17 @@ class Server(Gunicorn):
         out["pipeline"] = float(self.wait_log(rf"request {rid}: done in ([0-9.]+) s", timeout=10).group(1))
         return out
 
-    def worker_pss(self, workers: int, timeout: float = 300) -> list[float]:
-        """Once ``workers`` workers have logged their model load: each one's proportional set size (MiB;
-        pages shared between processes count a share each, /proc/PID/smaps_rollup)."""
+    def wait_workers(self, workers: int, timeout: float = 300) -> None:
+        """Until ``workers`` workers have logged that they are ready."""
         deadline = time.monotonic() + timeout
-        while self.log_text().count("loaded model") < workers:
+        while self.log_text().count("sd-api-server ready") < workers:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{workers} workers not loaded after {timeout} s:\n{self.log_tail(3000)}")
+                raise RuntimeError(f"{workers} workers not ready after {timeout} s:\n{self.log_tail(3000)}")
             time.sleep(0.2)
+
+    def worker_pss(self, workers: int) -> list[float]:
+        """Once ``workers`` workers are ready: each one's proportional set size (MiB; pages shared between
+        processes count a share each, /proc/PID/smaps_rollup)."""
+        self.wait_workers(workers)
         return [int(re.search(r"^Pss:\s+(\d+)", (Path("/proc") / str(p) / "smaps_rollup").read_text(), re.M)[1]) / 1024
                 for p in self.worker_pids()]
