@@ -3,11 +3,10 @@
 A gthread worker's main thread keeps accepting connections while one of its threads generates, so
 with several workers two requests can queue on one worker while another idles (two concurrent 256²
 requests to 2 workers, SD1.5-shaped, bf16, 2 cores: 12.3 s and 24.7 s, the second waiting for the
-first; with this worker 12.6–13.1 s each). Here each
-worker publishes how many connections it is handling (a generation holds its connection open while
-it runs and while it waits in the queue), and does not accept a new one while another worker handles
-fewer: the kernel then hands the connection to that worker, which is listening. Like nginx's
-least_conn, inside one gunicorn. When all are equally loaded they all accept, and requests wait in a
+first; with this worker 12.6–13.1 s each). Here each worker publishes how many connections it is
+handling (a generation holds its connection open while it runs and while it waits in the queue), and
+does not accept a new one while another worker handles fewer: the kernel then hands the connection
+to that worker, which is listening. Like nginx's least_conn, inside one gunicorn. When all are equally loaded they all accept, and requests wait in a
 worker's queue (or get 503 past --max-queue) as with a single worker.
 
 The counts live in one table of (pid, connections) slots, allocated here in the master before it forks
@@ -16,7 +15,7 @@ is gone counts as free. Keep-alive would bypass the choice (a request on an open
 the worker that holds it), so ``gunicorn_settings`` turns it off. A worker that stopped accepting
 looks again whenever its own count drops and at least once a second (gthread's loop).
 
-Built on gunicorn >= 25's ThreadWorker (``set_accept_enabled``, ``accept``, ``finish_request``,
+Built on gunicorn 27's ThreadWorker (``set_accept_enabled``, ``accept``, ``finish_request``,
 ``murder_*``, ``nr_conns``); ``supported()`` says whether the installed gunicorn has them (else plain
 gthread is used).
 """
