@@ -17,7 +17,7 @@ looks again whenever its own count drops and at least once a second (gthread's l
 
 Built on gunicorn 27's ThreadWorker (``set_accept_enabled``, ``accept``, ``finish_request``,
 ``murder_*``, ``nr_conns``); ``supported()`` says whether the installed gunicorn has them (else plain
-gthread is used).
+gthread is used); setup.cfg keeps gunicorn below 28 for that reason.
 """
 import errno
 import multiprocessing
