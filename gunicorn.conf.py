@@ -1,12 +1,13 @@
 """gunicorn settings for sd-api-server: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
 Image generation is long (seconds to minutes) and CPU/GPU bound, so:
-* one worker process per model copy (SD_WORKERS, default 1; without SD_THREADS they split the cores,
-  and through the converted-weights cache they share the weights' memory); each worker runs one generation at
-  a time and lets at most SD_MAX_QUEUE more wait, first come first served (503 with Retry-After
-  beyond that, at once). With several workers, a worker leaves a new connection to one that handles
-  fewer (api/gworker.py; keep-alive off); a waiting request whose client disconnects leaves the queue (the app
-  polls the connection's socket, ``gunicorn.socket`` in the WSGI environ of the gthread worker);
+* one worker process per model copy (SD_WORKERS, default 1; without SD_THREADS they split the
+  cores, and through the converted-weights cache they share the weights' memory); each worker runs
+  one generation at a time and lets at most SD_MAX_QUEUE more wait, first come first served (503
+  with Retry-After beyond that, at once). With several workers, a worker leaves a new connection to
+  one that handles fewer (api/gworker.py; keep-alive off). A waiting request whose client
+  disconnects leaves the queue (the app polls the connection's socket, ``gunicorn.socket`` in the
+  WSGI environ of the gthread worker);
 * the gthread worker with a few threads (SD_HTTP_THREADS, default 8), so /health, /v1/models,
   /v1/files and downloads are answered while a generation runs; keep it above SD_MAX_QUEUE + 1;
 * a worker timeout far longer than a generation or a model load (SD_TIMEOUT, default 600 s).

@@ -6,8 +6,9 @@ requests to 2 workers, SD1.5-shaped, bf16, 2 cores: 12.3 s and 24.7 s, the secon
 first; with this worker 12.6–13.1 s each). Here each worker publishes how many connections it is
 handling (a generation holds its connection open while it runs and while it waits in the queue), and
 does not accept a new one while another worker handles fewer: the kernel then hands the connection
-to that worker, which is listening. Like nginx's least_conn, inside one gunicorn. When all are equally loaded they all accept, and requests wait in a
-worker's queue (or get 503 past --max-queue) as with a single worker.
+to that worker, which is listening. Like nginx's least_conn, inside one gunicorn. When all are
+equally loaded they all accept, and requests wait in a worker's queue (or get 503 past --max-queue)
+as with a single worker.
 
 The counts live in one table of (pid, connections) slots, allocated here in the master before it forks
 the workers. A worker takes a slot once its app is loaded and it starts serving; a slot whose process

@@ -1,5 +1,4 @@
 """Timing, statistics, machine facts and the cached inputs (checkpoint, diffusers folder, tokenizer)."""
-import gzip
 import json
 import os
 import platform
@@ -194,14 +193,12 @@ def clip_tokenizer_files() -> Path:
     tokenizer reads (open_clip's copy), so diffusers' pipeline can be built offline."""
     folder = CACHE / "clip-tokenizer"
     if not (folder / "merges.txt").exists():
-        from sdcore.tokenizer import _bytes_to_unicode, _vocab_path
-        merges = gzip.open(_vocab_path()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
-        vocab = list(_bytes_to_unicode().values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        from sdcore.tokenizer import SPECIAL, _tables
+        encoder, ranks = _tables()                      # ranks: "a b" lines, in rank order
+        names = dict(zip(SPECIAL, ["<|startoftext|>", "<|endoftext|>"]))   # transformers' spelling
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        (folder / "vocab.json").write_text(json.dumps({names.get(t, t): i for t, i in encoder.items()}))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(ranks) + "\n")
     return folder
 
 
