@@ -122,7 +122,8 @@ def load_models(settings) -> ModelRegistry:
             raise FileNotFoundError(f"model {name!r}: {path} does not exist{hint}")
         t0 = time.monotonic()
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
-                                         control_net=settings.control_net, cache_dir=settings.weights_cache_dir())
+                                         control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
+                                         cuda_graphs=settings.cuda_graphs)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
         if settings.compile:

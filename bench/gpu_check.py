@@ -3,15 +3,23 @@
 1. Every sampler, txt2img, and one img2img, with the embedded default model (trained, so its images
    mean something): the image generated on CUDA in float32, float16 and bfloat16 against the CPU
    float32 image of the same seed. The noise comes from a CPU generator, so a seed gives the same
-   image on both; what differs is the arithmetic (TF32 convolutions, half precision).
-2. The opt-in --compile path (inductor; on CUDA a CUDA graph per shape) against the eager image, at two
+   image on both; what differs is the arithmetic (TF32 convolutions, half precision). On CUDA the
+   default model replays its UNet as CUDA graphs: every shape must have been captured.
+2. The real server on CUDA, by default and with --compile: gunicorn started as in production, one
+   b64_json generation over HTTP each.
+3. The opt-in --compile path (inductor; on CUDA a CUDA graph per shape) against the eager image, at two
    sizes, with and without CFG, img2img, and called from a second thread.
-3. The real server on CUDA with --compile: gunicorn started as in production, one b64_json generation
-   over HTTP.
+4. The other paths through the UNet, against the CPU float32 image: a ControlNet (its residuals enter
+   the UNet, which then runs uncaptured), a 9-channel inpainting UNet (captured with its mask channels)
+   and a masked edit with the default model (the ControlNet and the inpainting UNet have random
+   weights: none can be downloaded here; on the CPU their half-precision images lie 0.03-0.47/255 from
+   float32).
+
+``python -m bench.gpu_check [DEVICE [PART,...]]``, parts: pipeline, server, compiled, variants (default: all).
 
 Prints one line per case (mean abs pixel difference, /255) and exits 1 when a float32 image differs
 by more than FP32_LIMIT, a half-precision one by more than HALF_LIMIT, a compiled one from the eager one
-by more than COMPILED_LIMIT, or the server fails.
+by more than COMPILED_LIMIT, a default CUDA model ran a shape without its graph, or the server fails.
 """
 import base64
 import copy
@@ -70,7 +78,20 @@ def check_pipeline(device) -> bool:
             ok &= bool(d <= case_limit)
             print(f"{'ok  ' if d <= case_limit else 'FAIL'} {name:<18} {device} {str(dtype)[6:]:<9} vs cpu float32: "
                   f"mean abs pixel diff {d:.2f}/255 (limit {case_limit})", flush=True)
+        ok &= graphs_captured(model.unet, device)
     return ok
+
+
+def graphs_captured(unet, device) -> bool:
+    """Print how many input shapes ``unet`` replays as CUDA graphs; False on CUDA unless it is all of them."""
+    graphs = getattr(unet, "graphs", None)
+    if graphs is None:
+        print(f"{'FAIL' if device.startswith('cuda') else 'ok  '} CUDA graphs: none (the UNet is not wrapped)")
+        return not device.startswith("cuda")
+    captured = sum(g is not None for g in graphs.values())
+    good = captured == len(graphs) > 0
+    print(f"{'ok  ' if good else 'FAIL'} CUDA graphs: {captured} of {len(graphs)} input shapes captured", flush=True)
+    return good
 
 
 def check_compiled(device) -> bool:
@@ -99,19 +120,15 @@ def check_compiled(device) -> bool:
         print(f"{'ok  ' if good else 'FAIL'} {name:<20} {device} float16 --compile vs eager: mean abs pixel diff "
               f"{d:.2f}/255, from another thread {d_thread:.2f}/255 (limit {COMPILED_LIMIT}; first call {first:.1f} s)",
               flush=True)
-    graphs = getattr(compiled.unet, "graphs", None)
-    if graphs is not None:
-        print(f"     CUDA graphs: {sum(g is not None for g in graphs.values())} of {len(graphs)} input shapes captured")
-    else:
-        print("     CUDA graphs: none (not on CUDA)")
-    return ok
+    return ok & graphs_captured(compiled.unet, device)
 
 
-def check_server(device) -> bool:
-    port = 18000 + os.getpid() % 1000
+def check_server(device, compile: bool) -> bool:
+    port = 18000 + os.getpid() % 1000 + compile
+    how = "with --compile" if compile else "by default"
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SD_DEVICE=device, SD_PORT=str(port), SD_DATA_DIR=tmp, API_KEY="",
-                   SD_WEIGHTS_CACHE="off", SD_COMPILE="1")
+                   SD_WEIGHTS_CACHE="off", SD_COMPILE=str(int(compile)))
         log = open(Path(tmp) / "server.log", "w+")
         server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -137,30 +154,74 @@ def check_server(device) -> bool:
             image = Image.open(io.BytesIO(base64.b64decode(reply["data"][0]["b64_json"])))
             log.seek(0)
             loaded = [line.strip() for line in log if "loaded model" in line or "compiled model" in line]
-            print(f"ok   server on {device} with --compile: {image.size} {image.mode} PNG in {seconds:.2f} s; "
+            print(f"ok   server on {device} {how}: {image.size} {image.mode} PNG in {seconds:.2f} s; "
                   + " / ".join(loaded))
             return image.size == (64, 64)
         except Exception as e:           # the HTTP error, the JSON or the image: all a failure here
             log.seek(0)
-            print(f"FAIL server: {e!r}\n" + log.read()[-3000:])
+            print(f"FAIL server {how}: {e!r}\n" + log.read()[-3000:])
             return False
         finally:
             server.terminate()
             server.wait(30)
 
 
+def check_variants(device) -> bool:
+    import dataclasses
+
+    from sdcore.controlnet import ControlNet, save_controlnet
+    from sdcore.export import random_init_, save_single_file
+    from sdcore.unet import UNet
+    base = sdcore.load_model(str(MODEL))
+    circle = Image.new("RGB", (64, 64))
+    circle.paste((255, 255, 255), (16, 16, 48, 48))
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))                  # left half transparent: repaint it
+    common = dict(prompt="a red circle on a blue background", width=64, height=64, steps=20, seed=7)
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        control = Path(tmp) / "control.safetensors"
+        save_controlnet(control, random_init_(ControlNet(base.unet.cfg), 21))
+        inpaint = Path(tmp) / "inpaint.safetensors"
+        unet9 = random_init_(UNet(dataclasses.replace(base.unet.cfg, in_channels=9)), 11)
+        save_single_file(inpaint, unet9, base.vae, base.text_encoder)
+        cases = [("controlnet", dict(control_net=str(control)), GenerationParams(**common, control_image=circle)),
+                 ("inpainting unet", {}, GenerationParams(**common, init_image=photo, mask=mask, strength=1.0)),
+                 ("masked edit", {}, GenerationParams(**common, init_image=photo, mask=mask, strength=0.7))]
+        for name, load_kw, p in cases:
+            path = str(inpaint if name == "inpainting unet" else MODEL)
+            expected = generate(sdcore.load_model(path, **load_kw), p)[0].image
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                model = sdcore.load_model(path, device=device, dtype=dtype, **load_kw)
+                d = pixel_diff(generate(model, p)[0].image, expected)
+                graphs = getattr(model.unet, "graphs", {})
+                shown = f"; CUDA graphs {sum(g is not None for g in graphs.values())} of {len(graphs)} shapes captured"
+                limit = FP32_LIMIT if dtype == torch.float32 else HALF_LIMIT
+                ok &= bool(d <= limit)
+                print(f"{'ok  ' if d <= limit else 'FAIL'} {name:<16} {device} {str(dtype)[6:]:<9} vs cpu float32: mean "
+                      f"abs pixel diff {d:.2f}/255 (limit {limit}{shown if device.startswith('cuda') else ''})", flush=True)
+    return ok
+
+
+PARTS = {"pipeline": check_pipeline, "server": lambda device: check_server(device, compile=False)
+         & check_server(device, compile=True), "compiled": check_compiled, "variants": check_variants}
+
+
 def main(argv=None) -> int:
     # a `timeout` stopping this script must still stop the server it started (the finally clause)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    device = (argv if argv is not None else sys.argv[1:] or ["cuda"])[0]   # "cpu": a rehearsal of the script
+    argv = argv if argv is not None else sys.argv[1:]
+    device = (argv or ["cuda"])[0]                                  # "cpu": a rehearsal of the script
+    parts = argv[1].split(",") if len(argv) > 1 else list(PARTS)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             print("no CUDA device")
             return 1
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    ok = check_pipeline(device)
-    ok &= check_compiled(device)
-    ok &= check_server(device)
+    ok = True
+    for part in parts:
+        ok &= PARTS[part](device)
     print("gpu_check:", "passed" if ok else "FAILED")
     return 0 if ok else 1
 

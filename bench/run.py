@@ -315,6 +315,22 @@ COMPILE_MODES = {"default": "torch.compile", "reduce-overhead": "torch.compile (
                  "ours": "--compile (StableDiffusion.compile: torch.compile, on CUDA + a CUDA graph per shape)"}
 
 
+def plain_unet(model):
+    """The UNet module itself, whether or not the model replays it as CUDA graphs (the default on CUDA)."""
+    from sdcore.cuda_graphs import CUDAGraphed
+    return model.unet.module if isinstance(model.unet, CUDAGraphed) else model.unet
+
+
+def without_cuda_graphs(model):
+    """A copy of ``model`` that runs its UNet eagerly, or None where it replays no CUDA graphs anyway."""
+    plain = plain_unet(model)
+    if plain is model.unet:
+        return None
+    model = copy.copy(model)
+    model.unet = plain
+    return model
+
+
 def compiled_unet(model, mode, x, t, ctx):
     """(a call of ``model``'s UNet compiled in ``mode`` (COMPILE_MODES), inductor with frozen weights;
     its compile + first call in s)."""
@@ -323,7 +339,7 @@ def compiled_unet(model, mode, x, t, ctx):
     if mode == "ours":
         compiled = copy.copy(model).compile().unet
     else:
-        compiled = torch.compile(model.unet, mode=None if mode == "default" else mode)
+        compiled = torch.compile(plain_unet(model), mode=None if mode == "default" else mode)
     # CUDA graphs replay into the same output buffer: keep each result apart (a copy of [1, 4, h, w])
     call = (lambda: compiled(x, t, ctx).clone()) if mode == "reduce-overhead" else (lambda: compiled(x, t, ctx))
     t0 = time.perf_counter()
@@ -347,20 +363,31 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
         extra, compile_notes = {}, {}
         for mode in args.compile:
             extra[f"compiled {mode}"], compile_notes[mode] = compiled_unet(model, mode, x, t, ctx)
+        eager = without_cuda_graphs(model)
+        if eager is not None:
+            extra["no graphs"] = lambda: eager.unet(x, t, ctx)
         (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
                                     extra=extra)
-        for mode, out in zip(args.compile, c):
+        outs = dict(zip(extra, c))
+        for mode in args.compile:
             rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under {COMPILE_MODES[mode]}", st[f"compiled {mode}"],
                     st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
-                    f"agree with ours eager: max rel {rel_err(out, o):.1e}; compile + first call "
+                    f"agree with ours eager: max rel {rel_err(outs[f'compiled {mode}'], o):.1e}; compile + first call "
                     f"{fmt(compile_notes[mode])};" + gflops_note(args, n, st[f"compiled {mode}"], st["peer"]).partition(";")[2])
         note = f"agree: max rel {rel_err(o, p):.1e}; " + gflops_note(args, n, st["ours"], st["peer"])
         if dtype == "float32":
             fp32_out[("unet", size)] = o.float().cpu()
         elif ("unet", size) in fp32_out:
             note += f"; vs ours float32: max rel {rel_err(o.cpu(), fp32_out[('unet', size)]):.1e}"
+        if eager is not None:
+            note += "; ours replays its CUDA graph (the default on CUDA)"
         rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}", st["ours"], st["peer"],
                 "diffusers UNet2DConditionModel (SDPA)", note)
+        if eager is not None:
+            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours eager without CUDA graphs (--no-cuda-graphs)",
+                    st["no graphs"], st["peer"], "diffusers UNet2DConditionModel (SDPA)",
+                    f"agree with ours (CUDA graphs): max rel {rel_err(outs['no graphs'], o):.1e};"
+                    + gflops_note(args, n, st["no graphs"], st["peer"]).partition(";")[2])
     for size in args.sizes if "vae" in args.only else ():
         z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev, dt_)
         scale = model.vae.cfg.scale_factor
@@ -402,9 +429,13 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
             generate(compiled, replace(params, steps=1))
             compile_s = time.perf_counter() - t0
             extra["compiled"] = lambda: generate(compiled, params)[0].image
+        eager = without_cuda_graphs(model)
+        if eager is not None:
+            extra["no graphs"] = lambda: generate(eager, params)[0].image
         (o, p, *c), st = timed_pair(args, lambda: generate(model, params)[0].image, lambda: run_pipeline(pipe, size, steps),
                                     extra=extra)
         px = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
+        outs = dict(zip(extra, c))
         note = f"mean abs pixel diff ours vs diffusers {px(o, p):.2f}/255"
         if dtype == "float32":
             fp32_images[(size, steps)] = (o, p)
@@ -415,8 +446,11 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
                 "diffusers StableDiffusionPipeline", note)
         if compiled is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours with --compile", st["compiled"],
-                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours eager {px(c[-1], o):.2f}/255; "
+                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours eager {px(outs['compiled'], o):.2f}/255; "
                     f"compile + capture (a 1-step image) {fmt(compile_s)}")
+        if eager is not None:
+            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours without CUDA graphs", st["no graphs"],
+                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours (CUDA graphs) {px(outs['no graphs'], o):.2f}/255")
         if sdcpp is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a: ours {dtype} vs stable-diffusion.cpp",
                     st["ours"], st["sdcpp"], f"stable-diffusion.cpp ({args.sdcpp_wtype} weights)",

@@ -1,10 +1,11 @@
-"""Replay the UNet as one CUDA graph per input shape (the GPU half of ``StableDiffusion.compile``).
+"""Replay the UNet as one CUDA graph per input shape: by default on CUDA (``StableDiffusion.use_cuda_graphs``,
+eager kernels) and under ``StableDiffusion.compile`` (inductor's kernels).
 
-A 512² CFG step of the compiled SD1.5 UNet is ~1000 kernel launches of a few microseconds of work each;
-on an H200 the launches, not the arithmetic, set its time: 14.0 ms per step compiled, 7.6 ms when the
-same kernels replay from a CUDA graph (docs/BENCHMARKS.md). torch.compile's own CUDA graphs
-(mode="reduce-overhead") keep their state per thread, and the server generates on whichever gthread
-thread took the request; a graph captured here replays from any thread.
+A 512² CFG step of the SD1.5 UNet is ~1000 kernel launches of a few microseconds of work each; on an
+H200 the launches, not the arithmetic, set its time. Replayed from a graph, the eager step takes 12.2 ms
+instead of 22.0 (fp16), the compiled one 6.6 ms instead of 14.0 (docs/BENCHMARKS.md). torch.compile's
+own CUDA graphs (mode="reduce-overhead") keep their state per thread, and the server generates on
+whichever gthread thread took the request; a graph captured here replays from any thread.
 
 Each new (shape, dtype) is captured once: two warm-up calls on a side stream (compilation for that
 shape, cuBLAS/cuDNN workspaces), then the capture. Inputs are copied into the graph's static buffers and
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class CUDAGraphed:
     def __init__(self, fn, module: torch.nn.Module):
-        """``fn(x, t, ctx, control=None)``: the network to capture (e.g. ``torch.compile(module)``);
+        """``fn(x, t, ctx, control=None)``: the network to capture (``module`` or ``torch.compile(module)``);
         ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
         self.fn, self.module = fn, module
         self.graphs = {}                # (shapes, dtypes, device) -> (static inputs, static output, graph) or None

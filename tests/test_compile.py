@@ -60,3 +60,28 @@ def test_cuda_graph_wrapper_runs_cpu_and_unreplayable_calls_as_they_are():
     with torch.no_grad():
         graphed(x, t, ctx, control="residuals")
     assert calls == [None, "residuals"] and graphed.graphs == {}      # nothing captured off CUDA
+
+
+def test_cuda_graphs_setting_parses_and_reaches_load_model(monkeypatch):
+    assert Settings.from_env({}).cuda_graphs is True                    # on by default (only CUDA uses it)
+    assert Settings.from_env({"SD_CUDA_GRAPHS": "0"}).cuda_graphs is False
+    assert parse_args(["--no-cuda-graphs"], {})[0].cuda_graphs is False
+    assert parse_args(["--cuda-graphs"], {"SD_CUDA_GRAPHS": "off"})[0].cuda_graphs is True
+    with pytest.raises(ConfigError, match="SD_CUDA_GRAPHS"):
+        Settings.from_env({"SD_CUDA_GRAPHS": "sometimes"})
+    seen = []
+    monkeypatch.setattr(sdcore, "load_model", lambda *a, **kw: seen.append(kw["cuda_graphs"]) or "model")
+    for value in (True, False):
+        load_models(Settings.from_mapping({"models": [str(TINY)], "device": "cpu", "cuda_graphs": value}))
+    assert seen == [True, False]
+
+
+def test_cuda_graphs_wrap_only_on_cuda_and_compile_unwraps_them():
+    from sdcore.cuda_graphs import CUDAGraphed
+    model = sdcore.load_model(TINY)                                     # cuda_graphs=True by default
+    plain = model.unet
+    assert model.use_cuda_graphs().unet is plain                        # on the CPU: nothing to replay
+    model.unet = CUDAGraphed(plain, plain)                              # as load_model leaves it on CUDA
+    assert model.use_cuda_graphs().unet.module is plain                 # not wrapped twice
+    compiled = model.compile().unet                                     # torch.compile is lazy: nothing compiles here
+    assert compiled._orig_mod is plain                                  # compiles the network, not the wrapper
