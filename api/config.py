@@ -12,7 +12,7 @@ is read from the environment too and can be given as ``--api-key``; it is never 
 | --device auto/cpu/cuda/cuda:N | SD_DEVICE | auto (cuda when available) |
 | --dtype auto/float32/float16/bfloat16 | SD_DTYPE | auto (bfloat16 where the hardware computes it natively, else float32) |
 | --compile (torch.compile the UNet, on CUDA + CUDA graphs; warm-up compile at start) | SD_COMPILE (1/0) | off |
-| --cuda-graphs / --no-cuda-graphs (on CUDA, replay the UNet as one CUDA graph per image shape) | SD_CUDA_GRAPHS (1/0) | on |
+| --cuda-graphs / --no-cuda-graphs (on CUDA, replay the UNet and ControlNet as one CUDA graph per image shape) | SD_CUDA_GRAPHS (1/0) | on |
 | --weights-cache DIR or off (weights converted to the dtype, memory-mapped by later loads and shared by workers) | SD_WEIGHTS_CACHE | auto: $XDG_CACHE_HOME/sd-api-server/weights or ~/.cache/sd-api-server/weights |
 | --threads (torch CPU threads per worker) | SD_THREADS | torch's default (the cores), divided among the workers |
 | --host / --port | SD_HOST / SD_PORT | 127.0.0.1 / 8080 |
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_const", const=True, help="torch.compile the UNet (inductor, weights frozen): "
       "faster steps (0.8x eager measured on CPU, bf16; on CUDA also replayed as CUDA graphs: 0.3x eager on an "
       "H200, fp16), minutes of compiling at start and at each new image size")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="on CUDA, replay the UNet as one CUDA graph "
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="on CUDA, replay the UNet (and ControlNet) as one CUDA graph "
       "per image shape, captured at its first use (default on: 12.2 instead of 22.0 ms per 512² fp16 step on "
       "an H200, the same kernels)")
     a("--weights-cache", metavar="DIR|off", help="keep weights converted to the dtype in DIR: later loads (and "

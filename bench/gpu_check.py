@@ -195,8 +195,10 @@ def check_variants(device) -> bool:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 model = sdcore.load_model(path, device=device, dtype=dtype, **load_kw)
                 d = pixel_diff(generate(model, p)[0].image, expected)
-                graphs = getattr(model.unet, "graphs", {})
-                shown = f"; CUDA graphs {sum(g is not None for g in graphs.values())} of {len(graphs)} shapes captured"
+                shown = "".join(f"; {net} CUDA graphs {sum(g is not None for g in graphs.values())} of {len(graphs)} captured"
+                                for net, graphs in (("UNet", getattr(model.unet, "graphs", {})),
+                                                    ("ControlNet", getattr(model.controlnet, "graphs", {})))
+                                if graphs or net == "UNet")
                 limit = FP32_LIMIT if dtype == torch.float32 else HALF_LIMIT
                 ok &= bool(d <= limit)
                 print(f"{'ok  ' if d <= limit else 'FAIL'} {name:<16} {device} {str(dtype)[6:]:<9} vs cpu float32: mean "

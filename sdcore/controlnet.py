@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import layouts
+from .cuda_graphs import CUDAGraphed
 from .loader import (CheckpointError, TensorFile, Tensors, _apply_overrides, build, config_to_metadata,
                      from_file, infer_unet_config, renamed)
 from .model import _json, _metadata, _weights_in, unet_config_from_diffusers
@@ -113,7 +114,7 @@ def attach_controlnet(model, cn: ControlNet):
                               f"{cn.skip_channels} (input {c.in_channels}), the UNet's {model.unet.skip_channels} "
                               f"(input {u.in_channels})")
     model.controlnet = cn.to(device=model.device, dtype=model.dtype)
-    return model
+    return model.use_cuda_graphs() if isinstance(model.unet, CUDAGraphed) else model    # as the UNet runs
 
 
 # ------------------------------------------------------------------------------------------------

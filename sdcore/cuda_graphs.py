@@ -7,10 +7,10 @@ instead of 22.0 (fp16), the compiled one 6.6 ms instead of 14.0 (docs/BENCHMARKS
 own CUDA graphs (mode="reduce-overhead") keep their state per thread, and the server generates on
 whichever gthread thread took the request; a graph captured here replays from any thread.
 
-Each new (shape, dtype) is captured once: two warm-up calls on a side stream (compilation for that
-shape, cuBLAS/cuDNN workspaces), then the capture. Inputs are copied into the graph's static buffers and
-the output is copied out, so a caller may keep results across calls. Calls that cannot replay a graph
-(ControlNet residuals, outside ``torch.inference_mode``, a CPU tensor) run the network as it is.
+Each new input signature (shapes, dtypes, with or without ControlNet residuals) is captured once: two
+warm-up calls on a side stream (compilation for that shape, cuBLAS/cuDNN workspaces), then the capture.
+Inputs are copied into the graph's static buffers and the output is copied out, so a caller may keep
+results across calls. Calls outside ``torch.inference_mode`` or on CPU tensors run the network as it is.
 Replays must not overlap: ``generate`` runs one request at a time per process (api.runtime's queue).
 """
 import logging
@@ -23,51 +23,60 @@ log = logging.getLogger(__name__)
 
 class CUDAGraphed:
     def __init__(self, fn, module: torch.nn.Module):
-        """``fn(x, t, ctx, control=None)``: the network to capture (``module`` or ``torch.compile(module)``);
-        ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
+        """``fn(*tensors, control=None)``: the network to capture (``module`` or ``torch.compile(module)``):
+        the UNet ``(x, t, ctx, control=residuals)`` or the ControlNet ``(x, t, ctx, guided_hint)``, returning a
+        tensor or a list of them; ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
         self.fn, self.module = fn, module
-        self.graphs = {}                # (shapes, dtypes, device) -> (static inputs, static output, graph) or None
+        self.graphs = {}                # input signature -> (static inputs, static output, graph) or None
         self.pool = None                # one memory pool shared by all graphs (they never run at once)
         self.lock = threading.Lock()
 
     def __getattr__(self, name):        # only reached for names this wrapper does not have
         return getattr(self.__dict__["module"], name)
 
-    def __call__(self, x, t, ctx, control=None):
-        if control is not None or not x.is_cuda or not torch.is_inference_mode_enabled():
-            return self.fn(x, t, ctx, control=control)
-        key = tuple((tuple(v.shape), v.dtype) for v in (x, t, ctx)) + (x.device,)
+    def __call__(self, *args, control=None):
+        kw = {} if control is None else {"control": control}
+        if not args[0].is_cuda or not torch.is_inference_mode_enabled():
+            return self.fn(*args, **kw)
+        inputs = (*args, *(control or ()))
+        key = (len(args), control is None, args[0].device) + tuple((tuple(v.shape), v.dtype) for v in inputs)
         with self.lock:
             if key not in self.graphs:
-                self.graphs[key] = self._capture(x, t, ctx)
+                self.graphs[key] = self._capture(inputs, len(args), control is not None)
             if self.graphs[key] is None:
-                return self.fn(x, t, ctx)
-            inputs, out, graph = self.graphs[key]
-            for static, value in zip(inputs, (x, t, ctx)):
+                return self.fn(*args, **kw)
+            static_inputs, out, graph = self.graphs[key]
+            for static, value in zip(static_inputs, inputs):
                 static.copy_(value)
             graph.replay()
-            return out.clone()
+            return out.clone() if isinstance(out, torch.Tensor) else [o.clone() for o in out]
 
-    def _capture(self, *args):
+    def _capture(self, inputs, n_args, has_control):
         """(static inputs, static output, graph), or None where this network cannot be captured (it
-        then runs uncaptured for this shape, with a warning)."""
+        then runs uncaptured for this signature, with a warning)."""
         try:
-            return self._try_capture(*args)
+            return self._try_capture(inputs, n_args, has_control)
         except Exception as e:          # e.g. a host sync inside the network: capture is an optimisation
             log.warning("CUDA graph capture failed for shapes %s; running without a graph: %s",
-                        [tuple(a.shape) for a in args], e)
+                        [tuple(a.shape) for a in inputs], e)
             return None
 
-    def _try_capture(self, *args):
-        inputs = [a.clone() for a in args]
-        side = torch.cuda.Stream(args[0].device)
-        side.wait_stream(torch.cuda.current_stream(args[0].device))
+    def _try_capture(self, inputs, n_args, has_control):
+        static = [a.clone() for a in inputs]
+
+        def run():
+            kw = {"control": static[n_args:]} if has_control else {}
+            return self.fn(*static[:n_args], **kw)
+
+        device = inputs[0].device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.fn(*inputs)
-        torch.cuda.current_stream(args[0].device).wait_stream(side)
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self.fn(*inputs)
+            out = run()
         self.pool = graph.pool()
-        return inputs, out, graph
+        return static, out, graph

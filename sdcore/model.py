@@ -47,12 +47,16 @@ class StableDiffusion:
         return self
 
     def use_cuda_graphs(self):
-        """On CUDA, replay the (eager) UNet as one CUDA graph per input shape (sdcore.cuda_graphs): the
-        same kernels without the Python and launch overhead that dominate an eager step on a fast card.
-        Elsewhere a no-op. ``load_model`` does this by default."""
+        """On CUDA, replay the (eager) UNet and ControlNet as one CUDA graph per input shape
+        (sdcore.cuda_graphs): the same kernels without the Python and launch overhead that dominate an
+        eager step on a fast card. Elsewhere a no-op. ``load_model`` does this by default."""
         from .cuda_graphs import CUDAGraphed
-        if self.device.type == "cuda" and not isinstance(self.unet, CUDAGraphed):
+        if self.device.type != "cuda":
+            return self
+        if not isinstance(self.unet, CUDAGraphed):
             self.unet = CUDAGraphed(self.unet, self.unet)
+        if self.controlnet is not None and not isinstance(self.controlnet, CUDAGraphed):
+            self.controlnet = CUDAGraphed(self.controlnet, self.controlnet)
         return self
 
     @torch.inference_mode()
