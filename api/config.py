@@ -251,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_const", const=True, help="torch.compile the UNet (inductor, weights frozen): "
       "faster steps (0.8x eager measured on CPU, bf16; on CUDA also replayed as CUDA graphs: 0.3x eager on an "
       "H200, fp16), minutes of compiling at start and at each new image size")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="on CUDA, replay the UNet (and ControlNet) as one CUDA graph "
-      "per image shape, captured at its first use (default on: 12.2 instead of 22.0 ms per 512² fp16 step on "
-      "an H200, the same kernels)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="on CUDA, replay the UNet (and ControlNet) "
+      "as one CUDA graph per image shape, captured at its first use (default on: 12.2 instead of 22.0 ms per "
+      "512² fp16 step on an H200, the same kernels)")
     a("--weights-cache", metavar="DIR|off", help="keep weights converted to the dtype in DIR: later loads (and "
       "the other workers) memory-map them instead of converting again, sharing one copy in memory "
       "(default auto: ~/.cache/sd-api-server/weights, or under $XDG_CACHE_HOME)")
