@@ -12,13 +12,17 @@ warm-up calls on a side stream (compilation for that shape, cuBLAS/cuDNN workspa
 Inputs are copied into the graph's static buffers and the output is copied out, so a caller may keep
 results across calls. Calls outside ``torch.inference_mode`` or on CPU tensors run the network as it is.
 Replays must not overlap: ``generate`` runs one request at a time per process (api.runtime's queue).
+At most MAX_GRAPHS signatures are kept (the least recently used is dropped, and captured again if it
+returns), so a client cycling through image sizes cannot grow the process without bound.
 """
 import logging
 import threading
+from collections import OrderedDict
 
 import torch
 
 log = logging.getLogger(__name__)
+MAX_GRAPHS = 32
 
 
 class CUDAGraphed:
@@ -27,7 +31,7 @@ class CUDAGraphed:
         the UNet ``(x, t, ctx, control=residuals)`` or the ControlNet ``(x, t, ctx, guided_hint)``, returning a
         tensor or a list of them; ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
         self.fn, self.module = fn, module
-        self.graphs = {}                # input signature -> (static inputs, static output, graph) or None
+        self.graphs = OrderedDict()     # input signature -> (static inputs, static output, graph) or None
         self.pool = None                # one memory pool shared by all graphs (they never run at once)
         self.lock = threading.Lock()
 
@@ -36,13 +40,17 @@ class CUDAGraphed:
 
     def __call__(self, *args, control=None):
         kw = {} if control is None else {"control": control}
-        if not args[0].is_cuda or not torch.is_inference_mode_enabled():
+        if not self._replayable(args[0]):
             return self.fn(*args, **kw)
         inputs = (*args, *(control or ()))
         key = (len(args), control is None, args[0].device) + tuple((tuple(v.shape), v.dtype) for v in inputs)
         with self.lock:
-            if key not in self.graphs:
+            if key in self.graphs:
+                self.graphs.move_to_end(key)
+            else:
                 self.graphs[key] = self._capture(inputs, len(args), control is not None)
+                if len(self.graphs) > MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
             if self.graphs[key] is None:
                 return self.fn(*args, **kw)
             static_inputs, out, graph = self.graphs[key]
@@ -50,6 +58,10 @@ class CUDAGraphed:
                 static.copy_(value)
             graph.replay()
             return out.clone() if isinstance(out, torch.Tensor) else [o.clone() for o in out]
+
+    @staticmethod
+    def _replayable(x) -> bool:
+        return x.is_cuda and torch.is_inference_mode_enabled()
 
     def _capture(self, inputs, n_args, has_control):
         """(static inputs, static output, graph), or None where this network cannot be captured (it
@@ -68,7 +80,12 @@ class CUDAGraphed:
             kw = {"control": static[n_args:]} if has_control else {}
             return self.fn(*static[:n_args], **kw)
 
-        device = inputs[0].device
+        out, graph = self._record(run, inputs[0].device)
+        return static, out, graph
+
+    def _record(self, run, device):
+        """(the output of ``run()`` captured as a CUDA graph, that graph): two warm-up runs on a side
+        stream, then the capture into the shared pool."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -79,4 +96,4 @@ class CUDAGraphed:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = run()
         self.pool = graph.pool()
-        return static, out, graph
+        return out, graph

@@ -85,3 +85,74 @@ def test_cuda_graphs_wrap_only_on_cuda_and_compile_unwraps_them():
     assert model.use_cuda_graphs().unet.module is plain                 # not wrapped twice
     compiled = model.compile().unet                                     # torch.compile is lazy: nothing compiles here
     assert compiled._orig_mod is plain                                  # compiles the network, not the wrapper
+
+
+class _ReplayOnCPU:
+    """Stands in for a captured CUDA graph: replaying reruns the network on the static inputs and writes
+    into the static output, which is what a graph does."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        new = self.run()
+        for static, value in zip(*(v if isinstance(v, list) else [v] for v in (self.out, new))):
+            static.copy_(value)
+
+
+def _graphed_on_cpu(fn, module, fail_on=()):
+    """sdcore.cuda_graphs.CUDAGraphed with only the CUDA parts replaced: it replays CPU tensors, and a
+    'graph' reruns the network (its signature logic, static buffers, copies and eviction are the real ones)."""
+    from sdcore.cuda_graphs import CUDAGraphed
+
+    class OnCPU(CUDAGraphed):
+        captured = []
+
+        @staticmethod
+        def _replayable(x):
+            return True
+
+        def _record(self, run, device):
+            out = run()
+            self.captured.append(tuple(out.shape if hasattr(out, "shape") else len(out)))
+            if self.captured[-1] in fail_on:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return out, _ReplayOnCPU(run, out)
+
+    return OnCPU(fn, module)
+
+
+def test_cuda_graph_wrapper_keys_copies_and_evicts(monkeypatch, caplog):
+    import torch
+
+    import sdcore.cuda_graphs as cuda_graphs
+    unet = sdcore.load_model(TINY).unet
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    graphed = _graphed_on_cpu(unet, unet, fail_on=[(2, 4, 12, 12)])
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    x1, x2 = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(2))
+
+    def residuals():                                        # ControlNet-shaped: one per skip, then the middle's
+        skips, h = unet.encode(*unet.embed_batch(x1, t, ctx, None)[:2], ctx)
+        return [torch.randn(v.shape, generator=g) for v in (*skips, h)]
+
+    with torch.inference_mode():
+        out1, out2 = graphed(x1, t, ctx), graphed(x2, t, ctx)          # one capture, then a replay
+        torch.testing.assert_close(out1, unet(x1, t, ctx), rtol=0, atol=0)      # kept although the graph ran again
+        torch.testing.assert_close(out2, unet(x2, t, ctx), rtol=0, atol=0)
+        assert len(graphed.captured) == 1
+        c1, c2 = residuals(), residuals()                               # with residuals: a signature of its own
+        out_c1, out_c2 = graphed(x1, t, ctx, control=c1), graphed(x1, t, ctx, control=c2)
+        torch.testing.assert_close(out_c1, unet(x1, t, ctx, control=c1), rtol=0, atol=0)
+        torch.testing.assert_close(out_c2, unet(x1, t, ctx, control=c2), rtol=0, atol=0)   # residuals copied in
+        assert len(graphed.captured) == 2 and (out_c1 - out1).abs().max() > 0
+        with caplog.at_level("WARNING"):
+            out3 = graphed(torch.randn(1, 4, 12, 12, generator=g), t, ctx)    # capture fails: runs without a graph
+        assert "CUDA graph capture failed" in caplog.text and out3.shape == (2, 4, 12, 12)
+        # MAX_GRAPHS 2: the plain 8×8 signature, least recently used, was dropped for the failed 12×12 one
+        assert [(k[1], k[3][0]) for k in graphed.graphs] == [(False, (1, 4, 8, 8)), (True, (1, 4, 12, 12))]
+        assert list(graphed.graphs.values())[-1] is None
+        graphed(x1, t, ctx)                                             # back: captured again
+        assert graphed.captured[-1] == (2, 4, 8, 8) and len(graphed.captured) == 4
