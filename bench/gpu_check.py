@@ -9,9 +9,9 @@
    b64_json generation over HTTP each.
 3. The opt-in --compile path (inductor; on CUDA a CUDA graph per shape) against the eager image, at two
    sizes, with and without CFG, img2img, and called from a second thread.
-4. The other paths through the UNet, against the CPU float32 image: a ControlNet (its residuals enter
-   the UNet, which then runs uncaptured), a 9-channel inpainting UNet (captured with its mask channels)
-   and a masked edit with the default model (the ControlNet and the inpainting UNet have random
+4. The other paths through the UNet, against the CPU float32 image: a ControlNet (captured too; its
+   residuals are inputs of the UNet's graph), a 9-channel inpainting UNet (captured with its mask
+   channels) and a masked edit with the default model (the ControlNet and the inpainting UNet have random
    weights: none can be downloaded here; on the CPU their half-precision images lie 0.03-0.47/255 from
    float32).
 
@@ -82,15 +82,17 @@ def check_pipeline(device) -> bool:
     return ok
 
 
-def graphs_captured(unet, device) -> bool:
-    """Print how many input shapes ``unet`` replays as CUDA graphs; False on CUDA unless it is all of them."""
-    graphs = getattr(unet, "graphs", None)
+def graphs_captured(net, device) -> bool:
+    """Print how many input shapes ``net`` (the UNet or ControlNet) replays as CUDA graphs; False on CUDA
+    unless it is all of them."""
+    graphs, name = getattr(net, "graphs", None), type(getattr(net, "module", net)).__name__
     if graphs is None:
-        print(f"{'FAIL' if device.startswith('cuda') else 'ok  '} CUDA graphs: none (the UNet is not wrapped)")
+        print(f"{'FAIL' if device.startswith('cuda') else 'ok  '} CUDA graphs: none ({name} not wrapped)")
         return not device.startswith("cuda")
     captured = sum(g is not None for g in graphs.values())
     good = captured == len(graphs) > 0
-    print(f"{'ok  ' if good else 'FAIL'} CUDA graphs: {captured} of {len(graphs)} input shapes captured", flush=True)
+    print(f"{'ok  ' if good else 'FAIL'} CUDA graphs: {captured} of {len(graphs)} input shapes of the {name} captured",
+          flush=True)
     return good
 
 
@@ -195,14 +197,12 @@ def check_variants(device) -> bool:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 model = sdcore.load_model(path, device=device, dtype=dtype, **load_kw)
                 d = pixel_diff(generate(model, p)[0].image, expected)
-                shown = "".join(f"; {net} CUDA graphs {sum(g is not None for g in graphs.values())} of {len(graphs)} captured"
-                                for net, graphs in (("UNet", getattr(model.unet, "graphs", {})),
-                                                    ("ControlNet", getattr(model.controlnet, "graphs", {})))
-                                if graphs or net == "UNet")
                 limit = FP32_LIMIT if dtype == torch.float32 else HALF_LIMIT
                 ok &= bool(d <= limit)
                 print(f"{'ok  ' if d <= limit else 'FAIL'} {name:<16} {device} {str(dtype)[6:]:<9} vs cpu float32: mean "
-                      f"abs pixel diff {d:.2f}/255 (limit {limit}{shown if device.startswith('cuda') else ''})", flush=True)
+                      f"abs pixel diff {d:.2f}/255 (limit {limit})", flush=True)
+                for net in (model.unet, model.controlnet) if model.controlnet is not None else (model.unet,):
+                    ok &= graphs_captured(net, device)
     return ok
 
 

@@ -7,6 +7,7 @@ import torch
 
 from . import layouts
 from .clip import TextConfig, TextEncoder
+from .cuda_graphs import CUDAGraphed
 from .loader import (METADATA_KEY, CheckpointError, TensorFile, Tensors, _apply_overrides, build, from_file,
                      hf_text_to_ours, infer_text_config, infer_unet_config, infer_vae_config, meta_keys, renamed)
 from .tokenizer import EOS, Tokenizer
@@ -34,10 +35,9 @@ class StableDiffusion:
         """Opt-in ``torch.compile`` of the UNet (inductor, weights frozen into the graph: inference only,
         which is all ``generate`` does); on CUDA it then replays as one CUDA graph per input shape
         (sdcore.cuda_graphs). Each new input shape (size, CFG on/off) compiles again on its first call;
-        the UNet's attributes stay reachable through the wrapper."""
+        the UNet's attributes stay reachable through the wrapper. A UNet replayed as CUDA graphs is
+        compiled unwrapped, then captured again from the compiled code."""
         from torch._inductor import config as inductor_config
-
-        from .cuda_graphs import CUDAGraphed
         inductor_config.freezing = True       # constant-folds the weights: measured 0.79x eager (CPU, bf16)
         unet = self.unet.module if isinstance(self.unet, CUDAGraphed) else self.unet
         compiled = torch.compile(unet)
@@ -50,7 +50,6 @@ class StableDiffusion:
         """On CUDA, replay the (eager) UNet and ControlNet as one CUDA graph per input shape
         (sdcore.cuda_graphs): the same kernels without the Python and launch overhead that dominate an
         eager step on a fast card. Elsewhere a no-op. ``load_model`` does this by default."""
-        from .cuda_graphs import CUDAGraphed
         if self.device.type != "cuda":
             return self
         if not isinstance(self.unet, CUDAGraphed):
@@ -79,8 +78,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
     ``control_net``: a ControlNet file/folder, loaded on the same device/dtype and checked against the model.
     ``cache_dir``: where to keep weights converted to ``dtype`` on the CPU (``sdcore.weights_cache``):
     later loads memory-map them, and processes loading the same model share their memory. None: convert
-    in memory on every load. ``cuda_graphs``: on CUDA, replay the UNet as CUDA graphs
-    (``StableDiffusion.use_cuda_graphs``).
+    in memory on every load. ``cuda_graphs``: on CUDA, replay the UNet and ControlNet as CUDA
+    graphs (``StableDiffusion.use_cuda_graphs``).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
