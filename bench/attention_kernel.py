@@ -1,44 +1,46 @@
-"""Time the prototype CPU attention kernel (bench/attention_kernel.cpp) against ATen's SDPA.
+"""Time our CPU attention kernel (sdcore/attention_bf16.cpp) against ATen's SDPA.
 
-``python -m bench.attention_kernel [--rounds N]``: builds the kernel (torch.utils.cpp_extension, needs
-g++ and a CPU with AVX512-BF16; ~25 s per variant), checks it against a float64 reference, then times
-it and ATen's scaled_dot_product_attention interleaved on the SD1.5 UNet's level-0 self-attention shapes
-in bfloat16, and each of its three sections by leaving it out. Not part of the server or the tests:
-the next step of issue #6's CPU bf16 target (docs/BENCHMARKS.md, "Why the bf16 UNet step stops at 0.87").
+``python -m bench.attention_kernel [--rounds N]``: builds the kernel (g++, a CPU with AVX512-BF16; ~25 s
+per variant, cached), checks it against a float64 reference, then times it and ATen's
+scaled_dot_product_attention interleaved on the SD1.5 UNet's level-0 self-attention shapes in bfloat16,
+and each of its three sections by leaving it out (docs/BENCHMARKS.md, "The bf16 UNet step at 512²").
 """
 import argparse
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-SOURCE = Path(__file__).with_name("attention_kernel.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512bf16", "-mfma"]
-VARIANTS = {"whole kernel": [], "without Q K^T": ["SKIP_QK"], "without softmax": ["SKIP_SM"], "without P V": ["SKIP_PV"]}
+from sdcore import cpu_attention
+
+VARIANTS = {"whole kernel": None, "without Q K^T": "SKIP_QK", "without softmax": "SKIP_SM", "without P V": "SKIP_PV"}
 
 
-def build(defines):
-    from torch.utils.cpp_extension import load
-    name = "attention_kernel" + "".join(f"_{d.lower()}" for d in defines)
-    return load(name, [str(SOURCE)], extra_cflags=FLAGS + [f"-D{d}" for d in defines])
+def variant(skip):
+    """The op of the kernel without section ``skip`` (None: the real one)."""
+    if skip is None:
+        return torch.ops.sdcore.attention_bf16
+    torch.ops.load_library(str(cpu_attention.build([skip, f"OP=attention_{skip.lower()}"])))
+    return getattr(torch.ops.sdcore, f"attention_{skip.lower()}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
-    kernels = {name: build(defines) for name, defines in VARIANTS.items()}
+    if not cpu_attention.prepare():
+        sys.exit("the kernel needs a CPU with AVX512-BF16 and g++ (see the warning above)")
+    kernels = {name: variant(skip) for name, skip in VARIANTS.items()}
     g = torch.Generator().manual_seed(0)
     for b, heads, n, d in [(2, 8, 4096, 40), (1, 8, 4096, 40)]:
         q, k, v = (torch.randn(b, heads, n, d, generator=g).bfloat16() for _ in range(3))
-        flat = [t.reshape(b * heads, n, d) for t in (q, k, v)]
         calls = {"ATen SDPA": lambda: sdpa(q, k, v)}
-        calls.update({name: (lambda kernel=kernel: kernel.attention(*flat)) for name, kernel in kernels.items()})
+        calls.update({name: (lambda kernel=kernel: kernel(q, k, v)) for name, kernel in kernels.items()})
         with torch.inference_mode():
             ref = sdpa(q.double(), k.double(), v.double())
-            err = {name: (calls[name]().reshape(ref.shape).double() - ref).abs().max().item()
+            err = {name: (calls[name]().double() - ref).abs().max().item()
                    for name in ("ATen SDPA", "whole kernel")}
             times = {name: [] for name in calls}
             for _ in range(args.rounds):

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from . import layouts
+from . import cpu_attention, layouts
 from .clip import TextConfig, TextEncoder
 from .cuda_graphs import CUDAGraphed
 from .loader import (METADATA_KEY, CheckpointError, TensorFile, Tensors, _apply_overrides, build, from_file,
@@ -97,6 +97,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
         vae_cfg = _apply_overrides(vae_cfg or infer_vae_config(vae_t), meta.get("vae"))
     text_cfg = _apply_overrides(parts["text_cfg"] or infer_text_config(parts["text"], family), meta.get("text"))
 
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        cpu_attention.prepare()                     # its level-0 self-attention kernel (built once, cached)
     unet = build(UNet, unet_cfg, parts["unet"], device, dtype, "UNet", path, cache_dir)
     vae_model = build(AutoencoderKL, vae_cfg, vae_t, device, dtype, "VAE", vae_from, cache_dir)
     text = build(TextEncoder, text_cfg, parts["text"], device, dtype, "text encoder", path, cache_dir)

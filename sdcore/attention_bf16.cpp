@@ -1,13 +1,17 @@
-// A flash-attention kernel for the CPU in bfloat16 (AVX512-BF16), head dimension <= 48: a research
-// prototype for issue #6, not used by the server. bench/attention_kernel.py builds it and times it
-// against ATen's scaled_dot_product_attention on the UNet's level-0 shapes.
+// sdcore::attention_bf16: scaled dot-product attention on the CPU in bfloat16 for head dimensions of
+// at most 48, with AVX512-BF16 dot products. SD1.5's level-0 self-attention ([2, 8, 4096, 40] at 512²)
+// is a third of a UNet step on the CPU; ATen's flash kernel runs it at about a quarter of this CPU's
+// bf16 rate. sdcore/cpu_attention.py builds this file (g++, once, cached) and routes the shapes it
+// takes here; bench/attention_kernel.py times it against ATen.
 //
 // Per task (one head, QB query rows), for each tile of KB keys: S = Q K^T with vdpbf16ps (K packed per
 // tile as pairs of its head dimension, so a tile's rows are contiguous: a 16 KB stride between them
 // thrashed L1), the online softmax in float32 (row max, exp2 with log2(e) folded into the scale,
 // running sum, rescaled accumulator), P rounded to bfloat16, then acc += P V with vdpbf16ps (V packed as
-// pairs of keys). -DSKIP_QK / -DSKIP_SM / -DSKIP_PV leave a section out, to time the others.
-#include <torch/extension.h>
+// pairs of keys). -DSKIP_QK / -DSKIP_SM / -DSKIP_PV leave a section out, to time the others (with
+// -DOP=another_name).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
@@ -34,15 +38,18 @@ constexpr int QB = 64, KB = 256, DP = 48;   // q rows per task, kv columns per t
 static inline __m512bh bcast_pair(const void* p) { return (__m512bh)_mm512_set1_epi32(*(const int32_t*)p); }
 static inline __m512bh load_bh(const void* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
-// q, k, v: [BH, N, D] bfloat16 contiguous; D even, <= 48
-torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
-    const int64_t BH = q.size(0), N = q.size(1), M = k.size(1), D = q.size(2), P2 = D / 2;
+// q [B, H, N, D], k and v [B, H, M, D], bfloat16; D even and <= 48, N a multiple of QB, M of KB
+static at::Tensor attention(const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4) {
+    TORCH_CHECK(q4.dim() == 4 && q4.scalar_type() == at::kBFloat16 && k4.scalar_type() == at::kBFloat16
+                && v4.scalar_type() == at::kBFloat16, "attention_bf16: 4-d bfloat16 tensors expected");
+    const int64_t B = q4.size(0), H = q4.size(1), BH = B * H, N = q4.size(2), M = k4.size(2), D = q4.size(3), P2 = D / 2;
+    auto q = q4.reshape({BH, N, D}).contiguous(), k = k4.reshape({BH, M, D}).contiguous(), v = v4.reshape({BH, M, D}).contiguous();
     TORCH_CHECK(D <= DP && D % 2 == 0 && N % QB == 0 && M % KB == 0);
-    auto out = torch::empty_like(q);
+    auto out = at::empty_like(q);
     const float scale = 1.4426950408889634f / std::sqrt((float)D);
     // k as pairs of its head dimension, per key: kp [BH, D/2, M, 2]; v as pairs of keys: vp [BH, M/2, DP, 2]
     auto kp = k.view({BH, M / KB, KB, P2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
-    auto vpad = torch::zeros({BH, M, DP}, q.options());
+    auto vpad = at::zeros({BH, M, DP}, q.options());
     vpad.narrow(2, 0, D).copy_(v);
     auto vp = vpad.view({BH, M / 2, 2, DP}).permute({0, 1, 3, 2}).contiguous();
     const auto *Q = q.data_ptr<at::BFloat16>(), *KP = kp.data_ptr<at::BFloat16>(), *VP = vp.data_ptr<at::BFloat16>();
@@ -128,7 +135,14 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
             }
         }
     });
-    return out;
+    return out.view({B, H, N, D});
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("attention", &attention); }
+// OP: the op's name, so that bench/attention_kernel.py can load variants beside the real one
+#ifndef OP
+#define OP attention_bf16
+#endif
+#define NAME_(x) #x
+#define NAME(x) NAME_(x)
+TORCH_LIBRARY_FRAGMENT(sdcore, m) { m.def(NAME(OP) "(Tensor q, Tensor k, Tensor v) -> Tensor"); }
+TORCH_LIBRARY_IMPL(sdcore, CPU, m) { m.impl(NAME(OP), &attention); }
