@@ -40,14 +40,18 @@ static inline __m512bh load_bh(const void* p) { return (__m512bh)_mm512_loadu_si
 
 // q [B, H, N, D], k and v [B, H, M, D], bfloat16; D even and <= 48, N a multiple of QB, M of KB
 static at::Tensor attention(const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4) {
-    TORCH_CHECK(q4.dim() == 4 && q4.scalar_type() == at::kBFloat16 && k4.scalar_type() == at::kBFloat16
+    TORCH_CHECK(q4.dim() == 4 && k4.dim() == 4 && q4.scalar_type() == at::kBFloat16 && k4.scalar_type() == at::kBFloat16
                 && v4.scalar_type() == at::kBFloat16, "attention_bf16: 4-d bfloat16 tensors expected");
     const int64_t B = q4.size(0), H = q4.size(1), BH = B * H, N = q4.size(2), M = k4.size(2), D = q4.size(3), P2 = D / 2;
+    TORCH_CHECK(k4.sizes() == v4.sizes() && k4.size(0) == B && k4.size(1) == H && k4.size(3) == D,
+                "attention_bf16: k and v must be [B, H, M, D] for q [B, H, N, D]");
+    TORCH_CHECK(D <= DP && D % 2 == 0 && N % QB == 0 && M % KB == 0,
+                "attention_bf16: head dimension even and <= 48, queries a multiple of 64, keys of 256");
     auto q = q4.reshape({BH, N, D}).contiguous(), k = k4.reshape({BH, M, D}).contiguous(), v = v4.reshape({BH, M, D}).contiguous();
-    TORCH_CHECK(D <= DP && D % 2 == 0 && N % QB == 0 && M % KB == 0);
     auto out = at::empty_like(q);
     const float scale = 1.4426950408889634f / std::sqrt((float)D);
-    // k as pairs of its head dimension, per key: kp [BH, D/2, M, 2]; v as pairs of keys: vp [BH, M/2, DP, 2]
+    // k per tile of KB keys, as pairs of its head dimension: kp [BH, M/KB, D/2, KB, 2];
+    // v as pairs of keys, head dimension zero-padded: vp [BH, M/2, DP, 2]
     auto kp = k.view({BH, M / KB, KB, P2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
     auto vpad = at::zeros({BH, M, DP}, q.options());
     vpad.narrow(2, 0, D).copy_(v);

@@ -77,3 +77,12 @@ def test_off_switch_and_other_cpus_keep_sdpa(monkeypatch):
     q, k, v = qkv(1, 2, 64, 256, 40, seed=0)
     assert not cpu_attention.takes(q, k)
     torch.testing.assert_close(cpu_attention.attention(q, k, v), sdpa(q, k, v), rtol=0, atol=0)
+
+
+@needs_kernel
+def test_kernel_refuses_shapes_it_cannot_compute():
+    q, k, v = qkv(1, 2, 64, 256, 40, seed=0)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.sdcore.attention_bf16(q[:, :, :60], k, v)
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        torch.ops.sdcore.attention_bf16(q, k, v[:, :1])
