@@ -8,6 +8,7 @@ the cached library) on CPUs with AVX512-BF16. Where it cannot (no compiler, anot
 SDCORE_ATTENTION_KERNEL=0) everything stays on ``F.scaled_dot_product_attention``. The op has a fake
 implementation, so ``torch.compile`` keeps it.
 """
+import fcntl
 import hashlib
 import logging
 import os
@@ -50,12 +51,17 @@ def build(defines=(), out_dir: Path | None = None) -> Path:
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:      # built aside, renamed into place: atomic
-        partial = Path(tmp) / target.name
-        cmd = ["g++", *flags, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(partial),
-               *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(partial, target)
+    # workers starting together: one compiles, the others wait for it and then find the library
+    with open(out_dir / f"attention_bf16-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                            # released when the file closes
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:      # built aside, renamed into place: atomic
+            partial = Path(tmp) / target.name
+            cmd = ["g++", *flags, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(partial),
+                   *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            os.replace(partial, target)
     return target
 
 

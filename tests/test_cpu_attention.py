@@ -86,3 +86,27 @@ def test_kernel_refuses_shapes_it_cannot_compute():
         torch.ops.sdcore.attention_bf16(q[:, :, :60], k, v)
     with pytest.raises(RuntimeError, match="k and v must be"):
         torch.ops.sdcore.attention_bf16(q, k, v[:, :1])
+
+
+def test_processes_starting_together_compile_once(tmp_path, monkeypatch):
+    # the compiler stubbed (slow, writing the library): two builders at once, one compile, the same file
+    import subprocess
+    import threading
+    import time
+    compiles = []
+
+    def fake_gxx(cmd, **kw):
+        compiles.append(cmd)
+        time.sleep(0.5)
+        open(cmd[cmd.index("-o") + 1], "wb").write(b"library")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(cpu_attention.subprocess, "run", fake_gxx)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cpu_attention.build(out_dir=tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(compiles) == 1 and len(results) == 2 and results[0] == results[1]
+    assert results[0].read_bytes() == b"library" and not list(tmp_path.glob("tmp*"))   # no partial left
