@@ -66,12 +66,8 @@ CPUINFO = "/proc/cpuinfo"
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: where bf16 matmuls run at about twice the fp32 rate (elsewhere they are
     emulated and slower than fp32)."""
-    try:
-        with open(CPUINFO) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from sdcore.cpu_attention import cpu_flags
+    return not cpu_flags(CPUINFO).isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(dtype: str, device: str):

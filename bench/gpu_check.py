@@ -41,6 +41,7 @@ from PIL import Image
 
 import samplers
 import sdcore
+from sdcore.cuda_graphs import unwrapped
 from sdcore.pipeline import GenerationParams, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def check_pipeline(device) -> bool:
 def graphs_captured(net, device) -> bool:
     """Print how many input shapes ``net`` (the UNet or ControlNet) replays as CUDA graphs; False on CUDA
     unless it is all of them."""
-    graphs, name = getattr(net, "graphs", None), type(getattr(net, "module", net)).__name__
+    graphs, name = getattr(net, "graphs", None), type(unwrapped(net)).__name__
     if graphs is None:
         print(f"{'FAIL' if device.startswith('cuda') else 'ok  '} CUDA graphs: none ({name} not wrapped)")
         return not device.startswith("cuda")

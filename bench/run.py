@@ -315,15 +315,10 @@ COMPILE_MODES = {"default": "torch.compile", "reduce-overhead": "torch.compile (
                  "ours": "--compile (StableDiffusion.compile: torch.compile, on CUDA + a CUDA graph per shape)"}
 
 
-def plain_unet(model):
-    """The UNet module itself, whether or not the model replays it as CUDA graphs (the default on CUDA)."""
-    from sdcore.cuda_graphs import CUDAGraphed
-    return model.unet.module if isinstance(model.unet, CUDAGraphed) else model.unet
-
-
 def without_cuda_graphs(model):
     """A copy of ``model`` that runs its UNet eagerly, or None where it replays no CUDA graphs anyway."""
-    plain = plain_unet(model)
+    from sdcore.cuda_graphs import unwrapped
+    plain = unwrapped(model.unet)
     if plain is model.unet:
         return None
     model = copy.copy(model)
@@ -339,7 +334,8 @@ def compiled_unet(model, mode, x, t, ctx):
     if mode == "ours":
         compiled = copy.copy(model).compile().unet
     else:
-        compiled = torch.compile(plain_unet(model), mode=None if mode == "default" else mode)
+        from sdcore.cuda_graphs import unwrapped
+        compiled = torch.compile(unwrapped(model.unet), mode=None if mode == "default" else mode)
     # CUDA graphs replay into the same output buffer: keep each result apart (a copy of [1, 4, h, w])
     call = (lambda: compiled(x, t, ctx).clone()) if mode == "reduce-overhead" else (lambda: compiled(x, t, ctx))
     t0 = time.perf_counter()

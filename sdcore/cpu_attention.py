@@ -2,9 +2,9 @@
 
 SD1.5's level-0 self-attention, [2, 8, 4096, 40] at 512², is a third of a bf16 UNet step on the CPU,
 and ATen's flash kernel runs it far below the CPU's bf16 rate (docs/BENCHMARKS.md). The kernel here
-takes 0.875-0.90 of ATen's time on this shape. ``prepare()`` (called by ``load_model`` for bfloat16 on
-the CPU) compiles it once with g++ into ~/.cache/sd-api-server/kernels (about 25 s; later processes load
-the cached library) on CPUs with AVX512-BF16. Where it cannot (no compiler, another CPU,
+takes 0.875-0.90 of ATen's time on this shape. ``prepare()`` (called by ``load_model`` for a bfloat16
+UNet on the CPU with heads of HEAD_DIMS) compiles it once with g++ into ~/.cache/sd-api-server/kernels
+(about 25 s; later processes load the cached library) on CPUs with AVX512-BF16. Where it cannot (no compiler, another CPU,
 SDCORE_ATTENTION_KERNEL=0) everything stays on ``F.scaled_dot_product_attention``. The op has a fake
 implementation, so ``torch.compile`` keeps it.
 """
@@ -23,16 +23,22 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
 FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512bf16", "-mfma"]
 QUERY_BLOCK, KEY_BLOCK = 64, 256                    # QB, KB in the kernel
+HEAD_DIMS = range(34, 49, 2)                        # even, <= 48 (DP); above 32, where it is faster than ATen's
 _state = {"loaded": False, "tried": False}
 _lock = threading.Lock()
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_flags(cpuinfo="/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+        with open(cpuinfo) as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
+        return set()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return "avx512_bf16" in cpu_flags()
 
 
 def cache_dir() -> Path:
@@ -88,9 +94,8 @@ def prepare() -> bool:
 def takes(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the kernel computes attention for these [B, heads, N, d] queries and keys: CPU bfloat16,
     32 < d <= 48 (measured faster there: SD1.5's level 0), whole tiles of queries and keys."""
-    d = q.shape[-1]
-    return (_state["loaded"] and q.device.type == "cpu" and q.dtype == torch.bfloat16 and 32 < d <= 48
-            and d % 2 == 0 and q.shape[-2] % QUERY_BLOCK == 0 and k.shape[-2] % KEY_BLOCK == 0)
+    return (_state["loaded"] and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] in HEAD_DIMS
+            and q.shape[-2] % QUERY_BLOCK == 0 and k.shape[-2] % KEY_BLOCK == 0)
 
 
 def _kernel(q, k, v):

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 MAX_GRAPHS = 32
 
 
+def unwrapped(net):
+    """The network itself, whether or not it is replayed as CUDA graphs."""
+    return net.module if isinstance(net, CUDAGraphed) else net
+
+
 class CUDAGraphed:
     def __init__(self, fn, module: torch.nn.Module):
         """``fn(*tensors, control=None)``: the network to capture (``module`` or ``torch.compile(module)``):

@@ -7,7 +7,7 @@ import torch
 
 from . import cpu_attention, layouts
 from .clip import TextConfig, TextEncoder
-from .cuda_graphs import CUDAGraphed
+from .cuda_graphs import CUDAGraphed, unwrapped
 from .loader import (METADATA_KEY, CheckpointError, TensorFile, Tensors, _apply_overrides, build, from_file,
                      hf_text_to_ours, infer_text_config, infer_unet_config, infer_vae_config, meta_keys, renamed)
 from .tokenizer import EOS, Tokenizer
@@ -39,7 +39,7 @@ class StableDiffusion:
         compiled unwrapped, then captured again from the compiled code."""
         from torch._inductor import config as inductor_config
         inductor_config.freezing = True       # constant-folds the weights: measured 0.79x eager (CPU, bf16)
-        unet = self.unet.module if isinstance(self.unet, CUDAGraphed) else self.unet
+        unet = unwrapped(self.unet)
         compiled = torch.compile(unet)
         if self.device.type == "cuda":        # H200, 512² fp16: 14.0 ms per step compiled, 7.6 ms replayed
             compiled = CUDAGraphed(compiled, unet)
@@ -97,8 +97,9 @@ def load_model(path: str, device="cpu", dtype=torch.float32, prediction: str | N
         vae_cfg = _apply_overrides(vae_cfg or infer_vae_config(vae_t), meta.get("vae"))
     text_cfg = _apply_overrides(parts["text_cfg"] or infer_text_config(parts["text"], family), meta.get("text"))
 
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
-        cpu_attention.prepare()                     # its level-0 self-attention kernel (built once, cached)
+    if (torch.device(device).type == "cpu" and dtype == torch.bfloat16
+            and not unet_cfg.head_dims().isdisjoint(cpu_attention.HEAD_DIMS)):
+        cpu_attention.prepare()                     # SD1.5's level-0 attention kernel (built once, cached)
     unet = build(UNet, unet_cfg, parts["unet"], device, dtype, "UNet", path, cache_dir)
     vae_model = build(AutoencoderKL, vae_cfg, vae_t, device, dtype, "VAE", vae_from, cache_dir)
     text = build(TextEncoder, text_cfg, parts["text"], device, dtype, "text encoder", path, cache_dir)

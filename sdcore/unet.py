@@ -32,6 +32,12 @@ class UNetConfig:
     def heads_for(self, channels: int) -> int:
         return self.num_heads if self.num_heads else channels // self.head_dim
 
+    def head_dims(self) -> set[int]:
+        """The attention head dimensions of its transformer levels and middle block."""
+        levels = (*self.attention_levels, *((len(self.channel_mult) - 1,) if self.transformer_depth_middle else ()))
+        channels = [self.model_channels * self.channel_mult[i] for i in levels]
+        return {ch // heads for ch in channels if (heads := self.heads_for(ch))}
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of float timesteps t [B] -> [B, dim], ordered [cos, sin]."""
