@@ -8,4 +8,5 @@ serve:
 
 test:
 	./scripts/setup --test
+	.venv/bin/python -m flake8
 	.venv/bin/python -m pytest

@@ -9,19 +9,17 @@
   None loads every configured model with ``sdcore.load_model`` (once per worker process).
 * ``generate``: the generation function, ``sdcore.pipeline.generate`` by default.
 
-``main()`` is the ``sd-api-server`` console script: it parses the command line and runs gunicorn
-with ``gunicorn.conf.py`` (or Flask's development server with ``--dev``).
+The ``sd-api-server`` console script (``api.serve.main``) runs this factory in gunicorn.
 
-Hardening (issue 7): the Bearer key and CORS (``api/security.py``); ``GET /openapi.json``
-describes every endpoint and field with this server's limits (``api/openapi.py``). Generations
-wait in a bounded first-come-first-served queue (503 + Retry-After when full); a client whose
+Hardening: the Bearer key and CORS (``api/security.py``); ``GET /openapi.json`` describes every
+endpoint and field with this server's limits (``api/openapi.py``). Generations wait in a bounded
+first-come-first-served queue (``api/queue.py``; 503 + Retry-After when full); a client whose
 connection closes while it waits (or during its generation) is dropped
-(``api.runtime.client_gone_probe`` polls the request's socket). A url image that cannot be stored
+(``api.disconnect.client_gone_probe`` polls the request's socket). A url image that cannot be stored
 answers 507 (disk full) or 500, and the images of that response are removed.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import mimetypes
@@ -35,11 +33,14 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file,
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api.config import Settings, parse_args
+from api.config import Settings
+from api.disconnect import ClientGone, client_gone_probe
 from api.errors import APIError, error_response, register_error_handlers
+from api.models import ModelRegistry, load_models
 from api.openapi import build_openapi
 from api.params import Limits, parse_edit, parse_generation
-from api.runtime import ClientGone, Generator, ModelRegistry, client_gone_probe, image_item, load_models
+from api.queue import GenerationQueue
+from api.responses import image_item
 from api.security import add_cors_headers, check_api_key, key_digest, preflight_headers
 from api.storage import DISK_FULL, ImageStore, SaveLog
 
@@ -49,16 +50,14 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class _State:
-    def __init__(self, settings, models, generator, store):
+    def __init__(self, settings, models, queue, store):
         self.settings = settings
         self.models = models
-        self.generator = generator
+        self.queue = queue
         self.store = store
         self.limits = Limits.from_settings(settings)
         self.cors_origins = settings.cors_origin_list()
         self.key_digest = key_digest(settings.api_key)
-        self.openapi = build_openapi(self.limits, models.ids(), auth=bool(settings.api_key),
-                                     max_upload_bytes=settings.max_upload_bytes)
 
 
 def _state() -> _State:
@@ -74,15 +73,12 @@ def _file_url(stored) -> str:
     return url_for("api.download", file_id=stored.id, name=stored.filename, _external=True)
 
 
-def _respond(image_request):
+def _respond(parse):
     st = _state()
-    model = st.models.resolve(image_request.model)
+    image_request = parse(request, st.limits, st.models.resolve)
     params = image_request.params
-    native = getattr(model, "native_size", None)
-    if not image_request.size_given and native and native ** 2 <= st.limits.max_pixels:
-        params = dataclasses.replace(params, width=native, height=native)   # the model's own resolution
-    images = st.generator.run(model, params,
-                              client_gone=client_gone_probe(request.environ))
+    images = st.queue.run(image_request.model, params, request_id=g.request_id,
+                          client_gone=client_gone_probe(request.environ))
     saves = SaveLog(st.store)
     try:
         data = [image_item(img, params.prompt, image_request.response_format,
@@ -105,12 +101,12 @@ def _respond(image_request):
 
 @bp.post("/v1/images/generations")
 def generations():
-    return _respond(parse_generation(request, _state().limits, g.request_id))
+    return _respond(parse_generation)
 
 
 @bp.post("/v1/images/edits")
 def edits():
-    return _respond(parse_edit(request, _state().limits, g.request_id))
+    return _respond(parse_edit)
 
 
 @bp.get("/v1/models")
@@ -184,7 +180,10 @@ def echo():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(_state().openapi)
+    st = _state()
+    # built per request: it lists the samplers registered now
+    return jsonify(build_openapi(st.limits, st.models.ids(), auth=bool(st.settings.api_key),
+                                 max_upload_bytes=st.settings.max_upload_bytes))
 
 
 # --- request hooks ----------------------------------------------------------------------------
@@ -261,7 +260,7 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False
     app.extensions["sd_api_server"] = _State(
-        settings, models, Generator(generate, settings.max_queue),
+        settings, models, GenerationQueue(generate, settings.max_queue),
         ImageStore(settings.data_dir, ttl=settings.file_ttl))
     if settings.proxy_hops:
         h = settings.proxy_hops
@@ -277,46 +276,6 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     return app
 
 
-# --- console script ---------------------------------------------------------------------------
-GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn.conf.py"
-
-
-def main(argv=None) -> int:
-    settings, ns = parse_args(argv)
-    if ns.dev:
-        app = create_app(settings)
-        app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
-        return 0
-
-    from gunicorn.app.base import Application
-
-    from api.gworker import gunicorn_settings
-
-    class _Server(Application):
-        def init(self, parser, opts, args):  # no gunicorn command line: ours was parsed above
-            return None
-
-        def load_config(self):
-            if GUNICORN_CONF.exists():
-                self.load_config_from_file(str(GUNICORN_CONF))
-            else:  # installed without the repository: the same essentials
-                self.cfg.set("worker_class", "gthread")
-                self.cfg.set("preload_app", False)
-            # command-line options win over gunicorn.conf.py's environment variables
-            self.cfg.set("bind", [f"{settings.host}:{settings.port}"])
-            self.cfg.set("workers", settings.workers)
-            for name, value in gunicorn_settings(settings.workers).items():     # several workers: balanced
-                self.cfg.set(name, value)
-            self.cfg.set("threads", settings.http_threads)
-            self.cfg.set("timeout", settings.timeout)
-            self.cfg.set("graceful_timeout", settings.timeout)
-
-        def load(self):  # runs in each worker after fork (preload_app is False)
-            return create_app(settings)
-
-    _Server().run()
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":          # python app.py [options]: the same as sd-api-server
+    from api.serve import main
     sys.exit(main())

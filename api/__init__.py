@@ -1,4 +1,3 @@
-"""HTTP side of sd-api-server: settings, request parsing, errors and the image store.
-
-Nothing here imports torch; the Stable Diffusion core lives in ``sdcore`` and ``samplers``.
+"""HTTP side of sd-api-server: settings, request parsing, errors, the image store, the loaded
+models and the generation queue. The Stable Diffusion core lives in ``sdcore`` and ``samplers``.
 """

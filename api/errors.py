@@ -70,15 +70,14 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         status = exc.code or 500
-        etype, code = _HTTP_ERRORS.get(status, ("invalid_request_error" if status < 500
-                                                 else "server_error", None))
+        default = ("invalid_request_error" if status < 500 else "server_error", None)
+        etype, code = _HTTP_ERRORS.get(status, default)
         message = exc.description or exc.name
         if status == 404:
             message = "Not found: no such route or object."
         elif status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
-            message = ("Request body too large" + (f" (the limit is {limit} bytes)." if limit
-                                                    else "."))
+            message = "Request body too large" + (f" (the limit is {limit} bytes)." if limit else ".")
         resp = exc.get_response()  # keeps headers such as Allow (405) or Retry-After
         err = APIError(message, status=status, type=etype, param=None, code=code)
         out = error_response(err)

@@ -1,8 +1,8 @@
 """The OpenAPI 3.0 document served at ``GET /openapi.json``.
 
-It is built per application from the same constants the validators use (``api.params``: the
-choices, ranges and defaults, and the configured :class:`~api.params.Limits`), so the bounds it
-states are the bounds the server enforces. ``tests/test_api_openapi.py`` checks that every field
+It is built per request from the same tables the validators use (``api.params``: the choices,
+ranges and defaults, and the configured :class:`~api.params.Limits`), so the bounds it states are
+the bounds the server enforces, samplers registered at run time included. ``tests/test_api_openapi.py`` checks that every field
 the request parsers read appears here (by recording what they read, not from a copied list).
 
 What JSON Schema cannot say is in the descriptions: width*height <= max_pixels, seed + n - 1
@@ -15,6 +15,7 @@ from . import params as P
 from .storage import ID_RE, NAME_RE
 
 OPENAPI_VERSION = "3.0.3"
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -30,6 +31,7 @@ def _error_response(description: str, headers: dict | None = None) -> dict:
 
 def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
     lo_seed, hi_seed = P.SEED_RANGE
+    defaults = P.defaults()
     return {
         "model": {"type": "string", "nullable": True, "maxLength": 256,
                   "description": "Model id (GET /v1/models); absent, null or empty: the default "
@@ -37,10 +39,10 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
         "prompt": {"type": "string", "minLength": 1, "maxLength": limits.max_prompt_chars,
                    "pattern": r"\S", "description": "What to draw; must not be blank."},
         "negative_prompt": {"type": "string", "maxLength": limits.max_prompt_chars,
-                            "default": P.DEFAULTS["negative_prompt"],
+                            "default": defaults["negative_prompt"],
                             "description": "What to avoid."},
         "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n,
-              "default": P.DEFAULTS["n"],
+              "default": defaults["n"],
               "description": "Number of images (seeds seed..seed+n-1)."},
         "size": {"type": "string", "maxLength": 64,
                  "pattern": r"^(auto|[0-9]{1,9}x[0-9]{1,9})$",
@@ -58,27 +60,27 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
         "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps,
                   "default": limits.default_steps, "description": "Sampler steps."},
         "cfg_scale": {"type": "number", "minimum": P.CFG_SCALE_RANGE[0],
-                      "maximum": P.CFG_SCALE_RANGE[1], "default": P.DEFAULTS["cfg_scale"],
+                      "maximum": P.CFG_SCALE_RANGE[1], "default": defaults["cfg_scale"],
                       "description": "Classifier-free guidance scale."},
-        "sample_method": {"type": "string", "enum": list(P.SAMPLE_METHODS),
-                          "default": P.DEFAULTS["sample_method"],
+        "sample_method": {"type": "string", "enum": list(P.sample_methods()),
+                          "default": defaults["sample_method"],
                           "description": "Sampler (case-insensitive)."},
-        "scheduler": {"type": "string", "enum": list(P.SCHEDULERS),
+        "scheduler": {"type": "string", "enum": list(P.schedulers()),
                       "description": "Noise schedule (case-insensitive); default: the sampler's "
                                      "own (discrete; lcm for the lcm sampler)."},
         "seed": {"type": "integer", "minimum": lo_seed, "maximum": hi_seed,
-                 "default": P.DEFAULTS["seed"],
+                 "default": defaults["seed"],
                  "description": "Seed of the first image; negative: a random one. seed + n - 1 "
                                 "must stay within 64 bits. Each item reports its seed."},
         "control_strength": {"type": "number", "minimum": P.CONTROL_STRENGTH_RANGE[0],
                              "maximum": P.CONTROL_STRENGTH_RANGE[1],
-                             "default": P.DEFAULTS["control_strength"],
+                             "default": defaults["control_strength"],
                              "description": "ControlNet strength (with control_image)."},
-        "apply_canny_preprocessor": {"type": "boolean", "default": P.DEFAULTS["apply_canny_preprocessor"],
+        "apply_canny_preprocessor": {"type": "boolean", "default": defaults["apply_canny_preprocessor"],
                                      "description": "Turn control_image into a Canny edge map first "
                                                     "(thresholds 100/200), so a photo can be sent."},
         "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
-                            "default": P.DEFAULTS["response_format"],
+                            "default": defaults["response_format"],
                             "description": "url: a download URL (GET /v1/files/download/...); "
                                            "b64_json: the PNG in base64."},
         **{name: {"type": "string", "nullable": True, "maxLength": 256,
@@ -118,7 +120,7 @@ def request_schemas(limits: P.Limits, model_ids: list[str]) -> dict:
                      "control_image": control,
                      "strength": {"type": "number", "minimum": P.STRENGTH_RANGE[0],
                                   "maximum": P.STRENGTH_RANGE[1],
-                                  "default": P.DEFAULTS["strength"],
+                                  "default": P.defaults()["strength"],
                                   "description": "How much of the image is repainted."},
                  }}
     return {"GenerationRequest": gen_json, "GenerationForm": gen_form, "EditForm": edit_form}

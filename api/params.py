@@ -16,23 +16,28 @@ max_input_pixels pixels (checked from the header, before decoding) and sides of 
 Strings must be valid Unicode; prompt and negative_prompt have at most max_prompt_chars
 characters. Defaults never exceed the limits: steps defaults to min(20, max_steps), and the size
 to 512x512 or the largest square within max_pixels. A multipart body needs its boundary.
+
+The choices and defaults are the core's own (``samplers.SAMPLERS``, ``samplers.SCHEDULERS``, the
+``GenerationParams`` dataclass), read at each request: a sampler registered at run time is accepted.
+The ranges are this server's HTTP policy and are defined here.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
+import samplers
+from sdcore.pipeline import GenerationParams
+
 from .errors import APIError, invalid
 
-SAMPLE_METHODS = ("euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2",
-                  "ipndm", "ipndm_v", "lcm")
-SCHEDULERS = ("discrete", "karras", "exponential", "lcm")
 RESPONSE_FORMATS = ("url", "b64_json")
 # OpenAI fields this server has no use for: type-checked (a string or null), then ignored
 IGNORED_FIELDS = ("user", "quality", "style")
@@ -46,11 +51,30 @@ MIN_SIDE = 64
 SIDE_MULTIPLE = 8
 MIN_INPUT_SIDE = 8        # an uploaded image smaller than one autoencoder block carries nothing
 
-DEFAULTS = {
-    "negative_prompt": "", "n": 1, "cfg_scale": 7.0, "sample_method": "euler_a",
-    "scheduler": None, "steps": 20, "width": 512, "height": 512, "control_strength": 0.9,
-    "seed": 42, "strength": 0.75, "response_format": "url", "apply_canny_preprocessor": False,
-}
+# GenerationParams fields whose HTTP name differs (edits upload the init image as "image")
+HTTP_PARAMS = {"init_image": "image"}
+
+
+def sample_methods() -> tuple[str, ...]:
+    return tuple(samplers.SAMPLERS)
+
+
+def schedulers() -> tuple[str, ...]:
+    return tuple(samplers.SCHEDULERS)
+
+
+def defaults() -> dict:
+    """What a request that leaves a field out gets: GenerationParams' defaults, and url."""
+    out = {f.name: f.default for f in dataclasses.fields(GenerationParams)
+           if f.default is not dataclasses.MISSING}
+    out["response_format"] = "url"
+    return out
+
+
+def http_param(field: str | None) -> str | None:
+    """The request field that sets the GenerationParams field ``field``."""
+    return HTTP_PARAMS.get(field, field)
+
 
 _INT_RE = re.compile(r"[+-]?[0-9]{1,40}")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?")
@@ -59,26 +83,33 @@ _SIZE_RE = re.compile(r"([0-9]{1,9})[xX]([0-9]{1,9})")
 
 @dataclass
 class Limits:
-    max_n: int = 10
-    max_steps: int = 150
-    max_pixels: int = 1024 * 1024
-    max_input_pixels: int = 4096 * 4096
-    max_prompt_chars: int = 32000
+    """The request limits of :class:`api.config.Settings` (their defaults are defined there)."""
+    max_n: int
+    max_steps: int
+    max_pixels: int
+    max_input_pixels: int
+    max_prompt_chars: int
 
     @classmethod
     def from_settings(cls, s) -> "Limits":
-        return cls(s.max_n, s.max_steps, s.max_pixels, s.max_input_pixels, s.max_prompt_chars)
+        return cls(**{f.name: getattr(s, f.name) for f in dataclasses.fields(cls)})
 
     # Defaults never exceed the configured limits: a request that leaves a field out is valid.
     @property
     def default_steps(self) -> int:
-        return min(DEFAULTS["steps"], self.max_steps)
+        return min(defaults()["steps"], self.max_steps)
 
     @property
     def default_side(self) -> int:
         """512, or the largest multiple of 8 whose square fits in max_pixels (at least 64)."""
-        side = min(DEFAULTS["width"], math.isqrt(self.max_pixels) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        side = min(defaults()["width"], math.isqrt(self.max_pixels) // SIDE_MULTIPLE * SIDE_MULTIPLE)
         return max(MIN_SIDE, side)
+
+    def model_side(self, model) -> int:
+        """The side when a request sends no size: the model's native one if it fits, else
+        ``default_side``."""
+        native = getattr(model, "native_size", None)
+        return native if native and native ** 2 <= self.max_pixels else self.default_side
 
     @property
     def max_side(self) -> int:
@@ -88,10 +119,9 @@ class Limits:
 
 @dataclass
 class ImageRequest:
-    model: str | None          # requested model id (None: the default model)
+    model: Any                 # the loaded model the request names
     response_format: str       # "url" | "b64_json"
-    params: Any                # sdcore.pipeline.GenerationParams
-    size_given: bool = True    # False: no size/width/height sent; the model's native size applies
+    params: GenerationParams
 
 
 # --- field sources ----------------------------------------------------------------------------
@@ -231,11 +261,19 @@ def _check_side(name: str, v: int, param: str) -> None:
         raise invalid(param, f"{name} must be at least {MIN_SIDE} pixels, got {v}.")
 
 
-def _get_size(f: _Fields, limits: Limits) -> tuple[int, int]:
-    """(width, height); the defaults stand in when none is sent (the view then applies the model's
-    native size, see ``ImageRequest.size_given``)."""
-    width = _get_int(f, "width", limits.default_side, -(2 ** 31), 2 ** 31)
-    height = _get_int(f, "height", limits.default_side, -(2 ** 31), 2 ** 31)
+def _size_sent(f: _Fields) -> bool:
+    """Whether the request names a size: width, height, or a size other than "auto"."""
+    if f.has("width") or f.has("height"):
+        return True
+    size = f.get("size") if f.has("size") else None
+    return size is not None and not (isinstance(size, str) and size.strip().lower() == "auto")
+
+
+def _get_size(f: _Fields, limits: Limits, model) -> tuple[int, int]:
+    """(width, height); when no size is sent, the model's native size (``Limits.model_side``)."""
+    side = limits.default_side if _size_sent(f) else limits.model_side(model)
+    width = _get_int(f, "width", side, -(2 ** 31), 2 ** 31)
+    height = _get_int(f, "height", side, -(2 ** 31), 2 ** 31)
     wparam, hparam = "width", "height"
     size = _get_str(f, "size", None, max_len=64)
     if size is not None and size.strip().lower() != "auto":
@@ -323,10 +361,11 @@ def _reject_text_for_file(f: _Fields, names: tuple[str, ...], param: str) -> Non
 
 
 # --- bodies -----------------------------------------------------------------------------------
-def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
-    model = None
+def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
+    model_id = None
     if f.has("model") and f.get("model") is not None:
-        model = _get_str(f, "model", None, max_len=256).strip() or None
+        model_id = _get_str(f, "model", None, max_len=256).strip() or None
+    model = resolve_model(model_id)      # first: the default size is the model's
 
     if not f.has("prompt"):
         raise invalid("prompt", "'prompt' is required.", "missing_required_parameter")
@@ -336,40 +375,36 @@ def _parse_common(f: _Fields, limits: Limits, request_id: str) -> dict:
     for name in IGNORED_FIELDS:
         if f.has(name) and f.get(name) is not None:
             _get_str(f, name, None, max_len=256)
-    n = _get_int(f, "n", DEFAULTS["n"], 1, limits.max_n)
-    seed = _get_int(f, "seed", DEFAULTS["seed"], *SEED_RANGE)
+    d = defaults()
+    n = _get_int(f, "n", d["n"], 1, limits.max_n)
+    seed = _get_int(f, "seed", d["seed"], *SEED_RANGE)
     if seed >= 0 and seed + n - 1 > SEED_RANGE[1]:
         raise invalid("seed", f"'seed' + n - 1 must fit in 64 bits (at most {SEED_RANGE[1]}).")
-    width, height = _get_size(f, limits)
-    size = f.get("size") if f.has("size") else None
-    size_given = f.has("width") or f.has("height") or (
-        size is not None and not (isinstance(size, str) and size.strip().lower() == "auto"))
+    width, height = _get_size(f, limits, model)
     kw = dict(
         prompt=prompt,
-        negative_prompt=_get_str(f, "negative_prompt", DEFAULTS["negative_prompt"],
+        negative_prompt=_get_str(f, "negative_prompt", d["negative_prompt"],
                                  max_len=limits.max_prompt_chars),
         n=n,
         width=width,
         height=height,
         steps=_get_int(f, "steps", limits.default_steps, 1, limits.max_steps),
-        cfg_scale=_get_float(f, "cfg_scale", DEFAULTS["cfg_scale"], *CFG_SCALE_RANGE),
-        sample_method=_get_choice(f, "sample_method", DEFAULTS["sample_method"], SAMPLE_METHODS),
-        scheduler=_get_choice(f, "scheduler", DEFAULTS["scheduler"], SCHEDULERS),
+        cfg_scale=_get_float(f, "cfg_scale", d["cfg_scale"], *CFG_SCALE_RANGE),
+        sample_method=_get_choice(f, "sample_method", d["sample_method"], sample_methods()),
+        scheduler=_get_choice(f, "scheduler", d["scheduler"], schedulers()),
         seed=seed,
-        control_strength=_get_float(f, "control_strength", DEFAULTS["control_strength"],
+        control_strength=_get_float(f, "control_strength", d["control_strength"],
                                     *CONTROL_STRENGTH_RANGE),
-        apply_canny_preprocessor=_get_bool(f, "apply_canny_preprocessor", DEFAULTS["apply_canny_preprocessor"]),
-        request_id=request_id,
+        apply_canny_preprocessor=_get_bool(f, "apply_canny_preprocessor",
+                                           d["apply_canny_preprocessor"]),
     )
-    response_format = _get_choice(f, "response_format", DEFAULTS["response_format"],
-                                  RESPONSE_FORMATS)
-    return {"model": model, "response_format": response_format, "kw": kw, "size_given": size_given}
+    response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
+    return {"model": model, "response_format": response_format, "kw": kw}
 
 
 def _make(parsed: dict) -> ImageRequest:
-    from sdcore.pipeline import GenerationParams  # imported late: pulls in torch
     return ImageRequest(parsed["model"], parsed["response_format"],
-                        GenerationParams(**parsed["kw"]), parsed["size_given"])
+                        GenerationParams(**parsed["kw"]))
 
 
 def _json_object(request) -> dict:
@@ -396,8 +431,9 @@ def _check_multipart(request) -> None:
                        "Content-Type.", code="invalid_multipart")
 
 
-def parse_generation(request, limits: Limits, request_id: str = "") -> ImageRequest:
-    """POST /v1/images/generations: JSON, or a form (multipart when control_image is sent)."""
+def parse_generation(request, limits: Limits, resolve_model: Callable) -> ImageRequest:
+    """POST /v1/images/generations: JSON, or a form (multipart when control_image is sent).
+    ``resolve_model(model_id or None)`` returns the model (or raises the 404)."""
     mt = request.mimetype
     if request.is_json:
         f = _Fields.from_json(_json_object(request))
@@ -409,13 +445,13 @@ def parse_generation(request, limits: Limits, request_id: str = "") -> ImageRequ
         control = _single_file(f, ("control_image",), "control_image")
     else:
         raise _unsupported(request, "application/json or multipart/form-data")
-    parsed = _parse_common(f, limits, request_id)
+    parsed = _parse_common(f, limits, resolve_model)
     if control is not None:
         parsed["kw"]["control_image"] = _load_image(control, "control_image", limits).convert("RGB")
     return _make(parsed)
 
 
-def parse_edit(request, limits: Limits, request_id: str = "") -> ImageRequest:
+def parse_edit(request, limits: Limits, resolve_model: Callable) -> ImageRequest:
     """POST /v1/images/edits: multipart form with image (or image[]), optional mask and
     control_image. Without a mask, transparent pixels of the image itself (if any) are the
     area to repaint, as in OpenAI's API."""
@@ -430,9 +466,9 @@ def parse_edit(request, limits: Limits, request_id: str = "") -> ImageRequest:
     mask_file = _single_file(f, ("mask",), "mask")
     control_file = _single_file(f, ("control_image",), "control_image")
 
-    parsed = _parse_common(f, limits, request_id)
+    parsed = _parse_common(f, limits, resolve_model)
     kw = parsed["kw"]
-    kw["strength"] = _get_float(f, "strength", DEFAULTS["strength"], *STRENGTH_RANGE)
+    kw["strength"] = _get_float(f, "strength", defaults()["strength"], *STRENGTH_RANGE)
     if image_file is None:
         raise invalid("image", "'image' is required: upload the image to edit as a file.",
                       "missing_required_parameter")

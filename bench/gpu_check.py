@@ -68,7 +68,7 @@ def cases():
 
 
 def check_pipeline(device) -> bool:
-    ref = sdcore.load_model(str(MODEL))
+    ref = sdcore.load_model(str(MODEL), device="cpu", dtype=torch.float32)
     expected = {name: generate(ref, p)[0].image for name, p in cases()}
     ok = True
     for dtype, limit in ((torch.float32, FP32_LIMIT), (torch.float16, HALF_LIMIT), (torch.bfloat16, HALF_LIMIT)):
@@ -172,10 +172,10 @@ def check_server(device, compile: bool) -> bool:
 def check_variants(device) -> bool:
     import dataclasses
 
-    from sdcore.controlnet import ControlNet, save_controlnet
-    from sdcore.export import random_init_, save_single_file
+    from sdcore.controlnet import ControlNet
+    from sdcore.formats.write import random_init_, save_controlnet, save_single_file
     from sdcore.unet import UNet
-    base = sdcore.load_model(str(MODEL))
+    base = sdcore.load_model(str(MODEL), device="cpu", dtype=torch.float32)
     circle = Image.new("RGB", (64, 64))
     circle.paste((255, 255, 255), (16, 16, 48, 48))
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -194,7 +194,7 @@ def check_variants(device) -> bool:
                  ("masked edit", {}, GenerationParams(**common, init_image=photo, mask=mask, strength=0.7))]
         for name, load_kw, p in cases:
             path = str(inpaint if name == "inpainting unet" else MODEL)
-            expected = generate(sdcore.load_model(path, **load_kw), p)[0].image
+            expected = generate(sdcore.load_model(path, **load_kw, device="cpu", dtype=torch.float32), p)[0].image
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 model = sdcore.load_model(path, device=device, dtype=dtype, **load_kw)
                 d = pixel_diff(generate(model, p)[0].image, expected)

@@ -29,8 +29,8 @@ def timed(model, size, **kw):
 def controlnet_times(ckpt):
     from PIL import Image
 
-    from sdcore.controlnet import ControlNet, save_controlnet
-    from sdcore.export import random_init_
+    from sdcore.controlnet import ControlNet
+    from sdcore.formats.write import random_init_, save_controlnet
     from sdcore.unet import UNetConfig
     hint = Image.new("RGB", (512, 512))
     hint.paste((255, 255, 255), (128, 128, 384, 384))

@@ -1,11 +1,12 @@
 """``python -m bench``: our engine against diffusers/transformers (and stable-diffusion.cpp) on the same
 full-size SD1.5-shaped weights, in the same run, interleaved (ours, peer, ours, peer, ...), each
 figure the median of --runs after a warm-up, printed as seconds and as the ratio ours/peer.
-Writes the tables to docs/BENCHMARKS.md (see its header for how to read them).
+Appends the tables to bench/results/runs.md (see its header for how to read them); docs/BENCHMARKS.md
+keeps the current figures.
 
     python -m bench --quick                       # 256² only, no whole pipelines (about 7 minutes on 2 busy cores)
     python -m bench --sizes 256,512 --dtypes float32,bfloat16
-    python -m bench --only unet --sizes 512 --dtypes float32 --append
+    python -m bench --only unet --sizes 512 --dtypes float32
     python -m bench --only pipelines --pipelines 256:4 --sdcpp
 """
 import argparse
@@ -53,8 +54,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's: the cores)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense matmul peak in the measured dtype, to print the fraction of it a step reaches")
-    p.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown output (default docs/BENCHMARKS.md)")
-    p.add_argument("--append", action="store_true", help="add this run to --out instead of replacing it")
+    p.add_argument("--out", default="bench/results/runs.md", help="Markdown file the run is appended to "
+                                                                  "(default bench/results/runs.md)")
     args = p.parse_args(argv)
     cpu = not args.device.startswith("cuda")
     args.compile = args.compile.split(",") if args.compile else []
@@ -155,7 +156,8 @@ def bench_load(rep, args, ckpt, folder):
                 res[name].append(run_worker(*task))
         secs = {n: Stats([r["seconds"] for r in v]) for n, v in res.items()}
         size_gib = ckpt.stat().st_size / 2 ** 30
-        rep.add("load", f"load {dtype}, {cache} page cache: ours converting in memory vs raw read of the file ({size_gib:.2f} GiB)",
+        rep.add("load", f"load {dtype}, {cache} page cache: ours converting in memory vs raw read of the file "
+                        f"({size_gib:.2f} GiB)",
                 secs["ours"], secs["read"], "read the bytes", f"read {size_gib / secs['read'].median:.2f} GiB/s")
         rep.add("load", f"load {dtype}, {cache} page cache: ours vs diffusers", secs["ours"], secs["diffusers"],
                 "diffusers from_pretrained (diffusers folder, fp16 variant)")
@@ -177,7 +179,8 @@ def bench_load(rep, args, ckpt, folder):
             rep.add("memory", f"peak RSS of the loading process ({dtype})", peak["ours"], peak["diffusers"], "diffusers",
                     f"after imports: ours {fmt(base['ours'].median, 'MiB')}, diffusers {fmt(base['diffusers'].median, 'MiB')}; "
                     f"after the load: ours {fmt(last['ours']['anon'], 'MiB')} anonymous + {fmt(last['ours']['file'], 'MiB')} "
-                    f"mapped file pages, diffusers {fmt(last['diffusers']['anon'], 'MiB')} + {fmt(last['diffusers']['file'], 'MiB')}"
+                    f"mapped file pages, diffusers {fmt(last['diffusers']['anon'], 'MiB')} + "
+                    f"{fmt(last['diffusers']['file'], 'MiB')}"
                     + (f"; ours from the converted-weights cache peaks at {fmt(peak['ours mapped'].median, 'MiB')}"
                        if "ours mapped" in peak else ""))
 
@@ -218,7 +221,8 @@ def bench_workers(rep, args, ckpt):
     rep.add("memory", f"2 gunicorn workers on the checkpoint ({dtype}), sum of their PSS: mapping the converted-weights "
             f"cache vs each converting", Stats([sum(pss["cached"])], "MiB"), Stats([sum(pss["converting"])], "MiB"),
             "each worker converting its own copy",
-            f"per worker {', '.join(fmt(x, 'MiB') for x in pss['cached'])} vs {', '.join(fmt(x, 'MiB') for x in pss['converting'])}: "
+            f"per worker {', '.join(fmt(x, 'MiB') for x in pss['cached'])} vs "
+            f"{', '.join(fmt(x, 'MiB') for x in pss['converting'])}: "
             "the mapped weights are page cache, one copy shared by every worker")
 
 
@@ -366,7 +370,8 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
                                     extra=extra)
         outs = dict(zip(extra, c))
         for mode in args.compile:
-            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under {COMPILE_MODES[mode]}", st[f"compiled {mode}"],
+            rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under {COMPILE_MODES[mode]}",
+                    st[f"compiled {mode}"],
                     st["peer"], "diffusers UNet2DConditionModel (SDPA), eager",
                     f"agree with ours eager: max rel {rel_err(outs[f'compiled {mode}'], o):.1e}; compile + first call "
                     f"{fmt(compile_notes[mode])};" + gflops_note(args, n, st[f"compiled {mode}"], st["peer"]).partition(";")[2])
@@ -442,11 +447,13 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
                 "diffusers StableDiffusionPipeline", note)
         if compiled is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours with --compile", st["compiled"],
-                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours eager {px(outs['compiled'], o):.2f}/255; "
+                    st["peer"], "diffusers StableDiffusionPipeline",
+                    f"mean abs pixel diff vs ours eager {px(outs['compiled'], o):.2f}/255; "
                     f"compile + capture (a 1-step image) {fmt(compile_s)}")
         if eager is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours without CUDA graphs", st["no graphs"],
-                    st["peer"], "diffusers StableDiffusionPipeline", f"mean abs pixel diff vs ours (CUDA graphs) {px(outs['no graphs'], o):.2f}/255")
+                    st["peer"], "diffusers StableDiffusionPipeline",
+                    f"mean abs pixel diff vs ours (CUDA graphs) {px(outs['no graphs'], o):.2f}/255")
         if sdcpp is not None:
             rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a: ours {dtype} vs stable-diffusion.cpp",
                     st["ours"], st["sdcpp"], f"stable-diffusion.cpp ({args.sdcpp_wtype} weights)",
@@ -480,7 +487,7 @@ def main(argv=None) -> int:
         bench_parallel(rep, args, ckpt)
     sdcpp, sdcpp_dtype = None, None
     if "pipelines" in args.only and args.sdcpp:
-        from api.runtime import resolve_dtype
+        from sdcore.device import resolve_dtype
         from bench.sdcpp import SdCpp
         sdcpp = SdCpp(ckpt, threads=torch.get_num_threads(), wtype=args.sdcpp_wtype)
         default = str(resolve_dtype("auto", args.device)).removeprefix("torch.")
@@ -511,7 +518,7 @@ engine with the peer a user would pick instead, **in the same run, interleaved**
 peer, ...; the first call of each is a warm-up and also checks that both compute the same thing), on the
 **same weights**: a full-size SD1.5-shaped checkpoint with random weights (single-file LDM layout, fp16
 on disk, `.cache/sd15-random-v1.safetensors`; random weights cost exactly what real ones do), handed to
-diffusers/transformers through our own layout map (`tests/refs.py`). Figures are median [min–max] of
+diffusers/transformers through our own layout map (`bench/references.py`). Figures are median [min–max] of
 the timed runs; the ratio is ours/peer of the medians (below 1: we are faster), and "per round" the
 range of the ratios of the pairs that ran back to back. The machines these runs come from are shared
 (the load average is recorded): read the ratios, not the absolute seconds.
@@ -526,20 +533,15 @@ def write_markdown(args, command, info, rep, load_start, duration):
                f"device {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else ""))
     block = [f"\n## Run of {time.strftime('%Y-%m-%d %H:%M', time.localtime())}\n", f"```\n{command}\n```\n",
              f"- machine: {machine}",
-             f"- load average (1/5/15 min) at the start: {load_start}; at the end: {loadavg()}; the run took {duration / 60:.1f} min",
+             f"- load average (1/5/15 min) at the start: {load_start}; at the end: {loadavg()}; "
+             f"the run took {duration / 60:.1f} min",
              f"- runs: warm-up + {args.runs} timed (text encoding: at least 5)"]
     if args.threads:
         block.append(f"- torch threads set to {args.threads} (`--threads`) in this process, the load/memory workers and "
                      "the gunicorn worker")
     block += [f"- {n}" for n in rep.notes]
     text = "\n".join(block) + "\n" + rep.markdown()
-    old = out.read_text() if out.exists() else ""
-    if args.append and old:
-        out.write_text(old.rstrip("\n") + "\n" + text)
-    else:
-        # a hand-written "## Findings" section (between the header and the first run) is kept
-        start = old.find("\n## Findings")
-        findings = old[start:old.find("\n## Run of", start) if "\n## Run of" in old[start:] else None] if start >= 0 else ""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(HEADER + findings.rstrip("\n") + ("\n" if findings else "") + text)
+    old = out.read_text() if out.exists() else HEADER
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(old.rstrip("\n") + "\n" + text)
     log(f"wrote {out}")

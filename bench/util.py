@@ -171,7 +171,7 @@ def sd15_checkpoint() -> Path:
         from safetensors.torch import save_file
 
         from sdcore.clip import TextConfig, TextEncoder
-        from sdcore.export import ldm_state_dict, random_init_
+        from sdcore.formats.write import ldm_state_dict, random_init_
         from sdcore.unet import UNet, UNetConfig
         from sdcore.vae import AutoencoderKL, VAEConfig
 
@@ -222,7 +222,7 @@ def diffusers_folder(ckpt: Path) -> Path:
         import sdcore
         from tests import refs
         log(f"building {folder} (once)")
-        m = sdcore.load_model(str(ckpt))
+        m = sdcore.load_model(str(ckpt), device="cpu", dtype=torch.float32)
         refs.save_diffusers_folder(str(folder) + ".tmp", refs.diffusers_unet_from_ours(m.unet),
                                    refs.diffusers_vae_from_ours(m.vae), refs.transformers_text_from_ours(m.text_encoder),
                                    dtype=torch.float16)

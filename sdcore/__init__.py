@@ -1,6 +1,6 @@
-"""Our own Stable Diffusion networks, their checkpoint loading, and the generation pipeline."""
+"""Our own Stable Diffusion networks, their checkpoint formats (sdcore.formats), and the generation pipeline."""
 from .controlnet import ControlNet, attach_controlnet, load_controlnet
-from .loader import CheckpointError
+from .formats import CheckpointError
 from .model import StableDiffusion, load_model
 from .tokenizer import Tokenizer
 

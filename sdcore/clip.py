@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -39,10 +40,10 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)      # as nn.MultiheadAttention (OpenCLIP's own)
 
     def forward(self, x):                                                  # x [B, T, W]
-        b, t, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.heads, -1).unbind(2)
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.out_proj(h.transpose(1, 2).reshape(b, t, w))
+        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias),
+                            "b t (qkv heads d) -> qkv b heads t d", qkv=3, heads=self.heads)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)       # [B, heads, T, W/heads]
+        return self.out_proj(rearrange(h, "b heads t d -> b t (heads d)"))
 
 
 class MLP(nn.Module):

@@ -1,10 +1,10 @@
 """Attention on the CPU in bfloat16 through our own kernel (sdcore/attention_bf16.cpp) where it is faster.
 
 SD1.5's level-0 self-attention, [2, 8, 4096, 40] at 512², is a third of a bf16 UNet step on the CPU,
-and ATen's flash kernel runs it far below the CPU's bf16 rate (docs/BENCHMARKS.md). The kernel here
-takes 0.875-0.90 of ATen's time on this shape. ``prepare()`` (called by ``load_model`` for a bfloat16
-UNet on the CPU with heads of HEAD_DIMS) compiles it once with g++ into ~/.cache/sd-api-server/kernels
-(about 25 s; later processes load the cached library) on CPUs with AVX512-BF16. Where it cannot (no compiler, another CPU,
+and ATen's flash kernel runs it far below the CPU's bf16 rate; the kernel here is faster on this shape
+(docs/BENCHMARKS.md). ``prepare()`` (called by ``load_model`` for a bfloat16 UNet on the CPU with heads
+of HEAD_DIMS) compiles it once with g++ into ~/.cache/sd-api-server/kernels (later processes load the
+cached library) on CPUs with AVX512-BF16. Where it cannot (no compiler, another CPU,
 SDCORE_ATTENTION_KERNEL=0) everything stays on ``F.scaled_dot_product_attention``. The op has a fake
 implementation, so ``torch.compile`` keeps it.
 """

@@ -2,10 +2,10 @@
 (``StableDiffusion.use_cuda_graphs``, eager kernels) and under ``StableDiffusion.compile`` (inductor's).
 
 A 512² CFG step of the SD1.5 UNet is ~1000 kernel launches of a few microseconds of work each; on an
-H200 the launches, not the arithmetic, set its time. Replayed from a graph, the eager step takes 12.2 ms
-instead of 22.0 (fp16), the compiled one 6.6 ms instead of 14.0 (docs/BENCHMARKS.md). torch.compile's
+H200 the launches, not the arithmetic, set its time, and replaying them from a graph removes most of it,
+eager or compiled (docs/BENCHMARKS.md has the figures). torch.compile's
 own CUDA graphs (mode="reduce-overhead") keep their state per thread, and the server generates on
-whichever gthread thread took the request; a graph captured here replays from any thread.
+whichever request thread took the request; a graph captured here replays from any thread.
 
 Each new input signature (shapes, dtypes, with or without ControlNet residuals) is captured once: two
 warm-up calls on a side stream (compilation for that shape, cuBLAS/cuDNN workspaces), then the capture.

@@ -26,11 +26,11 @@ SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-b
 
 
 class PipelineError(ValueError):
-    """A request this model cannot serve; ``param`` names the offending field (HTTP 400)."""
+    """A request this model cannot serve; ``field`` names the offending ``GenerationParams`` field."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
-        self.message, self.param = message, param
+        self.message, self.field = message, field
 
 
 @dataclass
@@ -52,7 +52,6 @@ class GenerationParams:
     control_image: Image.Image | None = field(default=None, repr=False)
     apply_canny_preprocessor: bool = False   # control_image is a photo: use its edges (sdcore.canny)
     clip_skip: int = 1
-    request_id: str = ""
 
 
 @dataclass
@@ -86,7 +85,7 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
 def _check(model, p: GenerationParams):
     for name, value in (("width", p.width), ("height", p.height)):
         if value % 8:
-            raise PipelineError(f"{name} must be a multiple of 8 (the VAE works on 8×8 pixel blocks), got {value}", "size")
+            raise PipelineError(f"{name} must be a multiple of 8 (the VAE works on 8×8 pixel blocks), got {value}", name)
     try:
         samplers.check_sampler(p.sample_method)
         if p.scheduler is not None:
@@ -139,7 +138,7 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
     def callback(i, sigma, x_i, denoised):
         now = time.perf_counter()
         dt, clock[0] = now - clock[0], now
-        log.debug("%s step %d/%d %.3fs/step", p.request_id or "-", i + 1, len(sigmas) - 1, dt)
+        log.debug("step %d/%d %.3fs/step", i + 1, len(sigmas) - 1, dt)
         if progress:
             progress(i, len(sigmas) - 1, dt)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from . import cpu_attention
@@ -89,12 +90,12 @@ class Attention(nn.Module):
     def forward(self, x, context=None):                     # x [B, N, C], context [B, T, Cc]
         context = x if context is None else context
         b, n, c = x.shape
-        # heads made contiguous ([B, heads, N, C/heads], a small copy): as strided views of [B, N, C] the
-        # CPU flash kernel reads each head's rows C apart, ≈ 11 % slower at level 0 (measured, bf16, 512²)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2).contiguous()
+        # heads made contiguous (a small copy): as strided views of [B, N, C] the CPU flash kernel would read
+        # each head's rows C apart, which is slower (docs/BENCHMARKS.md)
+        q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=self.heads).contiguous()
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         h = cpu_attention.attention(q, k, v)               # [B, heads, N, C/heads]
-        return self.to_out(h.transpose(1, 2).reshape(b, n, c))
+        return self.to_out(rearrange(h, "b heads n d -> b n (heads d)"))
 
 
 class GEGLU(nn.Module):

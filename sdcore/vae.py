@@ -51,7 +51,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         # tokens made contiguous: as views of the NCHW conv outputs each token's channels lie HW apart,
-        # and SDPA then runs ≈ 25 % slower at 512² (measured, fp32 and bf16)
+        # and SDPA then runs slower (docs/BENCHMARKS.md)
         q, k, v = (f(y).flatten(2).transpose(1, 2).contiguous()[:, None] for f in (self.q, self.k, self.v))  # [B, 1, HW, C]
         y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(y)

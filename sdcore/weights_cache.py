@@ -2,7 +2,7 @@
 safetensors file that later loads memory-map instead of converting again.
 
 Why: most downloads are fp16 or fp32 and the CPU default is bf16, so every load converts each of
-SD1.5's 1.07 G values (≈ 1 s on 2 cores, about 3 × the time to read the file). A memory-mapped file
+SD1.5's 1.07 G values, which takes longer than reading the file (docs/BENCHMARKS.md). A memory-mapped file
 of the converted weights loads in the time of its page faults, and its pages are the page cache's:
 every gunicorn worker that maps the same file shares one copy of the weights instead of its own.
 
@@ -174,9 +174,13 @@ def _fingerprint(source, what, cfg, dtype) -> dict:
 
 @functools.cache
 def _code_digest() -> str:
-    """sdcore's own sources: a change to the loader, the layouts or a network invalidates the cache."""
+    """sdcore's own sources, sdcore.formats included: a change to the formats or a network invalidates
+    the cache."""
     here, h = os.path.dirname(os.path.abspath(__file__)), hashlib.sha256()
-    for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
+    sources = sorted(os.path.relpath(os.path.join(d, n), here) for d, _, names in os.walk(here)
+                     for n in names if n.endswith(".py"))
+    for name in sources:
+        h.update(name.encode())
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]

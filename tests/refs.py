@@ -1,9 +1,8 @@
 """Test-only bridges to the reference implementations (diffusers, transformers).
 
-The weights always travel through *our* layout code (sdcore.layouts / sdcore.export), never through
+The weights always travel through *our* layout code (sdcore.formats.layouts), never through
 a diffusers conversion helper, so a parity test checks our loader's mapping as well as our networks.
 """
-import dataclasses
 import json
 import os
 
@@ -11,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdcore import layouts
-from sdcore.export import text_to_hf
+from sdcore.formats import layouts
+from sdcore.formats.layouts import text_to_hf
 from sdcore.unet import UNetConfig
 from sdcore.vae import VAEConfig
 
@@ -129,7 +128,8 @@ def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sa
     Returns uint8 pixels [3, size, size]."""
     from open_clip.tokenizer import SimpleTokenizer
     from tests.kdiff import external, sampling
-    du, dv, dt = diffusers_unet_from_ours(model.unet), diffusers_vae_from_ours(model.vae), transformers_text_from_ours(model.text_encoder)
+    du, dv = diffusers_unet_from_ours(model.unet), diffusers_vae_from_ours(model.vae)
+    dt = transformers_text_from_ours(model.text_encoder)
     ids = SimpleTokenizer()([prompt, negative])
     ids[ids == 0] = 49407                                       # SD1 pads with eos
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -161,4 +161,5 @@ def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sa
 
 def pixels(img) -> torch.Tensor:
     """PIL RGB image -> uint8 [3, H, W]."""
-    return torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
+    data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width, 3).permute(2, 0, 1)

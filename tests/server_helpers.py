@@ -51,12 +51,13 @@ class Gunicorn:
     ``env`` overrides the environment (SD_* settings; ``API_KEY=""`` runs without a key; None removes
     a setting, leaving the server's default).
     ``app`` is the WSGI entry point (``fault_wsgi:app`` for the fault tests: tests/ is put on
-    PYTHONPATH). ``preexec_fn`` runs in the child before exec (resource limits).
+    PYTHONPATH). ``preexec_fn`` runs in the child before exec (resource limits). ``args``: more gunicorn
+    command-line options (they win over gunicorn.conf.py).
     ``log_pipe``: the server's output goes through a pipe copied to ``log_path`` by a thread
     (for a server whose own file writes are limited)."""
 
     def __init__(self, data_dir: Path, log_path: Path, app: str = "wsgi:app", preexec_fn=None,
-                 log_pipe: bool = False, **env):
+                 log_pipe: bool = False, args: tuple = (), **env):
         self.port = free_port()
         self.log_path = log_path
         self.base = f"http://127.0.0.1:{self.port}"
@@ -72,7 +73,7 @@ class Gunicorn:
         e = {k: v for k, v in e.items() if v is not None}        # None: leave that setting at its default
         self.log = open(log_path, "wb")
         self._copier = None
-        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", app],
+        self.proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", *args, app],
                                      cwd=ROOT, env=e, preexec_fn=preexec_fn,
                                      stdout=subprocess.PIPE if log_pipe else self.log,
                                      stderr=subprocess.STDOUT)
@@ -221,9 +222,13 @@ NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/loca
                                        if os.path.exists(p)), None)
 
 
-def render_site(gunicorn_ports: list[int], nginx_port: int) -> str:
-    """deploy/nginx.conf with the gunicorn upstream(s) and the listen port substituted."""
+def render_site(gunicorn_ports: list[int], nginx_port: int, directives: dict | None = None) -> str:
+    """deploy/nginx.conf with the gunicorn upstream(s), the listen port and ``directives`` (name -> value,
+    each set once in the site's server block) substituted."""
     site = (ROOT / "deploy" / "nginx.conf").read_text()
+    for name, value in (directives or {}).items():
+        site, n = re.subn(rf"(?m)^(    {name}) [^;]+;", lambda m: f"{m.group(1)} {value};", site)
+        assert n == 1, f"deploy/nginx.conf sets {name} {n} times"
     servers = "\n    ".join(f"server 127.0.0.1:{port};" for port in gunicorn_ports)
     site, n_up = re.subn(r"(?m)^    server 127\.0\.0\.1:8080;", servers, site)
     site, n_v4 = re.subn(r"listen 80;", f"listen 127.0.0.1:{nginx_port};", site)
@@ -232,10 +237,10 @@ def render_site(gunicorn_ports: list[int], nginx_port: int) -> str:
     return site
 
 
-def nginx_conf(prefix, site_path) -> str:
+def nginx_conf(prefix, site_path, worker_connections: int = 64) -> str:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     return (f"{user}daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/error.log info;\nevents {{ worker_connections 64; }}\n"
+            f"error_log {prefix}/error.log info;\nevents {{ worker_connections {worker_connections}; }}\n"
             f"http {{\n  access_log {prefix}/access.log;\n"
             f"  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
             f"  fastcgi_temp_path {prefix}/fcgi;\n  uwsgi_temp_path {prefix}/uwsgi;\n"
@@ -243,12 +248,14 @@ def nginx_conf(prefix, site_path) -> str:
 
 
 @contextlib.contextmanager
-def nginx_in_front(srv: "Gunicorn | list[Gunicorn]", tmp: Path):
+def nginx_in_front(srv: "Gunicorn | list[Gunicorn]", tmp: Path, directives: dict | None = None,
+                   worker_connections: int = 64):
     """A real nginx running deploy/nginx.conf in front of ``srv`` (one instance or several) on a free
     loopback port; yields (base URL, port)."""
     port = free_port()
-    (tmp / "site.conf").write_text(render_site([s.port for s in (srv if isinstance(srv, list) else [srv])], port))
-    (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf"))
+    ports = [s.port for s in (srv if isinstance(srv, list) else [srv])]
+    (tmp / "site.conf").write_text(render_site(ports, port, directives))
+    (tmp / "nginx.conf").write_text(nginx_conf(tmp, tmp / "site.conf", worker_connections))
     args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
     subprocess.run(args + ["-t"], check=True, capture_output=True)
     nginx = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -34,22 +34,6 @@ def test_from_env():
     assert "kkkkk" not in repr(Settings.from_env({"API_KEY": "kkkkk"}))
 
 
-@pytest.mark.parametrize("flags, want", [("fpu sse avx2 avx512f avx512_bf16 avx512vl", "bfloat16"),
-                                         ("fpu sse avx2 amx_bf16 amx_tile", "bfloat16"),
-                                         ("fpu sse avx2 avx512f avx512vl", "float32"),       # bf16 emulated: slower
-                                         (None, "float32")])                                 # no /proc/cpuinfo
-def test_auto_dtype_on_cpu_follows_native_bf16(tmp_path, monkeypatch, flags, want):
-    import torch
-    from api import runtime
-    info = tmp_path / "cpuinfo"
-    if flags is not None:
-        info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(runtime, "CPUINFO", str(info))
-    assert runtime.resolve_dtype("auto", "cpu") == getattr(torch, want)
-    assert runtime.resolve_dtype("float32", "cpu") == torch.float32          # an explicit dtype is kept
-    assert runtime.resolve_dtype("float16", "cpu") == torch.float16
-
-
 def test_model_name_names_the_first_model():
     s = Settings.from_env({"SD_MODEL": "/m/a.safetensors,/m/b.ckpt", "SD_MODEL_NAME": "sd"})
     assert s.model_specs() == [("sd", "/m/a.safetensors"), ("b", "/m/b.ckpt")]
@@ -75,7 +59,7 @@ def test_weights_cache_setting(monkeypatch):
 
 
 def test_workers_split_the_cores_unless_threads_is_set():
-    from api.runtime import worker_threads
+    from api.models import worker_threads
     assert worker_threads(Settings.from_env({}), 8) is None                          # one worker: torch's default
     assert worker_threads(Settings.from_env({"SD_WORKERS": "2"}), 8) == 4
     assert worker_threads(Settings.from_env({"SD_WORKERS": "3"}), 2) == 1
@@ -112,8 +96,8 @@ def test_from_mapping_rejects_unknown_keys():
 
 
 def _gunicorn_conf(monkeypatch, env):
-    for k in ("SD_HOST", "SD_PORT", "SD_WORKERS", "SD_HTTP_THREADS", "SD_TIMEOUT"):
-        monkeypatch.delenv(k, raising=False)
+    for k in [k for k in __import__("os").environ if k.startswith("SD_")]:
+        monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
@@ -121,30 +105,56 @@ def _gunicorn_conf(monkeypatch, env):
 
 def test_gunicorn_conf(monkeypatch):
     c = _gunicorn_conf(monkeypatch, {})
-    assert c["workers"] == 1 and c["worker_class"] == "gthread" and c["threads"] >= 2
+    assert c["workers"] == 1 and c["worker_class"].__name__ == "RequestBufferingWorker" and c["threads"] >= 2
     assert c["timeout"] >= 600 and c["graceful_timeout"] >= 600 and c["preload_app"] is False
-    assert c["bind"] == ["127.0.0.1:8080"]
+    assert c["bind"] == ["127.0.0.1:8080"] and c["keepalive"] == 5 and c["worker_connections"] == 1000
+    assert (c["worker_class"].header_timeout, c["worker_class"].body_timeout) == (20, 30)
+    assert "control_socket" not in c and c["control_socket_disable"] is True
     c = _gunicorn_conf(monkeypatch, {"SD_HOST": "0.0.0.0", "SD_PORT": "9001", "SD_WORKERS": "2",
-                                     "SD_HTTP_THREADS": "3", "SD_TIMEOUT": "1200"})
+                                     "SD_HTTP_THREADS": "3", "SD_TIMEOUT": "1200", "SD_HEADER_TIMEOUT": "7",
+                                     "SD_CONTROL_SOCKET": "/run/x.sock"})
     assert (c["bind"], c["workers"], c["threads"], c["timeout"]) == (["0.0.0.0:9001"], 2, 3, 1200)
+    assert c["keepalive"] == 0 and c["worker_class"].header_timeout == 7 and c["control_socket"] == "/run/x.sock"
+    with pytest.raises(ConfigError):         # validated as the server's own settings
+        _gunicorn_conf(monkeypatch, {"SD_WORKERS": "zero"})
 
 
-def test_main_starts_gunicorn_with_conf_and_cli(monkeypatch):
-    import app as app_module
+def test_main_starts_gunicorn_with_the_same_settings(monkeypatch):
     from gunicorn.app.base import BaseApplication
+
+    from api import serve
     seen = {}
 
     def fake_run(self):
         seen["cfg"] = self.cfg
-        seen["app"] = self
 
     monkeypatch.setattr(BaseApplication, "run", fake_run)
     monkeypatch.setenv("SD_HTTP_THREADS", "5")
-    assert app_module.main(["--port", "8123", "--host", "0.0.0.0", "--workers", "2", "--timeout", "900"]) == 0
+    assert serve.main(["--port", "8123", "--host", "0.0.0.0", "--workers", "2", "--timeout", "900",
+                       "--body-timeout", "11"]) == 0
     cfg = seen["cfg"]
     assert cfg.bind == ["0.0.0.0:8123"] and cfg.workers == 2 and cfg.threads == 5
-    assert cfg.preload_app is False and cfg.timeout == 900
-    # several workers: the balancing worker class (api/gworker.py), without keep-alive; one: plain gthread
-    assert cfg.worker_class_str == "api.gworker.BalancedThreadWorker" and cfg.keepalive == 0
-    assert app_module.main(["--workers", "1"]) == 0
-    assert seen["cfg"].worker_class_str == "gthread" and seen["cfg"].keepalive == 5
+    assert cfg.preload_app is False and cfg.timeout == 900 and cfg.keepalive == 0     # several workers: no keep-alive
+    assert cfg.worker_class.__name__ == "RequestBufferingWorker" and cfg.worker_class.body_timeout == 11
+    assert serve.main(["--workers", "1"]) == 0
+    assert seen["cfg"].keepalive == 5
+
+
+def test_settings_table_in_the_docs_is_the_definitions():
+    from api.config import settings_table
+    text = (ROOT / "docs" / "operating.md").read_text()
+    start = "<!-- settings table: generated from api/config.py, do not edit by hand -->\n"
+    table = text.split(start, 1)[1].split("<!-- end settings table -->", 1)[0]
+    assert table.strip() == settings_table().strip(), "run: python -m api.config and paste it into docs/operating.md"
+
+
+def test_every_setting_has_an_option_and_a_variable():
+    import dataclasses
+    from api.config import build_parser, env_names
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(Settings):
+        assert f.name in dests and f.metadata["help"]
+        name = env_names(f)[0]
+        if f.name not in ("models", "api_key"):
+            assert name == "SD_" + f.name.upper()

@@ -188,8 +188,8 @@ def test_documented_choices_are_the_accepted_ones(client, doc):
     # the enums are the validators' own tables
     props = resolve(doc, doc["paths"][GEN]["post"]["requestBody"]["content"]
                     ["application/json"]["schema"])["properties"]
-    assert props["sample_method"]["enum"] == list(params.SAMPLE_METHODS)
-    assert props["scheduler"]["enum"] == list(params.SCHEDULERS)
+    assert props["sample_method"]["enum"] == list(params.sample_methods())
+    assert props["scheduler"]["enum"] == list(params.schedulers())
     assert props["response_format"]["enum"] == list(params.RESPONSE_FORMATS)
 
 

@@ -5,10 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import sdcore
 from api.config import ConfigError, Settings, parse_args
-from api.runtime import load_models
+from api.models import load_models
 from sdcore.pipeline import GenerationParams, generate
 from weights.make_default import DEFAULT_PATH as TINY
 
@@ -29,7 +30,7 @@ def test_compiled_unet_draws_the_eager_image(caplog):
     with caplog.at_level(logging.INFO):
         compiled = load_models(settings).resolve(None)        # the server's path: compiled and warmed up at start
     assert "compiled model 'tiny-sd1'" in caplog.text
-    eager = sdcore.load_model(TINY)
+    eager = sdcore.load_model(TINY, device="cpu", dtype=torch.float32)
     assert compiled.unet is not eager.unet and compiled.unet.cfg == eager.unet.cfg      # attributes reach through
     p = GenerationParams(prompt="a red circle on a blue background", width=64, height=64, steps=3,
                          sample_method="euler_a", seed=5)
@@ -44,7 +45,7 @@ def test_cuda_graph_wrapper_runs_cpu_and_unreplayable_calls_as_they_are():
     import torch
 
     from sdcore.cuda_graphs import CUDAGraphed
-    unet = sdcore.load_model(TINY).unet
+    unet = sdcore.load_model(TINY, device="cpu", dtype=torch.float32).unet
     calls = []
 
     def fn(x, t, ctx, control=None):
@@ -78,7 +79,7 @@ def test_cuda_graphs_setting_parses_and_reaches_load_model(monkeypatch):
 
 def test_cuda_graphs_wrap_only_on_cuda_and_compile_unwraps_them():
     from sdcore.cuda_graphs import CUDAGraphed
-    model = sdcore.load_model(TINY)                                     # cuda_graphs=True by default
+    model = sdcore.load_model(TINY, device="cpu", dtype=torch.float32)          # cuda_graphs=True by default
     plain = model.unet
     assert model.use_cuda_graphs().unet is plain                        # on the CPU: nothing to replay
     model.unet = CUDAGraphed(plain, plain)                              # as load_model leaves it on CUDA
@@ -126,7 +127,7 @@ def test_cuda_graph_wrapper_keys_copies_and_evicts(monkeypatch, caplog):
     import torch
 
     import sdcore.cuda_graphs as cuda_graphs
-    unet = sdcore.load_model(TINY).unet
+    unet = sdcore.load_model(TINY, device="cpu", dtype=torch.float32).unet
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
     graphed = _graphed_on_cpu(unet, unet, fail_on=[(2, 4, 12, 12)])
     g = torch.Generator().manual_seed(0)

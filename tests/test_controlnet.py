@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import sdcore
 from sdcore.canny import canny
-from sdcore.controlnet import ControlNet, attach_controlnet, save_controlnet
-from sdcore.export import random_init_
+from sdcore.controlnet import ControlNet, attach_controlnet
+from sdcore.formats.write import random_init_, save_controlnet
 from sdcore.pipeline import (GenerationParams, control_residuals, cover_resize, generate, image_to_tensor,
                              parse_infotext, tensor_to_image)
 from sdcore.unet import UNet
@@ -19,7 +19,6 @@ from tests import refs
 from tests.refs import pixels
 from tests.test_parity_tiny import SD2_UNET
 from weights.make_default import UNET as TINY_UNET
-from weights.make_default import build_tiny
 
 TOL = 1e-5
 
@@ -112,12 +111,12 @@ def test_wrong_files_and_families_are_refused(tmp_path, default_model_path):
         sdcore.load_controlnet(default_model_path)
     save_controlnet(tmp_path / "sd2cn.safetensors", _controlnet(SD2_UNET))
     with pytest.raises(sdcore.CheckpointError, match="ControlNet, not a base model: pass it with --control-net"):
-        sdcore.load_model(tmp_path / "sd2cn.safetensors")
+        sdcore.load_model(tmp_path / "sd2cn.safetensors", device="cpu", dtype=torch.float32)
     # an SD2-shaped ControlNet (context_dim 64) next to the tiny SD1 model (context_dim 32): refused at start
     with pytest.raises(sdcore.CheckpointError, match=r"context_dim 64.*context_dim 32"):
-        sdcore.load_model(default_model_path, control_net=str(tmp_path / "sd2cn.safetensors"))
+        sdcore.load_model(default_model_path, control_net=str(tmp_path / "sd2cn.safetensors"), device="cpu", dtype=torch.float32)
     wider = _controlnet(dataclasses.replace(TINY_UNET, model_channels=64))
-    model = sdcore.load_model(default_model_path)
+    model = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     with pytest.raises(sdcore.CheckpointError, match="does not fit"):
         attach_controlnet(model, wider)
     assert model.controlnet is None
@@ -133,7 +132,7 @@ def test_wrong_files_and_families_are_refused(tmp_path, default_model_path):
 def controlled(default_model_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("cn") / "tiny-cn.safetensors"
     save_controlnet(path, _controlnet(TINY_UNET), dtype=torch.float16)
-    model = sdcore.load_model(default_model_path, control_net=str(path))
+    model = sdcore.load_model(default_model_path, control_net=str(path), device="cpu", dtype=torch.float32)
     assert model.controlnet.cfg == TINY_UNET and model.controlnet.source == str(path)
     return model
 

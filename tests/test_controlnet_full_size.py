@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sdcore
-from sdcore.controlnet import ControlNet, save_controlnet
-from sdcore.export import random_init_
+from sdcore.controlnet import ControlNet
+from sdcore.formats.write import random_init_, save_controlnet
 from sdcore.unet import UNetConfig
 from tests import refs
 

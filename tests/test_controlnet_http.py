@@ -18,8 +18,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def server(tmp_path_factory, default_model_path):
     require_pipeline()
     import sdcore
-    from sdcore.controlnet import ControlNet, save_controlnet
-    from sdcore.export import random_init_
+    from sdcore.controlnet import ControlNet
+    from sdcore.formats.write import random_init_, save_controlnet
     tmp = tmp_path_factory.mktemp("controlnet-http")
     base = sdcore.load_model(default_model_path)
     save_controlnet(tmp / "control_tiny.safetensors", random_init_(ControlNet(base.unet.cfg), 21), dtype=torch.float16)

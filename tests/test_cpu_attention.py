@@ -8,7 +8,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from sdcore import cpu_attention
-from sdcore.export import random_init_
+from sdcore.formats.write import random_init_
 from sdcore.unet import UNet, UNetConfig
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.prepare(), reason="no AVX512-BF16 CPU or no g++")

@@ -26,12 +26,12 @@ PROMPTS = [("circle", "red", "blue", "in the centre"), ("square", "yellow", "bla
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_images_stay_within_stated_tolerance_of_float32(dtype):
     """The server's default dtype is bf16 on a CPU with native bf16 and on CUDA cards with bf16, fp16 on
-    older cards (api/runtime.resolve_dtype); on the default model their images must stay faithful to
+    older cards (sdcore.device.resolve_dtype); on the default model their images must stay faithful to
     fp32's (same prompts, seeds, samplers): the same colours, shape and position read back, mean abs
     pixel difference ≤ 1.5/255 over the nine images and ≤ 5/255 for any one (measured: bf16 0.87 and 3.0,
     its rounding can move a shape's edge by a pixel; fp16 0.06 and 0.29). fp16 runs here on the CPU: its
     rounding, not a card's kernels."""
-    m32, m16 = sdcore.load_model(MODEL), sdcore.load_model(MODEL, dtype=dtype)
+    m32, m16 = sdcore.load_model(MODEL, device="cpu", dtype=torch.float32), sdcore.load_model(MODEL, dtype=dtype)
     diffs = []
     for i, labels in enumerate(PROMPTS[:3]):
         for sampler in ("euler_a", "euler", "dpm++2m"):
@@ -47,7 +47,7 @@ def test_checkpoint_matches_readme_and_loads():
     readme = (ROOT / "weights" / "README.md").read_text()
     recorded = re.search(r"sha256 `([0-9a-f]{64})`", readme).group(1)
     assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == recorded
-    m = sdcore.load_model(MODEL)
+    m = sdcore.load_model(MODEL, device="cpu", dtype=torch.float32)
     assert (m.family, m.prediction, m.native_size) == ("sd1", "eps", 64)
     assert m.vae.cfg.scale_factor != 0.18215                       # measured, stored in the metadata
 

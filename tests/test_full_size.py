@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import sdcore
 from sdcore.clip import TextConfig, TextEncoder
-from sdcore.export import ldm_state_dict, random_init_
+from sdcore.formats.write import ldm_state_dict, random_init_
 from sdcore.unet import UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 from tests import refs
@@ -37,7 +37,7 @@ def sd15_file(cache_dir):
 
 @pytest.fixture(scope="module")
 def sd15(sd15_file):
-    return sdcore.load_model(sd15_file)
+    return sdcore.load_model(sd15_file, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_diffusers_folder_of_the_same_weights(sd15, references, cache_dir):
         refs.save_diffusers_folder(folder + ".tmp", du, dv, dt, dtype=torch.float16)   # *.fp16.safetensors variant
         du.float(), dv.float(), dt.float()
         os.replace(folder + ".tmp", folder)
-    f = sdcore.load_model(folder)
+    f = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     x, ctx, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g), torch.tensor([500.0])
     with torch.inference_mode():
@@ -83,7 +83,7 @@ def test_diffusers_folder_of_the_same_weights(sd15, references, cache_dir):
 
 
 def test_bfloat16_load_stays_within_stated_tolerance_of_float32(sd15_file, sd15):
-    """bf16 is the server's default dtype on CPUs with native bf16 (api/runtime.resolve_dtype): the same
+    """bf16 is the server's default dtype on CPUs with native bf16 (sdcore.device.resolve_dtype): the same
     file loaded in bf16 must stay close to the fp32 networks, which test_forward_parity ties to diffusers.
     Tolerances are about twice what was measured (UNet max rel 1.6e-2, VAE 0.57/255 mean)."""
     half = sdcore.load_model(sd15_file, dtype=torch.bfloat16)

@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 import sdcore
 from sdcore.clip import TextConfig, TextEncoder
-from sdcore.export import ldm_state_dict, random_init_, save_single_file
-from sdcore.loader import CAST_CHUNK, cast, config_to_metadata
+from sdcore.formats.build import CAST_CHUNK, cast
+from sdcore.formats.files import config_to_metadata
+from sdcore.formats.write import ldm_state_dict, random_init_, save_single_file
 from sdcore.unet import BasicTransformerBlock, UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 from tests import refs
@@ -51,13 +52,13 @@ def test_tiny_sd1_from_diffusers_folder_and_single_file(tmp_path):
     du, dv, dt = (refs.diffusers_unet_from_ours(build_tiny()[0]), refs.diffusers_vae_from_ours(build_tiny()[1]),
                   refs.transformers_text_from_ours(build_tiny()[2]))
     folder = refs.save_diffusers_folder(tmp_path / "pipe", du, dv, dt)
-    m = sdcore.load_model(folder)
+    m = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
     assert (m.family, m.prediction, m.tokenizer.pad_id) == ("sd1", "eps", 49407)
     _check_against_refs(m, du, dv, dt)
 
     # the same weights written in the single-file layout load to the same outputs
     save_single_file(tmp_path / "tiny.safetensors", m.unet, m.vae, m.text_encoder)
-    s = sdcore.load_model(tmp_path / "tiny.safetensors")
+    s = sdcore.load_model(tmp_path / "tiny.safetensors", device="cpu", dtype=torch.float32)
     x, t, ctx, img, _ = _inputs(32)
     with torch.no_grad():
         assert torch.equal(s.unet(x, t, ctx), m.unet(x, t, ctx))
@@ -66,7 +67,7 @@ def test_tiny_sd1_from_diffusers_folder_and_single_file(tmp_path):
 
 
 def test_tiny_sd1_clip_skip_and_encode_text(default_model_path):
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     dt = refs.transformers_text_from_ours(m.text_encoder)
     ids = m.tokenizer(["a red circle on a blue background", ""])
     assert ids[1, 1:].eq(49407).all()                              # SD1 pads with eos
@@ -90,7 +91,7 @@ def test_tiny_sd2_single_file_without_metadata(tmp_path):
     unet, vae, text = _sd2_parts()
     path = tmp_path / "sd2.safetensors"
     save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path))
-    m = sdcore.load_model(path)
+    m = sdcore.load_model(path, device="cpu", dtype=torch.float32)
     assert m.family == "sd2" and m.tokenizer.pad_id == 0
     assert m.unet.cfg == SD2_UNET
     assert m.text_encoder.cfg.output_layer == -2 and m.text_encoder.cfg.act == "gelu"
@@ -157,32 +158,32 @@ def test_prediction_type_sources(tmp_path):
     unet, vae, text = _sd2_parts()
     path = tmp_path / "sd2.safetensors"
     save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path), metadata={"modelspec.prediction_type": "v"})
-    assert sdcore.load_model(path).prediction == "v"
-    assert sdcore.load_model(path, prediction="eps").prediction == "eps"
+    assert sdcore.load_model(path, device="cpu", dtype=torch.float32).prediction == "v"
+    assert sdcore.load_model(path, prediction="eps", device="cpu", dtype=torch.float32).prediction == "eps"
     # the one-forward-pass heuristic: a UNet whose output is the constant b gives mean(out - 0.5) = b - 0.5
     for bias, expected in ((-3.0, "v"), (0.5, "eps")):
         with torch.no_grad():
             unet.out[2].weight.zero_()
             unet.out[2].bias.fill_(bias)
         save_file(ldm_state_dict(unet, vae, text, family="sd2"), str(path))
-        assert sdcore.load_model(path).prediction == expected
+        assert sdcore.load_model(path, device="cpu", dtype=torch.float32).prediction == expected
 
 
 def test_ema_weights_preferred_and_schedule_buffers_ignored(tmp_path, default_model_path):
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     sd = ldm_state_dict(m.unet, m.vae, m.text_encoder)
     ema = {"model_ema.diffusion_model" + k[len("model.diffusion_model"):].replace(".", ""): v + 1.0
            for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     extra = {"betas": torch.linspace(0, 1, 1000), "alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999),
              "model_ema.num_updates": torch.tensor(5, dtype=torch.int32)}
     save_file(sd | ema | extra, str(tmp_path / "full.safetensors"))
-    e = sdcore.load_model(tmp_path / "full.safetensors")
+    e = sdcore.load_model(tmp_path / "full.safetensors", device="cpu", dtype=torch.float32)
     k = "input_blocks.0.0.weight"
     assert torch.equal(e.unet.state_dict()[k], m.unet.state_dict()[k] + 1.0)
 
 
 def test_mixed_dtypes_cast_per_tensor_and_ckpt_layout(tmp_path, default_model_path):
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     sd = ldm_state_dict(m.unet, m.vae, m.text_encoder)
     mixed = {k: v.to([torch.float32, torch.float16, torch.bfloat16][i % 3]) if v.is_floating_point() else v
              for i, (k, v) in enumerate(sorted(sd.items()))}
@@ -191,7 +192,7 @@ def test_mixed_dtypes_cast_per_tensor_and_ckpt_layout(tmp_path, default_model_pa
     assert all(p.dtype == torch.float32 for p in a.unet.parameters())
     # .ckpt: a pickled, nested {"state_dict": {...}} as the original CompVis releases
     torch.save({"epoch": 3, "state_dict": {"state_dict": mixed}}, tmp_path / "m.ckpt")
-    b = sdcore.load_model(tmp_path / "m.ckpt")
+    b = sdcore.load_model(tmp_path / "m.ckpt", device="cpu", dtype=torch.float32)
     for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     bf = sdcore.load_model(tmp_path / "mixed.safetensors", dtype=torch.bfloat16)
@@ -217,10 +218,10 @@ def test_fp16_to_bf16_load_cast_is_bit_identical_to_torchs():
 
 
 def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_path):
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     other = random_init_(AutoencoderKL(m.vae.cfg), 123)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "vae.safetensors"))   # bare LDM VAE keys
-    v = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae.safetensors"))
+    v = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae.safetensors"), device="cpu", dtype=torch.float32)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(v.vae.decode(x), other.decode(x))
@@ -228,7 +229,7 @@ def test_separate_vae_file_overrides_the_checkpoint_vae(tmp_path, default_model_
     # the same VAE as a diffusers vae/ folder
     dv = refs.diffusers_vae_from_ours(other)
     dv.save_pretrained(tmp_path / "vae_folder")
-    w = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder"))
+    w = sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder"), device="cpu", dtype=torch.float32)
     with torch.no_grad():
         assert refs.max_abs(w.vae.decode(x), other.decode(x)) <= TOL
 
@@ -237,7 +238,7 @@ def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(
     """The default model's VAE normalises 32 channels in 8 groups (not SD's 32): the group count must
     reach the modules from the single file's metadata, from a diffusers folder's norm_num_groups and from
     the metadata of a VAE file in diffusers naming."""
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     vae = random_init_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)), 7)
     assert vae.decoder.norm_out.num_groups == 8
     dv = refs.diffusers_vae_from_ours(vae)
@@ -251,9 +252,10 @@ def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(
         ref = dv.decode(x / vae.cfg.scale_factor).sample
         assert refs.max_abs(vae.decode(x), ref) <= TOL
         assert refs.max_abs(vae.encode(img), dv.encode(img).latent_dist.mean * vae.cfg.scale_factor) <= TOL
-        for loaded in (sdcore.load_model(tmp_path / "g8.safetensors").vae,
-                       sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder")).vae,
-                       sdcore.load_model(default_model_path, vae=str(tmp_path / "g8-vae-diffusers.safetensors")).vae):
+        fp32 = dict(device="cpu", dtype=torch.float32)
+        for loaded in (sdcore.load_model(tmp_path / "g8.safetensors", **fp32).vae,
+                       sdcore.load_model(default_model_path, vae=str(tmp_path / "vae_folder"), **fp32).vae,
+                       sdcore.load_model(default_model_path, vae=str(tmp_path / "g8-vae-diffusers.safetensors"), **fp32).vae):
             assert loaded.cfg.norm_groups == 8
             assert refs.max_abs(loaded.decode(x), ref) <= TOL
         # read with SD's 32 groups the same weights decode to something else: the count matters
@@ -264,7 +266,7 @@ def test_vae_norm_groups_other_than_32_match_diffusers_and_survive_both_layouts(
 
 def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
     """Every parameter is the tensor read from the file (assigned, not copied into a second init)."""
-    m = sdcore.load_model(default_model_path)
+    m = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     assert not any(p.is_meta for p in m.unet.parameters())
     assert not any(p.requires_grad for p in m.unet.parameters())
 
@@ -272,7 +274,7 @@ def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
 def test_loading_does_not_import_the_compiler(default_model_path):
     """Initialisers run on the meta device go through Python decompositions that import torch._dynamo
     (~1 s and ~900 modules at every server start); building for a load must skip them."""
-    code = ("import sys, sdcore; sdcore.load_model(sys.argv[1]); "
+    code = ("import sys, torch, sdcore; sdcore.load_model(sys.argv[1], device='cpu', dtype=torch.float32); "
             "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy')))[:5])")
     out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

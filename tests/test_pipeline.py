@@ -9,13 +9,12 @@ from PIL import Image
 import sdcore
 from sdcore.pipeline import (GenerationParams, PipelineError, cover_resize, generate, image_to_tensor,
                              mask_to_repaint, parse_infotext)
-from tests import refs
 from tests.refs import pixels, reference_image
 
 
 @pytest.fixture(scope="module")
 def model(default_model_path):
-    return sdcore.load_model(default_model_path)
+    return sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("sampler, kd_name", [("euler", "sample_euler"), ("euler_a", "sample_euler_ancestral")])
@@ -57,14 +56,14 @@ def test_odd_multiple_of_8_sizes_and_bad_sizes(model):
     assert img.size == (72, 40)
     with pytest.raises(PipelineError) as e:
         generate(model, GenerationParams("x", width=60, height=64))
-    assert e.value.param == "size" and "multiple of 8" in e.value.message
+    assert e.value.field == "width" and "multiple of 8" in e.value.message
     with pytest.raises(PipelineError) as e:
         generate(model, GenerationParams("x", sample_method="ddim"))
-    assert e.value.param == "sample_method" and "euler_a" in e.value.message
+    assert e.value.field == "sample_method" and "euler_a" in e.value.message
     for kw in ({"sample_method": "lcm"}, {"sample_method": "dpm++2m", "scheduler": "lcm"}):
         with pytest.raises(PipelineError) as e:
             generate(model, GenerationParams("x", steps=51, **kw))
-        assert e.value.param == "steps" and "at most 50" in e.value.message
+        assert e.value.field == "steps" and "at most 50" in e.value.message
 
 
 def test_img2img_strength_and_mask(model):
@@ -114,12 +113,12 @@ def test_cover_resize_center_crops():
 
 def test_inpainting_unet_gets_mask_and_masked_latent(tmp_path, model):
     """A 9-channel UNet loads, and receives [x, mask, masked-image latent] at every call."""
-    from sdcore.export import random_init_, save_single_file
+    from sdcore.formats.write import random_init_, save_single_file
     from sdcore.unet import UNet
     import dataclasses
     unet9 = random_init_(UNet(dataclasses.replace(model.unet.cfg, in_channels=9)), 11)
     save_single_file(tmp_path / "inpaint.safetensors", unet9, model.vae, model.text_encoder)
-    m = sdcore.load_model(tmp_path / "inpaint.safetensors")
+    m = sdcore.load_model(tmp_path / "inpaint.safetensors", device="cpu", dtype=torch.float32)
     assert m.inpainting
     seen = []
     forward = m.unet.forward

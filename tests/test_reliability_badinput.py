@@ -1,4 +1,4 @@
-"""Every bad input of issue 7 against a real gunicorn (gunicorn.conf.py, wsgi:app, the tiny
+"""Every kind of bad input against a real gunicorn (gunicorn.conf.py, wsgi:app, the tiny
 default model): each gets its 4xx in the OpenAI error shape with the expected type and param,
 and /health answers after each one (the worker is the same process at the end).
 
@@ -205,6 +205,7 @@ for field, value in [("n", "abc"), ("n", "1.5"), ("n", ""), ("steps", " "), ("se
 case("form-duplicate-field", multipart([("prompt", "p"), ("prompt", "q")],
                                        {"image": ("a.png", GOOD_PNG)}), param="prompt")
 
+
 # uploaded images
 def _tiff():
     return encode(Image.new("RGB", (64, 64)), "TIFF")
@@ -313,7 +314,7 @@ TRAVERSAL = [
 def stored(server):
     """One stored image: (file id, file name)."""
     st, _, body = raw_http(server.port, json_body({"prompt": "a stored image", "size": "64x64",
-                                                    "steps": 1, "response_format": "url"}))
+                                                   "steps": 1, "response_format": "url"}))
     assert st == 200, body
     url = json.loads(body)["data"][0]["url"]
     file_id, name = url.split("/")[-2:]

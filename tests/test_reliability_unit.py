@@ -15,19 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api import storage
-from api.runtime import ClientGone, Generator
+from api.disconnect import ClientGone, client_gone_probe
+from api.queue import GenerationQueue
 from api.storage import ImageStore, valid_id
 from api_helpers import StubGenerate, error_of, make_app, png_bytes
-from api.runtime import client_gone_probe
 
 GEN = "/v1/images/generations"
 
 
 class P:
-    """Minimal GenerationParams for Generator.run."""
+    """Minimal GenerationParams for GenerationQueue.run; ``tag`` tells the requests apart."""
 
-    def __init__(self, rid, n=1):
-        self.request_id, self.n, self.width, self.height, self.steps = rid, n, 64, 64, 3
+    def __init__(self, tag, n=1):
+        self.tag, self.n, self.width, self.height, self.steps = tag, n, 64, 64, 3
         self.sample_method, self.scheduler, self.seed = "euler", None, 1
 
 
@@ -36,12 +36,12 @@ def test_queue_is_first_come_first_served():
     order, gate = [], threading.Event()
 
     def generate(model, p, progress=None):
-        if p.request_id == "first":
+        if p.tag == "first":
             gate.wait(10)
-        order.append(p.request_id)
+        order.append(p.tag)
         return [object()] * p.n
 
-    gen = Generator(generate, max_queue=10, poll_s=0.01)
+    gen = GenerationQueue(generate, max_queue=10, poll_s=0.01)
     threads = [threading.Thread(target=gen.run, args=(None, P("first")))]
     threads[0].start()
     while not gen._running:
@@ -62,17 +62,17 @@ def test_full_queue_is_503_at_once_and_gone_clients_free_their_place():
     gate, calls = threading.Event(), []
 
     def generate(model, p, progress=None):
-        calls.append(p.request_id)
+        calls.append(p.tag)
         gate.wait(10)
         return [object()]
 
-    gen = Generator(generate, max_queue=1, poll_s=0.01)
+    gen = GenerationQueue(generate, max_queue=1, poll_s=0.01)
     gone = threading.Event()
     results = {}
 
     def run(rid, probe=None):
         try:
-            results[rid] = gen.run(None, P(rid), client_gone=probe)
+            results[rid] = gen.run(None, P(rid), request_id=rid, client_gone=probe)
         except Exception as e:      # noqa: BLE001
             results[rid] = e
 
@@ -115,7 +115,7 @@ def test_client_gone_stops_a_running_generation_between_steps():
             progress(i, 100, 0.0)
         return [object()]
 
-    gen = Generator(generate)
+    gen = GenerationQueue(generate)
     with pytest.raises(ClientGone):
         gen.run(None, P("x"), client_gone=gone.is_set)
     assert steps == [0, 1, 2, 3] and not gen._running
@@ -124,7 +124,7 @@ def test_client_gone_stops_a_running_generation_between_steps():
 def test_client_gone_before_start_costs_nothing():
     stub = StubGenerate()
     with pytest.raises(ClientGone):
-        Generator(stub).run(None, P("x"), client_gone=lambda: True)
+        GenerationQueue(stub).run(None, P("x"), client_gone=lambda: True)
     assert stub.calls == []
 
 
@@ -210,7 +210,7 @@ def test_failed_generation_is_500_and_frees_its_memory(tmp_path, caplog, exc, co
     assert refs[0]() is None, "the failed generation's objects are still alive"
     assert "request fail-1: generation failed" in caplog.text
     assert c.post(GEN, json={"prompt": "p", "size": "64x64"}).status_code == 500  # not stuck
-    gen = app.extensions["sd_api_server"].generator
+    gen = app.extensions["sd_api_server"].queue
     assert not gen._running and gen.waiting == 0
 
 
@@ -331,4 +331,3 @@ def test_openai_only_fields_type_checked_then_ignored(tmp_path, field):
     for ok in ("anything", None):
         assert c.post(GEN, json={"prompt": "p", "size": "64x64", field: ok}).status_code == 200
     assert error_of(c.post(GEN, json={"prompt": "p", field: {}}), 400)["param"] == field
-

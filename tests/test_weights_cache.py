@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 import sdcore
-from sdcore import loader, weights_cache
-from sdcore.controlnet import ControlNet, save_controlnet
-from sdcore.export import random_init_, save_single_file
+from sdcore import weights_cache
+from sdcore.formats import build
+from sdcore.formats.write import save_controlnet, save_single_file
 from tests.test_controlnet import _controlnet
 from weights.make_default import UNET as TINY_UNET
 from weights.make_default import build_tiny
@@ -69,7 +69,7 @@ def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypat
 
     def no_conversion(*a, **k):
         raise AssertionError("a cached load converted a tensor")
-    monkeypatch.setattr(loader, "cast", no_conversion)
+    monkeypatch.setattr(build, "cast", no_conversion)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdcore.weights_cache"):
         later = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path), cache_dir=cache)
@@ -193,14 +193,14 @@ def test_a_write_failing_midway_leaves_no_file(tmp_path, monkeypatch):
     """E.g. the disk filling up while writing: no partial entry, no temporary file, a correct load."""
     src, cache = _checkpoint(tmp_path / "model.safetensors"), str(tmp_path / "cache")
     reference = sdcore.load_model(src, dtype=torch.bfloat16)
-    real_cast, calls = loader.cast, []
+    real_cast, calls = build.cast, []
 
     def failing_once(*args):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
         return real_cast(*args)
-    monkeypatch.setattr(loader, "cast", failing_once)
+    monkeypatch.setattr(build, "cast", failing_once)
     model = sdcore.load_model(src, dtype=torch.bfloat16, cache_dir=cache)
     _assert_same_weights(model, reference)
     leftovers = [n for n in os.listdir(cache) if not n.endswith(".lock")]

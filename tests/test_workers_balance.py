@@ -1,4 +1,4 @@
-"""SD_WORKERS > 1: a worker leaves a new connection to a less loaded worker (api/gworker.py), instead
+"""SD_WORKERS > 1: a worker leaves a new connection to a less loaded worker (api/worker.py), instead
 of queueing the request behind its own generation."""
 import re
 import time
@@ -13,7 +13,7 @@ GENERATING = r"\[(\d+)\] INFO [\w.]+: request \S+: generating"
 
 def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
     require_pipeline()
-    srv = Gunicorn(tmp_path / "data", tmp_path / "gunicorn.log", SD_WORKERS="2", SD_THREADS="1", SD_DTYPE="bfloat16")
+    srv = Gunicorn(tmp_path / "data", tmp_path / "gunicorn.log", SD_WORKERS="2", SD_THREADS="1", SD_DTYPE="float32")
     h = {"Authorization": f"Bearer {API_KEY}"}
 
     def post(size, steps, seed):
@@ -27,9 +27,9 @@ def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
         while srv.log_text().count("sd-api-server ready") < 2:          # both workers loaded
             assert time.monotonic() < deadline, srv.log_tail()
             time.sleep(0.1)
-        assert "Using worker: api.gworker.BalancedThreadWorker" in srv.log_text()
+        assert "Using worker: RequestBufferingWorker" in srv.log_text()
         with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(post, 256, 40, 1)
+            long = pool.submit(post, 256, 80, 1)
             busy = srv.wait_log(GENERATING, timeout=60).group(1)
             short = [post(64, 2, seed) for seed in (2, 3)]
             long_ended = long.done()
@@ -47,4 +47,3 @@ def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
         assert len(pids) == 2 and pids[0] != pids[1], pids
     finally:
         srv.stop()
-

@@ -10,7 +10,7 @@ import os
 import torch
 
 from sdcore.clip import TextConfig, TextEncoder
-from sdcore.export import random_init_, save_single_file
+from sdcore.formats.write import random_init_, save_single_file
 from sdcore.unet import UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
 

@@ -60,7 +60,7 @@ def score(images_and_labels) -> dict:
 def generated(model_path, prompts, steps, cfg, seed, sampler="euler"):
     import sdcore
     from sdcore.pipeline import GenerationParams, generate
-    model = sdcore.load_model(model_path)
+    model = sdcore.load_model(model_path, device="cpu", dtype=torch.float32)
     for i, labels in enumerate(prompts):
         p = GenerationParams(shapes.caption(*labels), width=64, height=64, steps=steps, cfg_scale=cfg,
                              seed=seed + i, sample_method=sampler)
@@ -79,7 +79,7 @@ def grid(model_path, path, steps, cfg, seeds=(100, 101), scale=2):
     from PIL import Image
     import sdcore
     from sdcore.pipeline import GenerationParams, generate
-    model = sdcore.load_model(model_path)
+    model = sdcore.load_model(model_path, device="cpu", dtype=torch.float32)
     size = 64 * scale
     out = Image.new("RGB", (size * len(GRID_PROMPTS), size * len(seeds)), "white")
     for row, seed in enumerate(seeds):

@@ -39,7 +39,8 @@ def draw(shape, colour, background, position, rng: random.Random | None = None) 
         k = 4 if shape == "square" else 3
         rr = r * (1.2 if shape == "square" else 1.35)       # similar areas for all three shapes
         start = angle + (math.pi / 4 if shape == "square" else -math.pi / 2)
-        pts = [(cx + rr * math.cos(start + 2 * math.pi * j / k), cy + rr * math.sin(start + 2 * math.pi * j / k)) for j in range(k)]
+        angles = [start + 2 * math.pi * j / k for j in range(k)]
+        pts = [(cx + rr * math.cos(a), cy + rr * math.sin(a)) for a in angles]
         d.polygon(pts, fill=COLOURS[colour])
     return img.resize((SIZE, SIZE), Image.Resampling.BOX)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sdcore.clip import TextConfig, TextEncoder
-from sdcore.export import save_single_file
+from sdcore.formats.write import save_single_file
 from sdcore.tokenizer import Tokenizer
 from sdcore.unet import UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
@@ -90,8 +90,8 @@ def main(argv=None):
     st = {"stage": "vae", "step": 0, "log": []}
     if os.path.exists(state_path):
         st = torch.load(state_path, weights_only=False)
-        vae.load_state_dict(st["vae"]); unet.load_state_dict(st["unet"]); text.load_state_dict(st["text"])
-        ema.load_state_dict(st["ema"]); opt_vae.load_state_dict(st["opt_vae"]); opt.load_state_dict(st["opt"])
+        for module, key in ((vae, "vae"), (unet, "unet"), (text, "text"), (ema, "ema"), (opt_vae, "opt_vae"), (opt, "opt")):
+            module.load_state_dict(st[key])
         print(f"resumed {state_path}: stage {st['stage']} step {st['step']}", flush=True)
 
     def checkpoint(**extra):

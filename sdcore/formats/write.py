@@ -1,41 +1,16 @@
 """Writing checkpoints in the layouts users download (used by the default-model generator, the
-training recipe and the tests that build checkpoints of their own)."""
+training recipe, the benchmarks and the tests that build checkpoints of their own). Every file
+records its full configuration in the ``sdcore.config`` metadata, so loading it infers nothing."""
 import math
 
 import torch
 from safetensors.torch import save_file
 
-from .clip import TextEncoder
-from .loader import config_to_metadata
-from .unet import UNet
-from .vae import AutoencoderKL
-
-
-def text_to_hf(text: TextEncoder) -> dict[str, torch.Tensor]:
-    """Our (OpenCLIP-named) text encoder as a Hugging Face CLIPTextModel state dict (no text_model. prefix)."""
-    out = {}
-    for k, v in text.state_dict().items():
-        if k == "token_embedding.weight":
-            out["embeddings.token_embedding.weight"] = v
-        elif k == "positional_embedding":
-            out["embeddings.position_embedding.weight"] = v
-        elif k.startswith("ln_final."):
-            out["final_layer_norm." + k.split(".")[1]] = v
-        elif k == "text_projection":
-            out["text_projection.weight"] = v.T
-        else:
-            n, rest = k.split(".", 3)[2:]
-            base = f"encoder.layers.{n}."
-            if rest.startswith("attn.in_proj_"):
-                suffix = rest.rsplit("_", 1)[1]
-                for name, part in zip("qkv", v.chunk(3)):
-                    out[f"{base}self_attn.{name}_proj.{suffix}"] = part
-            else:
-                for a, b in {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}.items():
-                    if rest.startswith(a + "."):
-                        out[base + b + rest[len(a):]] = v
-    return out
+from ..clip import TextEncoder
+from ..unet import UNet
+from ..vae import AutoencoderKL
+from .files import config_to_metadata
+from .layouts import text_to_hf
 
 
 def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd1", dtype=None) -> dict[str, torch.Tensor]:
@@ -55,6 +30,13 @@ def save_single_file(path, unet, vae, text, family="sd1", dtype=None, prediction
     meta = config_to_metadata(family=family, prediction=prediction, unet=unet.cfg, vae=vae.cfg, text=text.cfg,
                               **({"native_size": native_size} if native_size else {}))
     save_file(ldm_state_dict(unet, vae, text, family, dtype), str(path), metadata=meta | (extra_metadata or {}))
+
+
+def save_controlnet(path, cn, dtype=None, prefix="control_model.", with_config=True):
+    """A ``sdcore.controlnet.ControlNet`` in the single-file layout of lllyasviel's releases
+    (``control_model.`` prefix, or bare with prefix="")."""
+    sd = {prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in cn.state_dict().items()}
+    save_file(sd, str(path), metadata=config_to_metadata(controlnet=cn.cfg) if with_config else None)
 
 
 @torch.no_grad()

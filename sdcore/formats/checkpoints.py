@@ -1,0 +1,203 @@
+"""What a checkpoint file or folder is, and the tensors and configuration of each of its networks.
+
+``read_model``: a single-file LDM checkpoint (SD1.x/SD2.x, .safetensors or .ckpt) or a diffusers
+pipeline folder; ``read_vae``: a VAE alone; ``read_controlnet``: a ControlNet. Each gives ``Part``s,
+a network's tensors under our names with its full configuration, which ``build`` turns into the
+network (``sdcore.load_model``, ``sdcore.load_controlnet``). Files of families we do not run yet are
+refused here with a one-line reason; supporting one means a reader here plus its tables in layouts.py.
+"""
+import dataclasses
+import os
+
+from ..tokenizer import EOS
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL
+from . import layouts
+from .build import meta_keys
+from .files import (CheckpointError, TensorFile, Tensors, component_weights, from_file, read_json, read_metadata,
+                    with_overrides)
+from .infer import (infer_controlnet_config, infer_text_config, infer_unet_config, infer_vae_config,
+                    text_config_from_diffusers, unet_config_from_diffusers, vae_config_from_diffusers,
+                    vae_config_from_diffusers_names)
+
+
+@dataclasses.dataclass
+class Part:
+    """One network of a checkpoint: its tensors (our names), configuration, and where they come from."""
+    tensors: Tensors
+    cfg: object
+    source: str
+
+
+@dataclasses.dataclass
+class ModelParts:
+    family: str                   # "sd1" | "sd2"
+    unet: Part
+    vae: Part
+    text: Part
+    prediction: str | None        # "eps" | "v" when the checkpoint says; None: unknown
+    native_size: int | None       # when the checkpoint says
+
+
+# Single files of other families, by a key prefix any of which marks them, checked before our own
+# layouts (an SDXL file also has model.diffusion_model.input_blocks.*).
+REFUSED_FILES = [
+    (("conditioner.embedders.1.", "conditioner.embedders.0.model."),
+     "is an SDXL checkpoint; SDXL is not supported yet (supported: SD1.x, SD2.x)"),
+    (("model.diffusion_model.double_blocks.", "double_blocks.", "model.diffusion_model.joint_blocks."),
+     "is a Flux/SD3 checkpoint; only SD1.x and SD2.x are supported"),
+    (("control_model.", "input_hint_block.", "controlnet_cond_embedding."),
+     "is a ControlNet, not a base model: pass it with --control-net"),
+]
+# Diffusers pipelines of other families, by a component their model_index.json names.
+REFUSED_PIPELINES = [
+    ("transformer", "is a Flux/SD3 pipeline; only SD1.x and SD2.x are supported"),
+    ("text_encoder_2", "is an SDXL pipeline; SDXL is not supported yet (supported: SD1.x, SD2.x)"),
+]
+
+
+def read_model(path: str, vae: str | None = None) -> ModelParts:
+    """A base model's three networks; ``vae``: a separate VAE file/folder replacing the checkpoint's."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such file or folder: {path} (give a .safetensors/.ckpt checkpoint or a diffusers folder)")
+    parts = read_pipeline_folder(path) if os.path.isdir(path) else read_single_file(path)
+    if vae:
+        parts.vae = read_vae(vae)          # its configuration is its own, not the checkpoint's
+    elif parts.vae.cfg is None:
+        raise CheckpointError(f"{path} has no VAE (first_stage_model.* tensors): pass one with --vae")
+    return parts
+
+
+def read_single_file(path: str) -> ModelParts:
+    """The LDM layout: model.diffusion_model.*, first_stage_model.*, cond_stage_model.* (SD1: a Hugging
+    Face CLIPTextModel's names; SD2: OpenCLIP's, which are ours), and our sdcore.config metadata."""
+    tf = TensorFile(path)
+    t = from_file(tf)
+    for prefixes, why in REFUSED_FILES:
+        if t.has_prefix(*prefixes):
+            raise CheckpointError(f"{path} {why}")
+    if not t.has_prefix("model.diffusion_model.input_blocks."):
+        if t.has_prefix("encoder.down.", "first_stage_model.", "encoder.down_blocks."):
+            raise CheckpointError(f"{path} holds only a VAE: pass it with --vae next to a full checkpoint")
+        raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet tensors)")
+    meta = read_metadata(tf)
+    unet = t.sub("model.diffusion_model.")
+    if t.has_prefix("model_ema.diffusion_model"):      # full (non-"emaonly") files: prefer the EMA weights
+        for k in list(unet.keys()):
+            ema = "model_ema.diffusion_model" + k.replace(".", "")     # LDM's EMA names drop the dots
+            if ema in t:
+                unet.entries[k] = t.entries[ema]
+    if t.has_prefix("cond_stage_model.model."):
+        family, text = "sd2", t.sub("cond_stage_model.model.")
+    else:
+        family = "sd1"
+        prefix = "cond_stage_model.transformer.text_model." if t.has_prefix("cond_stage_model.transformer.text_model.") \
+            else "cond_stage_model.transformer."
+        text = layouts.text_from_hf(t.sub(prefix))
+    family = meta.get("family", family)
+    vae = t.sub("first_stage_model.")
+    vae_cfg = with_overrides(infer_vae_config(vae), meta.get("vae")) if "encoder.conv_in.weight" in vae else None
+    return ModelParts(
+        family=family,
+        unet=Part(unet, with_overrides(infer_unet_config(unet), meta.get("unet")), path),
+        vae=Part(vae, vae_cfg, path),      # cfg None: the file has no VAE (read_model wants one from --vae)
+        text=Part(text, with_overrides(infer_text_config(text, family), meta.get("text")), path),
+        prediction=meta.get("prediction"), native_size=meta.get("native_size"))
+
+
+def read_pipeline_folder(path: str) -> ModelParts:
+    """A diffusers StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/ (each network a config.json and its weights, in diffusers names)."""
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        component = ("config.json", "diffusion_pytorch_model.safetensors")
+        if all(os.path.exists(os.path.join(path, name)) for name in component):
+            raise CheckpointError(f"{path} is a single diffusers component, not a pipeline folder (no model_index.json)")
+        raise CheckpointError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    index = read_json(os.path.join(path, "model_index.json"))
+    for component, why in REFUSED_PIPELINES:
+        if component in index:
+            raise CheckpointError(f"{path} {why}")
+    unet_cfg = unet_config_from_diffusers(read_json(os.path.join(path, "unet", "config.json")))
+    unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
+                           layouts.unet_name_map(meta_keys(UNet, unet_cfg), unet_cfg))
+    tc = read_json(os.path.join(path, "text_encoder", "config.json"))
+    # OpenAI's CLIP-L (SD1) uses quick_gelu; the OpenCLIP towers of SD2 use exact gelu
+    family = "sd1" if tc.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+    hf = component_weights(os.path.join(path, "text_encoder"), "model")
+    if hf.has_prefix("text_model."):
+        hf = hf.sub("text_model.")
+    pad = EOS if family == "sd1" else 0
+    special = os.path.join(path, "tokenizer", "special_tokens_map.json")
+    if os.path.exists(special):
+        tok = read_json(special).get("pad_token")
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        pad = EOS if tok == "<|endoftext|>" else 0
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    pt = read_json(sched).get("prediction_type") if os.path.exists(sched) else None
+    return ModelParts(
+        family=family, unet=Part(unet, unet_cfg, path), vae=read_vae(os.path.join(path, "vae")),
+        text=Part(layouts.text_from_hf(hf), text_config_from_diffusers(tc, pad), path),
+        prediction={"v_prediction": "v", "epsilon": "eps"}.get(pt), native_size=None)
+
+
+def read_vae(path: str) -> Part:
+    """A VAE alone: a diffusers ``vae/`` folder, or a file in LDM (bare or first_stage_model.) or diffusers naming."""
+    if os.path.isdir(path):
+        cfg = vae_config_from_diffusers(read_json(os.path.join(path, "config.json")))
+        return Part(_vae_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg), cfg, path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such VAE file: {path}")
+    tf = TensorFile(path)
+    t = from_file(tf)
+    if t.has_prefix("first_stage_model."):
+        t = t.sub("first_stage_model.")
+    overrides = read_metadata(tf).get("vae")        # what shapes cannot tell (groups, scale)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in t:      # diffusers naming in a single file
+        cfg = with_overrides(vae_config_from_diffusers_names(t), overrides)
+        return Part(_vae_from_diffusers(t, cfg), cfg, path)
+    if "encoder.conv_in.weight" not in t:
+        raise CheckpointError(f"{path} is not a VAE (no encoder.conv_in.weight)")
+    return Part(t, with_overrides(infer_vae_config(t), overrides), path)
+
+
+def _vae_from_diffusers(t: Tensors, cfg) -> Tensors:
+    names = layouts.vae_name_map(meta_keys(AutoencoderKL, cfg), len(cfg.ch_mult))
+    return layouts.renamed(t, names, reshape=layouts.vae_is_linear_attn)
+
+
+def read_controlnet(path: str) -> Part:
+    """A ControlNet from a single file (``control_model.*`` keys or bare, LDM names; or diffusers names)
+    or a diffusers ``ControlNetModel`` folder (config.json + diffusion_pytorch_model[.fp16].safetensors)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such ControlNet file or folder: {path}")
+    cfg, overrides = None, None
+    if os.path.isdir(path):
+        config = read_json(os.path.join(path, "config.json"))
+        if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+            raise CheckpointError(f"{path} holds a diffusers {config['_class_name']}, not a ControlNetModel")
+        t, cfg = component_weights(path, "diffusion_pytorch_model"), unet_config_from_diffusers(config)
+    else:
+        tf = TensorFile(path)
+        t, overrides = from_file(tf), read_metadata(tf).get("controlnet")
+    if "controlnet_cond_embedding.conv_in.weight" in t:
+        t = _controlnet_from_diffusers(t)
+    elif t.has_prefix("control_model."):
+        t = t.sub("control_model.")          # whole-pipeline files also hold the base model: ignored
+    if "input_hint_block.0.weight" not in t:
+        what = ("a base model, not a ControlNet" if t.has_prefix("model.diffusion_model.")
+                else "not a ControlNet (no input_hint_block / controlnet_cond_embedding tensors)")
+        raise CheckpointError(f"{path} is {what}")
+    if "zero_convs.0.0.weight" not in t:
+        raise CheckpointError(f"{path} is a ControlNet variant that is not supported (no zero_convs: "
+                              f"control-LoRA or T2I-adapter?); use a full ControlNet")
+    return Part(t, with_overrides(cfg or infer_controlnet_config(t), overrides), path)
+
+
+def _controlnet_from_diffusers(t: Tensors) -> Tensors:
+    """Diffusers ControlNetModel names -> ours. The name map needs only the level and ResBlock counts,
+    which the keys tell; everything else is then inferred from the renamed tensors as for LDM files."""
+    levels = len({k.split(".")[1] for k in t.keys() if k.startswith("down_blocks.")})
+    nrb = len({k.split(".")[3] for k in t.keys() if k.startswith("down_blocks.0.resnets.")})
+    shape_only = UNetConfig(channel_mult=(1,) * levels, num_res_blocks=nrb)
+    ours = layouts.controlnet_name_map(t.keys(), shape_only, reverse=True)
+    return layouts.renamed(t, {o: d for d, o in ours.items()})

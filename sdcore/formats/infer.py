@@ -1,0 +1,137 @@
+"""Network configurations from what a checkpoint holds: read off our-named tensors' keys and shapes,
+or translated from a diffusers ``config.json``. What neither tells (a VAE's scale factor, an SD2
+model's prediction type, ...) comes from the file's metadata (``files.read_metadata``) or, for the
+prediction type, from one forward pass (``detect_v_prediction``).
+"""
+import re
+
+import torch
+
+from ..clip import TextConfig
+from ..tokenizer import EOS
+from ..unet import UNet, UNetConfig
+from ..vae import VAEConfig
+from .files import Tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# From our-named tensors
+# ------------------------------------------------------------------------------------------------
+def infer_unet_config(t: Tensors) -> UNetConfig:
+    conv_in = t.shape("input_blocks.0.0.weight")
+    mc = conv_in[0]
+    res, down = {}, []
+    n = 1
+    while f"input_blocks.{n}.0.in_layers.2.weight" in t or f"input_blocks.{n}.0.op.weight" in t:
+        if f"input_blocks.{n}.0.op.weight" in t:
+            down.append(n)
+        else:
+            res[n] = t.shape(f"input_blocks.{n}.0.in_layers.2.weight")[0]
+        n += 1
+    nrb = (down[0] - 1) if down else len(res)
+    n_levels = len(down) + 1
+    mult, attn, depth = [], [], []
+    for level in range(n_levels):
+        first = level * (nrb + 1) + 1
+        mult.append(res[first] // mc)
+        blocks = {int(m.group(1)) for k in t.keys()
+                  if (m := re.match(rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.", k))}
+        depth.append(len(blocks))
+        if blocks:
+            attn.append(level)
+    mid_depth = len({k.split(".")[3] for k in t.keys() if k.startswith("middle_block.1.transformer_blocks.")})
+    to_k = next(k for k in t.keys() if k.endswith("attn2.to_k.weight"))
+    context_dim = t.shape(to_k)[1]
+    proj = next(k for k in t.keys() if k.endswith("proj_in.weight"))
+    # SD1 has 8 heads of any width, SD2 heads of width 64: the context width tells them apart
+    return UNetConfig(in_channels=conv_in[1], out_channels=t.shape("out.2.weight")[0], model_channels=mc,
+                      channel_mult=tuple(mult), num_res_blocks=nrb, attention_levels=tuple(attn),
+                      transformer_depth=tuple(depth), transformer_depth_middle=mid_depth,
+                      num_heads=8 if context_dim == 768 else None, head_dim=None if context_dim == 768 else 64,
+                      context_dim=context_dim, use_linear_proj=len(t.shape(proj)) == 2,
+                      adm_in_channels=t.shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in t else None)
+
+
+def infer_controlnet_config(t: Tensors) -> UNetConfig:
+    # A ControlNet has no output head, the one thing infer_unet_config reads out_channels from.
+    conv_in = t.shape("input_blocks.0.0.weight")
+    return infer_unet_config(Tensors(t.entries | {"out.2.weight": (None, (conv_in[1], conv_in[0], 3, 3))}))
+
+
+def infer_vae_config(t: Tensors) -> VAEConfig:
+    ch = t.shape("encoder.conv_in.weight")[0]
+    levels = sorted({int(k.split(".")[2]) for k in t.keys() if k.startswith("encoder.down.")})
+    mult = tuple(t.shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
+    nrb = len({k.split(".")[4] for k in t.keys() if k.startswith("encoder.down.0.block.")})
+    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=t.shape("post_quant_conv.weight")[0],
+                     in_channels=t.shape("encoder.conv_in.weight")[1])
+
+
+def infer_text_config(t: Tensors, family: str) -> TextConfig:
+    vocab, width = t.shape("token_embedding.weight")
+    layers = len({k.split(".")[2] for k in t.keys() if k.startswith("transformer.resblocks.")})
+    # SD1's OpenAI CLIP-L: last layer, quick_gelu, pads with EOS; SD2's OpenCLIP-H: penultimate layer, gelu, pads with 0
+    sd1 = family == "sd1"
+    return TextConfig(vocab_size=vocab, context_length=t.shape("positional_embedding")[0], width=width,
+                      layers=layers, heads=max(1, width // 64), act="quick_gelu" if sd1 else "gelu",
+                      output_layer=-1 if sd1 else -2, pad_id=EOS if sd1 else 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# From diffusers names and config.json files
+# ------------------------------------------------------------------------------------------------
+def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    """A diffusers UNet2DConditionModel's or ControlNetModel's config.json."""
+    chans = c["block_out_channels"]
+    mc = chans[0]
+    attn = tuple(i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t)
+    heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)   # diffusers' misnomer: SD1 "head_dim" 8 = 8 heads
+    heads = heads if isinstance(heads, list) else [heads] * len(chans)
+    depth = c.get("transformer_layers_per_block", 1)
+    depth = depth if isinstance(depth, list) else [depth] * len(chans)
+    same_heads = len(set(heads)) == 1
+    return UNetConfig(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
+                      channel_mult=tuple(ch // mc for ch in chans), num_res_blocks=c.get("layers_per_block", 2),
+                      attention_levels=attn, transformer_depth=tuple(d if i in attn else 0 for i, d in enumerate(depth)),
+                      transformer_depth_middle=depth[-1],
+                      num_heads=heads[0] if same_heads else None, head_dim=None if same_heads else chans[0] // heads[0],
+                      context_dim=c.get("cross_attention_dim", 768), use_linear_proj=bool(c.get("use_linear_projection")),
+                      adm_in_channels=c.get("projection_class_embeddings_input_dim"))
+
+
+def vae_config_from_diffusers(c: dict) -> VAEConfig:
+    """A diffusers AutoencoderKL's config.json."""
+    chans = c["block_out_channels"]
+    return VAEConfig(ch=chans[0], ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c.get("layers_per_block", 1),
+                     z_channels=c.get("latent_channels", 4), in_channels=c.get("in_channels", 3),
+                     scale_factor=c.get("scaling_factor", 0.18215), norm_groups=c.get("norm_num_groups", 32))
+
+
+def vae_config_from_diffusers_names(t: Tensors) -> VAEConfig:
+    """A diffusers-named VAE without its config.json (a single file): what the shapes tell."""
+    n = len({k.split(".")[2] for k in t.keys() if k.startswith("encoder.down_blocks.")})
+    ch = t.shape("encoder.conv_in.weight")[0]
+    return VAEConfig(ch=ch, ch_mult=tuple(t.shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] // ch for i in range(n)),
+                     num_res_blocks=len({k.split(".")[4] for k in t.keys() if k.startswith("encoder.down_blocks.0.resnets.")}),
+                     z_channels=t.shape("post_quant_conv.weight")[0])
+
+
+def text_config_from_diffusers(c: dict, pad_id: int) -> TextConfig:
+    """A transformers CLIPTextModel's config.json; the padding token is the tokenizer's."""
+    return TextConfig(vocab_size=c.get("vocab_size", 49408), context_length=c.get("max_position_embeddings", 77),
+                      width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                      act=c.get("hidden_act", "quick_gelu"), output_layer=-1, pad_id=pad_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# From the network itself
+# ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def detect_v_prediction(unet: UNet) -> str:
+    """The AUTOMATIC1111 / stable-diffusion.cpp test: an eps model's output on a constant 0.5 latent
+    at t=999 is near the input; a v model's is strongly negative relative to it."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 77, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999.0], device=p.device), ctx)
+    return "v" if (out - x).float().mean().item() < -1 else "eps"
