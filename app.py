@@ -274,8 +274,3 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     log.info("sd-api-server ready: models %s (default %s), data dir %s",
              models.ids(), models.default_id, Path(settings.data_dir).resolve())
     return app
-
-
-if __name__ == "__main__":          # python app.py [options]: the same as sd-api-server
-    from api.serve import main
-    sys.exit(main())

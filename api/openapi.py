@@ -2,8 +2,9 @@
 
 It is built per request from the same tables the validators use (``api.params``: the choices,
 ranges and defaults, and the configured :class:`~api.params.Limits`), so the bounds it states are
-the bounds the server enforces, samplers registered at run time included. ``tests/test_api_openapi.py`` checks that every field
-the request parsers read appears here (by recording what they read, not from a copied list).
+the bounds the server enforces, samplers registered at run time included.
+``tests/api/test_api_openapi.py`` checks that every field the request parsers read appears here (by
+recording what they read, not from a copied list).
 
 What JSON Schema cannot say is in the descriptions: width*height <= max_pixels, seed + n - 1
 within 64 bits, uploads must be PNG/JPEG/WebP of at most max_input_pixels, a mask has the

@@ -8,7 +8,7 @@ are parsed strictly (``"20"`` is an integer, ``"20.0"``, ``" "``, ``"1e3"`` and 
 (or null) and are then ignored; unknown fields are ignored. ``model`` may be absent, null or empty:
 the default model.
 
-Bounds (see API.md): n 1..max_n, steps 1..max_steps, cfg_scale 0..30, control_strength 0..2,
+Bounds (docs/api.md, Parameters): n 1..max_n, steps 1..max_steps, cfg_scale 0..30, control_strength 0..2,
 strength 0..1, seed -2**63..2**64-1 (negative = random; seed+n-1 must stay within 64 bits),
 width/height multiples of 8 in 64..(max_pixels/64) with width*height <= max_pixels; ``size``
 ("WIDTHxHEIGHT") overrides width/height. Uploaded images must be PNG, JPEG or WebP with at most

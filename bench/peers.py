@@ -8,8 +8,8 @@ from bench.util import NEGATIVE, PROMPT, clip_tokenizer
 
 def reference_modules(model):
     """diffusers UNet2DConditionModel, AutoencoderKL and transformers CLIPTextModel holding ``model``'s
-    weights (renamed by our own layout map: tests/refs.py). In float32 they share our tensors' memory."""
-    from tests import refs
+    weights (renamed by our own layout map: bench/references.py). In float32 they share our tensors' memory."""
+    from bench import references as refs
     return (refs.diffusers_unet_from_ours(model.unet), refs.diffusers_vae_from_ours(model.vae),
             refs.transformers_text_from_ours(model.text_encoder))
 

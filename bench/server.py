@@ -1,5 +1,5 @@
 """A real gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``), started as the integration tests start
-it (tests/server_helpers.py) but in the server's default dtype and threads, for the HTTP overhead and
+it (bench/harness.py) but in the server's default dtype and threads, for the HTTP overhead and
 the workers' memory."""
 import re
 import tempfile
@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 
 from bench.util import CACHE
-from tests.server_helpers import API_KEY, WEIGHTS, Gunicorn
+from bench.harness import API_KEY, WEIGHTS, Gunicorn
 
 
 class Server(Gunicorn):

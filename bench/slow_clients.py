@@ -4,7 +4,7 @@ same run:
 
     python -m bench.slow_clients [--health 50] [--gens 5] [--size 128] [--steps 10] [--out FILE]
 
-The slow connections are those of tests/test_slow_clients.py: 50 each that trickle their headers, announce
+The slow connections are those of tests/server/test_slow_clients.py: 50 each that trickle their headers, announce
 a body and never send it, stay silent, or sit idle after a keep-alive request. A request that gets no
 answer within ``--give-up`` seconds is reported as such (gthread with slow clients open). The read limits
 are raised above the measurement's length, so that no slow connection is cut while it runs."""
@@ -41,7 +41,7 @@ def measure(worker: str, slow: int, args) -> dict:
     battery = None
     try:
         if slow:
-            battery = SlowClients(srv.port, per_kind=slow // 4, read_timeout=args.give_up)
+            battery = SlowClients(srv.port, per_kind=slow // 4)
         health = _timed(lambda t: requests.get(srv.base + "/health", timeout=t), args.health, args.give_up)
         body = {"prompt": "a red circle", "size": f"{args.size}x{args.size}", "steps": args.steps,
                 "response_format": "b64_json"}

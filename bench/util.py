@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
-GENERATOR_VERSION = 1          # the recipe of tests/test_full_size.py (same file name, so its cache is reused)
+GENERATOR_VERSION = 1          # the recipe of tests/core/test_full_size.py (same file name, so its cache is reused)
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
 
@@ -161,7 +161,7 @@ def run_worker(*args, python=sys.executable, timeout=1800) -> dict:
 # ------------------------------------------------------------------------------------------------
 def sd15_checkpoint() -> Path:
     """The full-size SD1.5-shaped random checkpoint, single-file LDM layout, fp16 on disk.
-    Reuses the copy tests/test_full_size.py caches (same recipe, same seeds), else builds one."""
+    Reuses the copy tests/core/test_full_size.py caches (same recipe, same seeds), else builds one."""
     shared = ROOT / ".cache" / f"sd15-random-v{GENERATOR_VERSION}.safetensors"
     if shared.exists():
         return shared
@@ -211,7 +211,7 @@ def clip_tokenizer():
 
 def diffusers_folder(ckpt: Path) -> Path:
     """The same weights as a diffusers pipeline folder (fp16 variant), for diffusers' own loading path.
-    Reuses tests/test_full_size.py's copy when present."""
+    Reuses tests/core/test_full_size.py's copy when present."""
     shared = ckpt.with_name(ckpt.name.removesuffix(".safetensors") + "-diffusers")
     if (shared / "model_index.json").exists():
         return shared

@@ -1,4 +1,4 @@
-"""Samplers and noise schedules for SD (SAMPLERS.md), in the style of k-diffusion's sampling.py.
+"""Samplers and noise schedules for SD (docs/research.md, docs/core.md), in the style of k-diffusion's sampling.py.
 
     import samplers
     sigmas = samplers.get_sigmas("karras", steps)          # float64, N+1 values, ends in 0

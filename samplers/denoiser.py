@@ -1,4 +1,4 @@
-"""The UNet as a denoiser D(x, σ), with classifier-free guidance (SAMPLERS.md, "Denoiser wrapper")."""
+"""The UNet as a denoiser D(x, σ), with classifier-free guidance (docs/core.md, "The denoiser" and "Classifier-free guidance")."""
 import torch
 
 from .schedule import check_name, sigma_to_t

@@ -1,4 +1,4 @@
-"""The ten samplers (SAMPLERS.md, "The ten samplers").
+"""The ten samplers (docs/research.md, "The samplers").
 
 Every sampler has the signature
 

@@ -1,4 +1,4 @@
-"""The SD noise table, sigma <-> timestep, and the noise schedules (SAMPLERS.md).
+"""The SD noise table, sigma <-> timestep, and the noise schedules (docs/core.md, "Noise levels and schedules").
 
 Everything is computed in float64 on the CPU: the table once, the schedules per request. A
 float64 0-dim sigma multiplies a float32 (or bf16) latent without promoting it, so samplers keep

@@ -17,7 +17,7 @@ from sdcore.vae import AutoencoderKL, VAEConfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PATH = os.path.join(HERE, "tiny-sd1.safetensors")
 
-# CHECKPOINTS.md §6: the smallest config that still has every LDM block type.
+# The smallest config that still has every LDM block type (docs/core.md, Checkpoint layouts).
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2, attention_levels=(0, 1, 2),
                   transformer_depth=(1, 1, 1, 0), num_heads=8, context_dim=32)
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=2)

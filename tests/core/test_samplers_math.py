@@ -1,4 +1,4 @@
-"""samplers/ against closed forms and against SAMPLERS.md's formulas re-derived here in float64:
+"""samplers/ against closed forms and against the step formulas of docs/research.md (The samplers) re-derived here in float64:
 convergence orders on Gaussian data, exactness with a constant denoiser, the last step to σ = 0,
 the laws of the ancestral samplers (Monte Carlo), the four samplers k-diffusion lacks step by
 step, NFE counts, names, img2img slicing and dtypes."""
@@ -79,7 +79,7 @@ NS = (128, 256, 512, 1024)
     ("dpm2", {}, 2.0, 0.15),
     ("dpm++2m", {}, 2.0, 0.15),
     ("dpm++2s_a", {"eta": 0.0}, 2.0, 0.15),
-    # Reproduced as is: first order off log-uniform grids (SAMPLERS.md).
+    # Reproduced as is: first order off log-uniform grids (docs/research.md, Convergence orders).
     ("dpm++2mv2", {}, 1.0, 0.15),
 ])
 def test_order_on_karras(name, kw, expected, tol):
@@ -159,7 +159,7 @@ def test_last_step_to_zero(name):
                                   callback=lambda i, s, x, den: last.append(den))
     D_last = last[-1]
     if name in ("ipndm", "ipndm_v"):
-        # SAMPLERS.md Choice: the multistep formula also runs on the last step.
+        # A choice (docs/research.md, The samplers): the multistep formula also runs on the last step.
         assert (out - D_last).abs().max().item() > 1e-6
     elif name in ("euler", "heun", "dpm2"):
         # An Euler step to σ = 0: x + (x - D)/σ·(0 - σ), D up to rounding.
@@ -202,7 +202,7 @@ def ancestral_split(s, s_next, eta):
 
 
 def affine_coefficients(name, s, s_next, eta):
-    """(K, σ_u) of x' - μ = K(x - μ) + σ_u·z for D linear (SAMPLERS.md, "Facts")."""
+    """(K, σ_u) of x' - μ = K(x - μ) + σ_u·z for D linear (docs/research.md, Convergence orders)."""
     g = lambda sig: S ** 2 / (S ** 2 + sig ** 2)
     if s_next == 0:
         return g(s), 0.0
@@ -242,7 +242,7 @@ def test_ancestral_law(name, eta):
 
 
 def rederived(name, D, x, sigmas, zs):
-    """SAMPLERS.md's step formulas, written out on python floats / float64 tensors."""
+    """The samplers' step formulas (docs/research.md), written out on python floats / float64 tensors."""
     sig = [float(s) for s in sigmas]
     traj, Ds, ds = [], [], []
     zs = iter(zs)

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from server_helpers import rss_kb, server_fixture
+from bench.harness import rss_kb, server_fixture
 
 GEN = "/v1/images/generations"
 CLIENTS = 50

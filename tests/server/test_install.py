@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from server_helpers import ROOT, free_port
+from bench.harness import ROOT, free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

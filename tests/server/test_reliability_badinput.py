@@ -15,7 +15,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from server_helpers import API_KEY, raw_http, read_response, server_fixture
+from bench.harness import API_KEY, raw_http, read_response, server_fixture
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"

@@ -1,6 +1,7 @@
-"""Start a real gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``) with the tiny default model,
-for the integration, nginx, reliability and security tests. Fails clearly (never skips) when the
-pipeline or the default weights are missing."""
+"""Real servers for the tests and the benchmarks: a gunicorn (``gunicorn -c gunicorn.conf.py wsgi:app``)
+with the tiny default model, a real nginx running deploy/nginx.conf in front of it, raw HTTP, and a
+battery of slow clients. Fails clearly (never skips) when the pipeline or the default weights are
+missing. bench/references.py holds the numerical references (diffusers, transformers, k-diffusion)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+TESTS = ROOT / "tests"
 WEIGHTS = ROOT / "weights" / "tiny-sd1.safetensors"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 API_KEY = "test-key"
@@ -273,3 +274,84 @@ def nginx_in_front(srv: "Gunicorn | list[Gunicorn]", tmp: Path, directives: dict
     finally:
         nginx.terminate()
         nginx.wait(20)
+
+
+# --- slow clients ---------------------------------------------------------------------------------
+SLOW_KINDS = ("trickle", "no-body", "silent", "idle")
+
+
+def open_slow(port: int, kind: str) -> socket.socket:
+    """A connection that holds on: trickles its headers (the caller sends more), announces a body it
+    never sends, stays silent, or sits idle after a keep-alive request."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if kind == "trickle":
+        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
+    elif kind == "no-body":
+        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+    elif kind == "idle":
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = read_response(s)
+        assert status == 200, status
+    return s
+
+
+class SlowClients:
+    """``per_kind`` connections of each of SLOW_KINDS; the trickling ones send a header byte a second."""
+
+    def __init__(self, port: int, per_kind: int):
+        self.socks = {kind: [open_slow(port, kind) for _ in range(per_kind)] for kind in SLOW_KINDS}
+        self.stop = threading.Event()
+        self.trickler = threading.Thread(target=self._trickle, daemon=True)
+        self.trickler.start()
+
+    def _trickle(self):
+        while not self.stop.wait(1.0):
+            for s in self.socks["trickle"]:
+                try:
+                    s.send(b"X")
+                except OSError:
+                    pass
+
+    def still_open(self) -> dict:
+        """Per kind, how many connections the server has not closed (nothing to read, no EOF)."""
+        out = {}
+        for kind, socks in self.socks.items():
+            n = 0
+            for s in socks:
+                s.setblocking(False)
+                try:
+                    s.recv(1, socket.MSG_PEEK)          # b"" (closed) or bytes (an answer): not waiting
+                except BlockingIOError:
+                    n += 1
+                except OSError:
+                    pass
+            out[kind] = n
+        return out
+
+    def wait_closed(self, timeout: float) -> dict:
+        """Per kind: (connections the server closed, of which with a 408 answer first)."""
+        out = {}
+        for kind, socks in self.socks.items():
+            closed = answered = 0
+            for s in socks:
+                s.settimeout(timeout)
+                got = b""
+                try:
+                    while chunk := s.recv(65536):
+                        got += chunk
+                    closed += 1
+                except ConnectionResetError:
+                    closed += 1
+                except OSError:
+                    pass
+                answered += got.startswith(b"HTTP/1.1 408")
+            out[kind] = (closed, answered)
+        return out
+
+    def close(self):
+        self.stop.set()
+        self.trickler.join(5)
+        for socks in self.socks.values():
+            for s in socks:
+                s.close()

@@ -14,7 +14,7 @@ from PIL import Image
 
 import sdcore
 from sdcore.pipeline import GenerationParams, generate
-from server_helpers import API_KEY, ROOT, Gunicorn
+from bench.harness import API_KEY, ROOT, Gunicorn
 from weights import score, shapes
 
 MODEL = ROOT / "weights" / "shapes-sd1.safetensors"

@@ -1,4 +1,4 @@
-"""samplers/ against k-diffusion 0.1.1.post1 (see tests/kdiff.py for how it is imported):
+"""samplers/ against k-diffusion 0.1.1.post1 (see bench/kdiff.py for how it is imported):
 noise table and σ↔t, the four schedules, the denoiser wrapper, and whole trajectories of the six
 samplers k-diffusion has, with a nonlinear denoiser and the same injected noise, in float64."""
 import contextlib
@@ -10,10 +10,7 @@ import torch
 
 import samplers
 
-try:
-    from . import kdiff
-except ImportError:
-    import kdiff
+from bench import kdiff
 
 F64 = torch.float64
 

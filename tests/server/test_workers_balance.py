@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from server_helpers import API_KEY, Gunicorn, require_pipeline
+from bench.harness import API_KEY, Gunicorn, require_pipeline
 
 GENERATING = r"\[(\d+)\] INFO [\w.]+: request \S+: generating"
 

@@ -1,7 +1,6 @@
 """Our networks against diffusers / transformers on identical random weights (tiny SD1 and SD2 shapes),
 loaded through our loader from both file layouts."""
 import dataclasses
-import os
 import subprocess
 import sys
 
@@ -10,22 +9,19 @@ import torch
 from safetensors.torch import save_file
 
 import sdcore
-from sdcore.clip import TextConfig, TextEncoder
+from sdcore.clip import TextEncoder
 from sdcore.formats.build import CAST_CHUNK, cast
 from sdcore.formats.files import config_to_metadata
 from sdcore.formats.write import ldm_state_dict, random_init_, save_single_file
-from sdcore.unet import BasicTransformerBlock, UNet, UNetConfig
+from sdcore.unet import BasicTransformerBlock, UNet
 from sdcore.vae import AutoencoderKL, VAEConfig
-from tests import refs
+from bench import references as refs
+from bench.harness import ROOT
 from weights.make_default import UNET as TINY_UNET
 from weights.make_default import build_tiny
+from tiny_models import SD2_TEXT, SD2_UNET, SD2_VAE
 
 TOL = 1e-5
-SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
-                      transformer_depth=(1, 2, 0), transformer_depth_middle=1, num_heads=None, head_dim=64,
-                      context_dim=64, use_linear_proj=True)
-SD2_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)
-SD2_TEXT = TextConfig(width=64, layers=3, heads=1, act="gelu", output_layer=-2, pad_id=0)
 
 
 def _inputs(context_dim, latent=(9, 11), seed=0):
@@ -277,7 +273,7 @@ def test_loading_does_not_import_the_compiler(default_model_path):
     code = ("import sys, torch, sdcore; sdcore.load_model(sys.argv[1], device='cpu', dtype=torch.float32); "
             "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy')))[:5])")
     out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
 
 

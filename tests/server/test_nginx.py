@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from server_helpers import API_KEY, NGINX, Gunicorn, nginx_in_front, require_pipeline
+from bench.harness import API_KEY, NGINX, Gunicorn, nginx_in_front, require_pipeline
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
 

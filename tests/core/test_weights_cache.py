@@ -18,11 +18,11 @@ import sdcore
 from sdcore import weights_cache
 from sdcore.formats import build
 from sdcore.formats.write import save_controlnet, save_single_file
-from tests.test_controlnet import _controlnet
+from tiny_models import random_controlnet
 from weights.make_default import UNET as TINY_UNET
 from weights.make_default import build_tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _checkpoint(path, seed=0, dtype=torch.float16):
@@ -61,7 +61,7 @@ def _mapped_files(tensors) -> set:
 def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypatch, caplog):
     src, cache = _checkpoint(tmp_path / "model.safetensors"), str(tmp_path / "cache")
     cn_path = tmp_path / "cn.safetensors"
-    save_controlnet(cn_path, _controlnet(TINY_UNET), dtype=torch.float16)
+    save_controlnet(cn_path, random_controlnet(TINY_UNET), dtype=torch.float16)
     in_memory = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path))
     first = sdcore.load_model(src, dtype=torch.bfloat16, control_net=str(cn_path), cache_dir=cache)
     assert len(_entries(cache)) == 4                                 # UNet, VAE, text encoder, ControlNet
@@ -87,7 +87,7 @@ def test_later_loads_map_the_converted_weights_bit_identical(tmp_path, monkeypat
 def test_gunicorn_workers_share_one_converted_copy(tmp_path):
     """Two workers booting together on an fp16 model in bf16: each network is converted once, and
     both workers generate from the same mapped files."""
-    from server_helpers import API_KEY, Gunicorn, require_pipeline
+    from bench.harness import API_KEY, Gunicorn, require_pipeline
     require_pipeline()
     src, cache = _checkpoint(tmp_path / "model.safetensors"), tmp_path / "cache"
     srv = Gunicorn(tmp_path / "data", tmp_path / "gunicorn.log", SD_MODEL=src, SD_DTYPE="bfloat16", SD_WORKERS="2",

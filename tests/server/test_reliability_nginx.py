@@ -9,7 +9,7 @@ import threading
 import pytest
 import requests
 
-from server_helpers import NGINX, auth_headers, nginx_in_front, server_fixture
+from bench.harness import NGINX, auth_headers, nginx_in_front, server_fixture
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 GEN = "/v1/images/generations"

@@ -9,7 +9,7 @@ from PIL import Image
 import sdcore
 from sdcore.pipeline import (GenerationParams, PipelineError, cover_resize, generate, image_to_tensor,
                              mask_to_repaint, parse_infotext)
-from tests.refs import pixels, reference_image
+from bench.references import pixels, reference_image
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from server_helpers import Gunicorn, auth_headers, require_pipeline
+from bench.harness import Gunicorn, auth_headers, require_pipeline
 
 GEN = "/v1/images/generations"
 FSIZE_LIMIT = 8192          # bytes; a 64x64 PNG of the tiny model is about 10 KiB

@@ -6,7 +6,7 @@ import pytest
 
 from api.config import DEFAULT_MODEL, ConfigError, Settings, parse_args
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults():

@@ -127,7 +127,7 @@ def reference_image(model, prompt, negative, seed, steps, cfg, size, sampler="sa
     (holding ``model.controlnet``'s weights), applied to both halves of the CFG batch.
     Returns uint8 pixels [3, size, size]."""
     from open_clip.tokenizer import SimpleTokenizer
-    from tests.kdiff import external, sampling
+    from bench.kdiff import external, sampling
     du, dv = diffusers_unet_from_ours(model.unet), diffusers_vae_from_ours(model.vae)
     dt = transformers_text_from_ours(model.text_encoder)
     ids = SimpleTokenizer()([prompt, negative])

@@ -8,8 +8,8 @@ import requests
 import torch
 from PIL import Image, ImageDraw
 
-from server_helpers import API_KEY, Gunicorn, require_pipeline
-from tests.refs import pixels
+from bench.harness import API_KEY, Gunicorn, require_pipeline
+from bench.references import pixels
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

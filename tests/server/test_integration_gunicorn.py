@@ -10,7 +10,7 @@ import requests
 from openai import OpenAI
 from PIL import Image
 
-from server_helpers import API_KEY, Gunicorn, require_pipeline
+from bench.harness import API_KEY, Gunicorn, require_pipeline
 
 PROMPT = "a red fox in the snow"
 
@@ -105,7 +105,7 @@ def test_http_image_equals_reference_pipeline(client, default_model_path):
     same weights and seed, within 1/255 per pixel after PNG rounding."""
     import sdcore
     import torch
-    from tests.refs import pixels, reference_image
+    from bench.references import pixels, reference_image
     resp = client.images.generate(prompt="a blue square", size="64x64", response_format="b64_json",
                                   extra_body={"steps": 5, "seed": 2024, "sample_method": "euler", "cfg_scale": 6.0,
                                               "negative_prompt": "red"})

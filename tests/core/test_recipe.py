@@ -15,7 +15,7 @@ import sdcore
 from sdcore import device
 from weights import shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The recipe as README.md gives it, run in a folder holding out.png and the repository's weights/.
 RECIPE = re.search(r"## Reproducing an image\n.*?```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(),

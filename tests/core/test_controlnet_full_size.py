@@ -10,7 +10,7 @@ import sdcore
 from sdcore.controlnet import ControlNet
 from sdcore.formats.write import random_init_, save_controlnet
 from sdcore.unet import UNetConfig
-from tests import refs
+from bench import references as refs
 
 pytestmark = pytest.mark.slow
 GENERATOR_VERSION = 1          # bump when the recipe below changes, so the cache is rebuilt

@@ -3,21 +3,21 @@ their headers, announce a body and never send it, stay silent, or sit idle after
 while /health and a 1-step generation are served normally; then every one of them is cut off at its limit.
 The same through the shipped nginx site. And a 10 MB upload that is merely slow still works."""
 import io
+import os
 import json
 import re
 import socket
-import threading
 import time
 
 import pytest
 import requests
 from PIL import Image
 
-from server_helpers import API_KEY, NGINX, ROOT, Gunicorn, auth_headers, nginx_in_front, require_pipeline
+from bench.harness import (API_KEY, NGINX, ROOT, SLOW_KINDS, Gunicorn, SlowClients, auth_headers, nginx_in_front,
+                           open_slow, require_pipeline)
 
 PER_KIND = 50
 LIMIT_S = 6             # every read limit in these tests; the battery's checks run well within it
-KINDS = ("trickle", "no-body", "silent", "idle")
 
 
 @pytest.fixture(scope="module")
@@ -32,87 +32,6 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _open(port: int, kind: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    if kind == "trickle":
-        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
-    elif kind == "no-body":
-        s.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
-    elif kind == "idle":
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200"), head[:100]
-        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
-        body = head.partition(b"\r\n\r\n")[2]
-        while len(body) < length:
-            body += s.recv(4096)
-    return s
-
-
-class Battery:
-    """PER_KIND connections of each kind; the trickling ones send a header byte every second."""
-
-    def __init__(self, port: int):
-        self.socks = {kind: [_open(port, kind) for _ in range(PER_KIND)] for kind in KINDS}
-        self.stop = threading.Event()
-        self.trickler = threading.Thread(target=self._trickle, daemon=True)
-        self.trickler.start()
-
-    def _trickle(self):
-        while not self.stop.wait(1.0):
-            for s in self.socks["trickle"]:
-                try:
-                    s.send(b"X")
-                except OSError:
-                    pass
-
-    def still_open(self) -> dict:
-        """Per kind, how many connections the server has not closed (nothing to read, no EOF)."""
-        out = {}
-        for kind, socks in self.socks.items():
-            n = 0
-            for s in socks:
-                s.setblocking(False)
-                try:
-                    s.recv(1, socket.MSG_PEEK)          # b"" (closed) or bytes (an answer): not waiting
-                except BlockingIOError:
-                    n += 1
-                except OSError:
-                    pass
-            out[kind] = n
-        return out
-
-    def wait_closed(self, timeout: float) -> dict:
-        """Per kind: (connections the server closed, of which with a 408 answer first)."""
-        out = {}
-        for kind, socks in self.socks.items():
-            closed = answered = 0
-            for s in socks:
-                s.settimeout(timeout)
-                got = b""
-                try:
-                    while chunk := s.recv(65536):
-                        got += chunk
-                    closed += 1
-                except ConnectionResetError:
-                    closed += 1
-                except (socket.timeout, OSError):
-                    pass
-                answered += got.startswith(b"HTTP/1.1 408")
-            out[kind] = (closed, answered)
-        return out
-
-    def close(self):
-        self.stop.set()
-        self.trickler.join(5)
-        for socks in self.socks.values():
-            for s in socks:
-                s.close()
-
-
 def _health_and_generation(base: str):
     h = requests.get(base + "/health", timeout=10)
     g = requests.post(base + "/v1/images/generations", headers=auth_headers(), timeout=30,
@@ -122,12 +41,12 @@ def _health_and_generation(base: str):
 
 def test_200_slow_connections_do_not_starve_the_server_and_are_cut_at_their_limits(server):
     start = len(server.log_text())
-    battery = Battery(server.port)
+    battery = SlowClients(server.port, PER_KIND)
     try:
         health, gen, body = _health_and_generation(server.base)
         open_meanwhile = battery.still_open()
         assert health == 200 and gen == 200 and body["data"][0]["b64_json"], body
-        assert open_meanwhile == {kind: PER_KIND for kind in KINDS}, open_meanwhile     # served *while* they held on
+        assert open_meanwhile == {kind: PER_KIND for kind in SLOW_KINDS}, open_meanwhile     # served *while* they held on
         closed = battery.wait_closed(timeout=4 * LIMIT_S)
     finally:
         battery.close()
@@ -145,7 +64,7 @@ def test_200_slow_connections_do_not_starve_the_server_and_are_cut_at_their_limi
 
 def _noise_png(target_bytes: int) -> bytes:
     side = int((target_bytes / 3) ** 0.5) + 1
-    im = Image.frombytes("RGB", (side, side), __import__("os").urandom(side * side * 3))
+    im = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
@@ -190,16 +109,16 @@ def test_the_same_through_the_shipped_nginx_site(server):
     tmp = server.tmp / "nginx"
     tmp.mkdir(exist_ok=True)
     with nginx_in_front(server, tmp, site, worker_connections=1024) as (base, port):
-        battery = Battery(port)
+        battery = SlowClients(port, PER_KIND)
         try:
             health, gen, body = _health_and_generation(base)
             open_meanwhile = battery.still_open()
             assert health == 200 and gen == 200 and body["data"][0]["b64_json"], body
-            assert open_meanwhile == {kind: PER_KIND for kind in KINDS}, open_meanwhile
+            assert open_meanwhile == {kind: PER_KIND for kind in SLOW_KINDS}, open_meanwhile
             closed = battery.wait_closed(timeout=4 * LIMIT_S)
         finally:
             battery.close()
-        assert {kind: n for kind, (n, _) in closed.items()} == {kind: PER_KIND for kind in KINDS}, closed
+        assert {kind: n for kind, (n, _) in closed.items()} == {kind: PER_KIND for kind in SLOW_KINDS}, closed
         assert requests.get(base + "/health", timeout=10).status_code == 200
 
 
@@ -212,7 +131,7 @@ def test_nginx_limits_requests_in_progress_per_address(server):
     limit = int(re.search(r"(?m)^    limit_conn sd_api_per_address (\d+);", (ROOT / "deploy" / "nginx.conf")
                           .read_text()).group(1))
     with nginx_in_front(server, tmp, worker_connections=256) as (base, port):
-        held = [_open(port, "no-body") for _ in range(limit)]
+        held = [open_slow(port, "no-body") for _ in range(limit)]
         try:
             r = requests.post(base + "/v1/images/generations", headers=auth_headers(), timeout=10,
                               json={"prompt": "x", "size": "64x64", "steps": 1})
@@ -225,3 +144,24 @@ def test_nginx_limits_requests_in_progress_per_address(server):
         while requests.get(base + "/health", timeout=10).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_generation_longer_than_every_read_limit_is_served(tmp_path):
+    """The limits are for reading a request and for idle time between requests: a generation that takes
+    longer than all of them together, and the next request on the same kept-alive connection, are served."""
+    require_pipeline()
+    srv = Gunicorn(tmp_path / "data", tmp_path / "gunicorn.log", SD_HEADER_TIMEOUT="1", SD_BODY_TIMEOUT="1",
+                   SD_KEEPALIVE="1")
+    try:
+        srv.wait_healthy()
+        with requests.Session() as s:
+            r = s.post(srv.base + "/v1/images/generations", headers={**auth_headers(), "X-Request-Id": "long"},
+                       timeout=300, json={"prompt": "a red circle", "size": "256x256", "steps": 60,
+                                          "sample_method": "euler", "response_format": "b64_json"})
+            assert r.status_code == 200 and r.json()["data"][0]["b64_json"], r.text[:300]
+            took = float(srv.wait_log(r"request long: done in ([0-9.]+) s").group(1))
+            assert took > 3, f"the generation took {took} s: not longer than the three 1 s limits"
+            assert s.get(srv.base + "/health", timeout=10).status_code == 200     # the same connection, at once
+        assert "slow connection" not in srv.log_text()
+    finally:
+        srv.stop()

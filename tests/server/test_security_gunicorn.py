@@ -7,7 +7,7 @@ import re
 import pytest
 import requests
 
-from server_helpers import auth_headers, server_fixture
+from bench.harness import auth_headers, server_fixture
 
 KEY = "sk-sec-5f0c1e9a7b3d4e2f8a6c"
 WRONG = "sk-wrong-91d3b7e2c4a6f8e0"

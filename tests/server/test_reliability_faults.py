@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from server_helpers import auth_headers, kill, rss_kb, server_fixture
+from bench.harness import auth_headers, kill, rss_kb, server_fixture
 
 GEN = "/v1/images/generations"
 MAX_QUEUE = 2

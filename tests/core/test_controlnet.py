@@ -10,22 +10,17 @@ from safetensors.torch import save_file
 
 import sdcore
 from sdcore.canny import canny
-from sdcore.controlnet import ControlNet, attach_controlnet
+from sdcore.controlnet import attach_controlnet
 from sdcore.formats.write import random_init_, save_controlnet
 from sdcore.pipeline import (GenerationParams, control_residuals, cover_resize, generate, image_to_tensor,
                              parse_infotext, tensor_to_image)
 from sdcore.unet import UNet
-from tests import refs
-from tests.refs import pixels
-from tests.test_parity_tiny import SD2_UNET
+from bench import references as refs
+from bench.references import pixels
+from tiny_models import SD2_UNET, random_controlnet
 from weights.make_default import UNET as TINY_UNET
 
 TOL = 1e-5
-
-
-def _controlnet(cfg, seed=5):
-    torch.manual_seed(seed)
-    return random_init_(ControlNet(cfg), seed)
 
 
 def _inputs(context_dim, latent=(9, 11), seed=0):
@@ -46,7 +41,7 @@ def _residuals(cn, x, t, ctx, hint):
 def test_parity_with_diffusers_controlnet_and_unet(cfg, tmp_path):
     """ControlNet residuals, and the UNet they are added to, against diffusers on the same weights;
     the weights reach diffusers through our layout map and come back through our loader."""
-    cn = _controlnet(cfg)
+    cn = random_controlnet(cfg)
     unet = random_init_(UNet(cfg), 6)
     dcn, du = refs.diffusers_controlnet_from_ours(cn), refs.diffusers_unet_from_ours(unet)
     dcn.save_pretrained(tmp_path / "cn")                                   # config.json + safetensors
@@ -69,7 +64,7 @@ def test_parity_with_diffusers_controlnet_and_unet(cfg, tmp_path):
 def test_guidance_runs_the_shared_latent_once_in_the_controlnet_too():
     """The latent given once against [uncond, cond]: the ControlNet's residuals are diffusers' on the
     repeated batch (the ControlNet is the UNet's encoder, so it shares the same way)."""
-    cn = _controlnet(TINY_UNET)
+    cn = random_controlnet(TINY_UNET)
     dcn = refs.diffusers_controlnet_from_ours(cn)
     x, _, ctx, hint = _inputs(TINY_UNET.context_dim)
     x, t = x[:1], torch.tensor([640.0, 640.0])
@@ -84,7 +79,7 @@ def test_guidance_runs_the_shared_latent_once_in_the_controlnet_too():
 def test_single_file_layouts_load_the_same_network(tmp_path):
     """control_model.* (as in a whole-pipeline file), bare LDM names, and diffusers names in one file;
     fp16 on disk; without any config in the file every hyperparameter is read off the shapes."""
-    cn = _controlnet(SD2_UNET)                          # head_dim 64 and context 64: inferable from shapes
+    cn = random_controlnet(SD2_UNET)                          # head_dim 64 and context 64: inferable from shapes
     x, t, ctx, hint = _inputs(SD2_UNET.context_dim)
     expected = _residuals(cn, x, t, ctx, hint)
 
@@ -109,13 +104,13 @@ def test_single_file_layouts_load_the_same_network(tmp_path):
 def test_wrong_files_and_families_are_refused(tmp_path, default_model_path):
     with pytest.raises(sdcore.CheckpointError, match="is a base model, not a ControlNet"):
         sdcore.load_controlnet(default_model_path)
-    save_controlnet(tmp_path / "sd2cn.safetensors", _controlnet(SD2_UNET))
+    save_controlnet(tmp_path / "sd2cn.safetensors", random_controlnet(SD2_UNET))
     with pytest.raises(sdcore.CheckpointError, match="ControlNet, not a base model: pass it with --control-net"):
         sdcore.load_model(tmp_path / "sd2cn.safetensors", device="cpu", dtype=torch.float32)
     # an SD2-shaped ControlNet (context_dim 64) next to the tiny SD1 model (context_dim 32): refused at start
     with pytest.raises(sdcore.CheckpointError, match=r"context_dim 64.*context_dim 32"):
         sdcore.load_model(default_model_path, control_net=str(tmp_path / "sd2cn.safetensors"), device="cpu", dtype=torch.float32)
-    wider = _controlnet(dataclasses.replace(TINY_UNET, model_channels=64))
+    wider = random_controlnet(dataclasses.replace(TINY_UNET, model_channels=64))
     model = sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
     with pytest.raises(sdcore.CheckpointError, match="does not fit"):
         attach_controlnet(model, wider)
@@ -131,7 +126,7 @@ def test_wrong_files_and_families_are_refused(tmp_path, default_model_path):
 @pytest.fixture(scope="module")
 def controlled(default_model_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("cn") / "tiny-cn.safetensors"
-    save_controlnet(path, _controlnet(TINY_UNET), dtype=torch.float16)
+    save_controlnet(path, random_controlnet(TINY_UNET), dtype=torch.float16)
     model = sdcore.load_model(default_model_path, control_net=str(path), device="cpu", dtype=torch.float32)
     assert model.controlnet.cfg == TINY_UNET and model.controlnet.source == str(path)
     return model

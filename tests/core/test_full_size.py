@@ -12,7 +12,7 @@ from sdcore.clip import TextConfig, TextEncoder
 from sdcore.formats.write import ldm_state_dict, random_init_
 from sdcore.unet import UNet, UNetConfig
 from sdcore.vae import AutoencoderKL, VAEConfig
-from tests import refs
+from bench import references as refs
 
 pytestmark = pytest.mark.slow
 GENERATOR_VERSION = 1          # bump when the recipe below changes, so caches are rebuilt

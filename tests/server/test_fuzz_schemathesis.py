@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from server_helpers import API_KEY, server_fixture
+from bench.harness import API_KEY, server_fixture
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 MAX_EXAMPLES = 10          # per operation and phase (fuzzing, stateful); with coverage ~700 cases

@@ -1,0 +1,21 @@
+"""Small random networks the core tests share (each full-width model lives in its own test): an SD2-shaped
+configuration (OpenCLIP text tower, head dim 64, linear projections) and a ControlNet with
+deterministic weights."""
+import torch
+
+from sdcore.clip import TextConfig
+from sdcore.controlnet import ControlNet
+from sdcore.formats.write import random_init_
+from sdcore.unet import UNetConfig
+from sdcore.vae import VAEConfig
+
+SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
+                      transformer_depth=(1, 2, 0), transformer_depth_middle=1, num_heads=None, head_dim=64,
+                      context_dim=64, use_linear_proj=True)
+SD2_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)
+SD2_TEXT = TextConfig(width=64, layers=3, heads=1, act="gelu", output_layer=-2, pad_id=0)
+
+
+def random_controlnet(cfg: UNetConfig, seed: int = 5) -> ControlNet:
+    torch.manual_seed(seed)
+    return random_init_(ControlNet(cfg), seed)
