@@ -277,7 +277,7 @@ def nginx_in_front(srv: "Gunicorn | list[Gunicorn]", tmp: Path, directives: dict
 
 
 # --- slow clients ---------------------------------------------------------------------------------
-SLOW_KINDS = ("trickle", "no-body", "silent", "idle")
+SLOW_KINDS = ("idle", "silent", "trickle", "no-body")      # idle first: it needs an answer to open
 
 
 def open_slow(port: int, kind: str) -> socket.socket:

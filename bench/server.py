@@ -14,11 +14,11 @@ from bench.harness import API_KEY, WEIGHTS, Gunicorn
 
 
 class Server(Gunicorn):
-    def __init__(self, model=WEIGHTS, threads: int = 0, **env):
+    def __init__(self, model=WEIGHTS, threads: int = 0, args: tuple = (), **env):
         tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
         settings = dict(SD_MODEL=str(model), SD_THREADS=str(threads) if threads else None, SD_DTYPE=None,
                         SD_ACCESS_LOG="", SD_WEIGHTS_CACHE=str(CACHE / "weights-cache"))
-        super().__init__(tmp / "data", tmp / "gunicorn.log", **{**settings, **env})
+        super().__init__(tmp / "data", tmp / "gunicorn.log", args=args, **{**settings, **env})
         self.wait_healthy(timeout=300)
         self.session = requests.Session()
 
