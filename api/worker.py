@@ -86,17 +86,20 @@ def _header_fields(head: bytes) -> dict[bytes, list[bytes]]:
 
 
 def body_framing(head: bytes):
-    """("length", n), ("chunked", 0) (0: where the scan of chunks resumes), or None where the headers
-    are not for this loop to judge (the parser refuses them with a 400 of gunicorn's)."""
+    """("length", n), ("chunked", 0) (0: where the scan of chunks resumes), ("bad", why) where the body's
+    length is ambiguous (two lengths, or a length and a transfer coding: how a request is smuggled past
+    a proxy), or None where the parser is to refuse the headers with a 400 of gunicorn's."""
     f = _header_fields(head)
     te, cl = f.get(b"transfer-encoding"), f.get(b"content-length")
+    if te and cl:
+        return ("bad", "both Content-Length and Transfer-Encoding")
     if te:
-        return ("chunked", 0) if not cl and te[-1].lower().endswith(b"chunked") else None
+        return ("chunked", 0) if te[-1].lower().endswith(b"chunked") else None
     if cl is None:
         return ("length", 0)
-    if len(set(cl)) != 1 or not cl[0].isdigit():
-        return None
-    return ("length", int(cl[0]))
+    if len(set(cl)) != 1:
+        return ("bad", "more than one Content-Length")
+    return ("length", int(cl[0])) if cl[0].isdigit() else None
 
 
 def chunked_end(buf, pos: int) -> tuple[int | None, int]:
@@ -243,6 +246,10 @@ class RequestBufferingWorker(Worker, ReadLimits):
             if conn.body is None:
                 self._dispatch(conn, len(buf), complete=False)         # gunicorn answers 400
                 return
+            if conn.body[0] == "bad":
+                self._refuse(conn, 400, "Bad Request", f"The request has {conn.body[1]}.", "invalid_framing")
+                self._close(conn)
+                return
             conn.expects_continue = b"100-continue" in b",".join(_header_fields(head).get(b"expect", [])).lower()
             conn.reason, conn.deadline = "body", time.monotonic() + self.body_timeout
         kind, value = conn.body
@@ -253,7 +260,8 @@ class RequestBufferingWorker(Worker, ReadLimits):
             try:
                 end, scan = chunked_end(buf, value or conn.head_end)
             except ValueError:
-                self._dispatch(conn, len(buf), complete=False)         # a bad chunk size: gunicorn's 400
+                self._refuse(conn, 400, "Bad Request", "The request's chunked body is malformed.", "invalid_framing")
+                self._close(conn)
                 return
             conn.body = ("chunked", scan)
             oversize = self.body_cap is not None and len(buf) - conn.head_end > self.body_cap
@@ -318,12 +326,16 @@ class RequestBufferingWorker(Worker, ReadLimits):
 
     def _send_timeout(self, conn: Conn):
         what = "headers" if conn.reason == "headers" else "body"
-        body = json.dumps({"error": {"message": f"The request {what} did not arrive in time.",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_timeout"}}).encode()
+        self._refuse(conn, 408, "Request Timeout", f"The request {what} did not arrive in time.", "request_timeout")
+
+    @staticmethod
+    def _refuse(conn: Conn, status: int, reason: str, message: str, code: str):
+        """An error in the API's shape, sent without waiting (the connection is closed next)."""
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
         try:
-            conn.sock.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            conn.sock.send(b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body))
         except OSError:
             pass
 
