@@ -118,7 +118,7 @@ def list_models():
 @bp.get("/v1/models/<path:model_id>")
 def get_model(model_id):
     reg = _state().models
-    reg.resolve(model_id)
+    reg.lookup(model_id)
     return jsonify(reg.as_openai(model_id))
 
 
@@ -241,13 +241,13 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     if model is None:
         models = load_models(settings)
     elif isinstance(model, dict):
-        models = ModelRegistry(model)
+        models = ModelRegistry(model, settings.aliases(), settings.strict_models)
     else:  # one injected model: its id is --model-name / NAME=, else its own .name
         configured = settings.models or settings.model_name
         name = settings.model_specs()[0][0]
         if not configured and getattr(model, "name", None):
             name = model.name
-        models = ModelRegistry({name: model})
+        models = ModelRegistry({name: model}, settings.aliases(), settings.strict_models)
     if generate is None:
         from sdcore.pipeline import generate
     if not settings.api_key:

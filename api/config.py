@@ -55,6 +55,12 @@ class Settings:
                                 "the first being the default")
     model_name: str | None = setting(None, "id of the default model in /v1/models and the `model` field",
                                      shown="the file stem of the first model")
+    model_alias: list = setting(factory=list, metavar="NAME=SERVED",
+                                help="another name for a served model (repeat the option, or separate entries "
+                                     "with commas in the variable), e.g. dall-e-3=sd15")
+    strict_models: bool = setting(False, "answer 404 model_not_found for a `model` the server does not serve "
+                                         "(off: such a request gets the default model, as clients that send "
+                                         "their own model name expect)")
     vae: str | None = setting(None, "VAE weights replacing the checkpoint's own")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image)")
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
@@ -109,6 +115,7 @@ class Settings:
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self):
+        self.models = [_model_entry(m) for m in self.models]
         self.validate()
 
     # --- construction -------------------------------------------------------------------------------
@@ -118,10 +125,7 @@ class Settings:
         unknown = set(mapping) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        values = dict(mapping)
-        if "models" in values:
-            values["models"] = [_model_entry(m) for m in values["models"]]
-        return cls(**values)
+        return cls(**mapping)
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -148,6 +152,16 @@ class Settings:
         ids = [n for n, _ in out]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate model names: {ids}; use --model NAME=PATH")
+        return out
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> served model id (``--model-alias NAME=SERVED``)."""
+        out = {}
+        for entry in self.model_alias:
+            name, sep, served = str(entry).partition("=")
+            if not sep or not name.strip() or not served.strip():
+                raise ConfigError(f"bad model alias {entry!r}; expected NAME=SERVED")
+            out[name.strip()] = served.strip()
         return out
 
     def weights_cache_dir(self) -> str | None:
@@ -228,7 +242,7 @@ def convert(f: dataclasses.Field, raw: str):
     """An environment variable's text as the setting's type."""
     t, var = value_type(f), env_names(f)[0]
     if t is list:
-        return [_model_entry(m) for m in raw.split(",") if m.strip()]
+        return [m.strip() for m in raw.split(",") if m.strip()]
     if t is bool:
         if raw.lower() not in _BOOLS:
             raise ConfigError(f"{var} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
@@ -289,10 +303,10 @@ def parse_args(argv=None, environ=None) -> tuple[Settings, argparse.Namespace]:
         base = Settings.from_env(environ)
         changes = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Settings)
                    if getattr(ns, f.name) is not None}
-        if "models" in changes:
-            changes["models"] = [_model_entry(m) for m in changes["models"]]
         settings = base.replace(**changes)
-        settings.model_specs()
+        unknown = set(settings.aliases().values()) - {n for n, _ in settings.model_specs()}
+        if unknown:
+            raise ConfigError(f"--model-alias names a model that is not served: {', '.join(sorted(unknown))}")
     except ConfigError as e:
         parser.error(str(e))
     return settings, ns
@@ -302,7 +316,7 @@ def parse_args(argv=None, environ=None) -> tuple[Settings, argparse.Namespace]:
 def shown_default(f: dataclasses.Field) -> str:
     if f.metadata.get("shown"):
         return f.metadata["shown"]
-    value = f.default
+    value = None if f.default is dataclasses.MISSING else f.default
     if isinstance(value, bool):
         return "on" if value else "off"
     return "none" if value is None else str(value)

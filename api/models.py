@@ -6,30 +6,49 @@ import logging
 import time
 from pathlib import Path
 
+from .config import ConfigError
 from .errors import APIError
 
 log = logging.getLogger("sd_api_server")
 
 
 class ModelRegistry:
-    """Model id -> loaded model; the first one is the default."""
+    """Model id -> loaded model; the first one is the default. ``aliases``: other names for served ids.
 
-    def __init__(self, models: dict):
+    A generation naming a model the server does not serve gets the default model: most clients send a
+    name of their own (``dall-e-2``, ``gpt-image-1``, the seed document's ``sd``). ``strict`` answers
+    404 instead. Looking a model up by id (``GET /v1/models/{id}``) is always strict."""
+
+    def __init__(self, models: dict, aliases: dict | None = None, strict: bool = False):
         if not models:
             raise ValueError("no model")
         self.models = dict(models)
+        self.aliases = dict(aliases or {})
+        unknown = sorted(set(self.aliases.values()) - set(self.models))
+        if unknown:
+            raise ConfigError(f"model alias for a model that is not served: {', '.join(unknown)} "
+                              f"(served: {', '.join(self.models)})")
+        self.strict = strict
         self.default_id = next(iter(self.models))
         self.created = int(time.time())
 
-    def resolve(self, model_id: str | None):
-        if model_id is None:
-            return self.models[self.default_id]
-        try:
-            return self.models[model_id]
-        except KeyError:
+    def lookup(self, model_id: str):
+        """The model served under ``model_id`` or one of its aliases, else a 404."""
+        served = self.aliases.get(model_id, model_id)
+        if served not in self.models:
             raise APIError(f"The model '{model_id}' does not exist. Available: "
                            f"{', '.join(self.models)}.", status=404, param="model",
-                           code="model_not_found") from None
+                           code="model_not_found")
+        return self.models[served]
+
+    def resolve(self, model_id: str | None):
+        """The model a generation asking for ``model_id`` (None: none named) runs on."""
+        if model_id is None:
+            return self.models[self.default_id]
+        if self.strict or self.aliases.get(model_id, model_id) in self.models:
+            return self.lookup(model_id)
+        log.debug("model %r is not served: the default model %r draws it", model_id, self.default_id)
+        return self.models[self.default_id]
 
     def ids(self) -> list[str]:
         return list(self.models)
@@ -84,4 +103,4 @@ def load_models(settings) -> ModelRegistry:
             compile_and_warm_up(models[name])
             log.info("compiled model %r's UNet at %d×%d in %.1f s", name, models[name].native_size,
                      models[name].native_size, time.monotonic() - t0)
-    return ModelRegistry(models)
+    return ModelRegistry(models, settings.aliases(), settings.strict_models)

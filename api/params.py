@@ -39,6 +39,8 @@ from sdcore.pipeline import GenerationParams
 from .errors import APIError, invalid
 
 RESPONSE_FORMATS = ("url", "b64_json")
+# OpenAI's GPT image models always answer in base64, and clients written for them read only b64_json
+B64_ONLY_MODELS = ("gpt-image", "chatgpt-image")
 # OpenAI fields this server has no use for: type-checked (a string or null), then ignored
 IGNORED_FIELDS = ("user", "quality", "style")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -399,6 +401,8 @@ def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
                                            d["apply_canny_preprocessor"]),
     )
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
+    if model_id and model_id.lower().startswith(B64_ONLY_MODELS):
+        response_format = "b64_json"
     return {"model": model, "response_format": response_format, "kw": kw}
 
 

@@ -164,8 +164,8 @@ for field in ["sample_method", "scheduler", "response_format"]:
     case(f"unknown-{field}", json_body({"prompt": "p", field: "nope"}), param=field)
 case("response_format-png", json_body({"prompt": "p", "response_format": "png"}),
      param="response_format")
-case("unknown-model", json_body({"prompt": "p", "model": "no-such-model"}), 404,
-     INVALID, "model")                   # as OpenAI: 404, invalid_request_error, model_not_found
+case("model-not-a-string", json_body({"prompt": "p", "model": ["no-such-model"]}), 400,
+     INVALID, "model")                   # (an unknown name gets the default model: tests/api/test_model_names.py)
 
 # sizes
 for size in ["512", "x512", "512x", "abcxdef", "0x0", "-512x512", "513x512", "100000x100000",
