@@ -81,8 +81,8 @@ def _respond(parse):
                           client_gone=client_gone_probe(request.environ))
     saves = SaveLog(st.store)
     try:
-        data = [image_item(img, params.prompt, image_request.response_format,
-                           saves, _file_url) for img in images]
+        data = [image_item(img, params.prompt, image_request.response_format, saves, _file_url,
+                           image_request.output_format, image_request.output_compression) for img in images]
     except OSError as e:
         for file_id in saves.saved:          # all or nothing: no orphans of a failed response
             st.store.delete(file_id)
@@ -96,7 +96,12 @@ def _respond(parse):
         raise APIError(f"The server could not store the image (request id {g.request_id}); "
                        "response_format=b64_json does not need storage.", status=500,
                        type="server_error", code="storage_error") from None
-    return jsonify({"created": int(time.time()), "data": data})
+    # the fields OpenAI's GPT image responses carry, which clients written for them read
+    body = {"created": int(time.time()), "data": data, "background": "opaque",
+            "output_format": image_request.output_format, "size": f"{params.width}x{params.height}"}
+    if image_request.quality is not None:
+        body["quality"] = image_request.quality
+    return jsonify(body)
 
 
 @bp.post("/v1/images/generations")
@@ -195,7 +200,8 @@ def _before_request():
         headers = preflight_headers(st.cors_origins, request.headers)
         if headers is not None:
             return current_app.response_class(status=204, headers=headers)
-    if st.key_digest is not None and request.path != "/health":
+    # OPTIONS carries no data and answers none: clients ping routes with it before they hold a key
+    if st.key_digest is not None and request.path != "/health" and request.method != "OPTIONS":
         check_api_key(request.headers.get("Authorization", ""), st.key_digest)
     if request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
         # A chunked body: Werkzeug stops reading at MAX_CONTENT_LENGTH but then hands over the

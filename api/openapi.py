@@ -84,6 +84,17 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
                             "default": defaults["response_format"],
                             "description": "url: a download URL (GET /v1/files/download/...); "
                                            "b64_json: the PNG in base64."},
+        "output_format": {"type": "string", "enum": list(P.OUTPUT_FORMATS), "default": "png", "nullable": True,
+                          "description": "The image file format; JPEG and WebP carry the generation parameters "
+                                         "as EXIF UserComment."},
+        "output_compression": {"type": "integer", "minimum": P.COMPRESSION_RANGE[0],
+                               "maximum": P.COMPRESSION_RANGE[1], "default": P.COMPRESSION_RANGE[1],
+                               "nullable": True, "description": "JPEG/WebP quality (PNG is lossless)."},
+        "background": {"type": "string", "enum": list(P.BACKGROUNDS), "nullable": True,
+                       "description": "transparent is refused (400): these models draw opaque images."},
+        "quality": {"type": "string", "nullable": True, "maxLength": 64,
+                    "description": "Accepted for OpenAI compatibility and echoed in the response; steps set "
+                                   "the work here."},
         **{name: {"type": "string", "nullable": True, "maxLength": 256,
                   "description": "Accepted for OpenAI compatibility and ignored."}
            for name in P.IGNORED_FIELDS},
@@ -160,6 +171,10 @@ def _schemas(limits: P.Limits, model_ids: list[str]) -> dict:
         "ImageItem": item,
         "ImagesResponse": {"type": "object", "required": ["created", "data"],
                            "properties": {"created": {"type": "integer"},
+                                          "output_format": {"type": "string", "enum": list(P.OUTPUT_FORMATS)},
+                                          "size": {"type": "string"},
+                                          "background": {"type": "string", "enum": ["opaque"]},
+                                          "quality": {"type": "string"},
                                           "data": {"type": "array", "items": _ref("ImageItem"),
                                                    "minItems": 1, "maxItems": limits.max_n}}},
         "Model": model,

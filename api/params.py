@@ -42,7 +42,10 @@ RESPONSE_FORMATS = ("url", "b64_json")
 # OpenAI's GPT image models always answer in base64, and clients written for them read only b64_json
 B64_ONLY_MODELS = ("gpt-image", "chatgpt-image")
 # OpenAI fields this server has no use for: type-checked (a string or null), then ignored
-IGNORED_FIELDS = ("user", "quality", "style")
+IGNORED_FIELDS = ("user", "style", "moderation", "input_fidelity")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+COMPRESSION_RANGE = (0, 100)
+BACKGROUNDS = ("auto", "opaque")         # "transparent" is refused with its own message
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 CFG_SCALE_RANGE = (0.0, 30.0)
@@ -124,6 +127,9 @@ class ImageRequest:
     model: Any                 # the loaded model the request names
     response_format: str       # "url" | "b64_json"
     params: GenerationParams
+    output_format: str = "png"       # "png" | "jpeg" | "webp"
+    output_compression: int = 100    # JPEG/WebP quality, 0-100
+    quality: str | None = None       # OpenAI's quality, echoed back (the steps set the work here)
 
 
 # --- field sources ----------------------------------------------------------------------------
@@ -403,12 +409,21 @@ def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
     if model_id and model_id.lower().startswith(B64_ONLY_MODELS):
         response_format = "b64_json"
-    return {"model": model, "response_format": response_format, "kw": kw}
+    sent = _Fields({k: v for k, v in f.values.items() if v is not None}, f.is_form)     # null: not sent
+    background = _get_str(sent, "background", None, max_len=64)
+    if background is not None and background.strip().lower() == "transparent":
+        raise invalid("background", "This server's models cannot draw a transparent background; send "
+                                    "'auto' or 'opaque'.")
+    _get_choice(sent, "background", None, BACKGROUNDS)
+    encoding = {"output_format": _get_choice(sent, "output_format", "png", OUTPUT_FORMATS),
+                "output_compression": _get_int(sent, "output_compression", COMPRESSION_RANGE[1], *COMPRESSION_RANGE),
+                "quality": _get_str(sent, "quality", None, max_len=64)}
+    return {"model": model, "response_format": response_format, "kw": kw, "encoding": encoding}
 
 
 def _make(parsed: dict) -> ImageRequest:
-    return ImageRequest(parsed["model"], parsed["response_format"],
-                        GenerationParams(**parsed["kw"]))
+    return ImageRequest(parsed["model"], parsed["response_format"], GenerationParams(**parsed["kw"]),
+                        **parsed["encoding"])
 
 
 def _json_object(request) -> dict:

@@ -59,6 +59,11 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     png: bytes                            # with the "parameters" text chunk
+    parameters: str = ""                  # that infotext
+
+    def encoded(self, fmt: str = "png", quality: int = 100) -> bytes:
+        """The image as PNG, JPEG or WebP, its infotext carried as PNG text or as EXIF UserComment."""
+        return self.png if fmt == "png" else to_jpeg_or_webp(self.image, self.parameters, fmt, quality)
 
 
 def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
@@ -78,7 +83,8 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
             image_seed = (seed + i) % SEED_MOD
             image = _generate_one(model, p, scheduler, image_seed, cond, uncond, init, progress, guided_hint)
             params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
-            out.append(GeneratedImage(image, image_seed, to_png(image, infotext(params, model.name))))
+            text = infotext(params, model.name)
+            out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
     return out
 
 
@@ -275,6 +281,19 @@ def parse_infotext(text: str) -> dict:
         out["control_strength"] = float(values["Control strength"])
         out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
     return out
+
+
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def to_jpeg_or_webp(img: Image.Image, parameters: str, fmt: str, quality: int) -> bytes:
+    """JPEG or WebP at ``quality`` (0-100) with the infotext as EXIF UserComment, the way AUTOMATIC1111
+    stores it (an 8-byte "UNICODE" character-code prefix, then UTF-16 big-endian text)."""
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buf = io.BytesIO()
+    img.save(buf, format={"jpeg": "JPEG", "webp": "WEBP"}[fmt], quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
 
 
 def to_png(img: Image.Image, parameters: str) -> bytes:

@@ -41,7 +41,8 @@ def test_b64_response_shape(client):
                                "response_format": "b64_json"})
     assert r.status_code == 200 and r.mimetype == "application/json"
     body = r.get_json()
-    assert set(body) == {"created", "data"} and t0 <= body["created"] <= time.time() + 1
+    assert set(body) == {"created", "data", "output_format", "size", "background"}
+    assert t0 <= body["created"] <= time.time() + 1 and (body["output_format"], body["size"]) == ("png", "64x64")
     assert len(body["data"]) == 3
     for i, item in enumerate(body["data"]):
         assert set(item) == {"b64_json", "prompt", "seed"}

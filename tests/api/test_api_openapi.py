@@ -202,6 +202,8 @@ def test_documented_defaults_are_the_applied_ones(client, doc, app_stub):
                     ["application/json"]["schema"])["properties"]
     defaults = {n: p["default"] for n, p in props.items() if "default" in p}
     assert defaults.pop("response_format") == "url" and "url" in r.get_json()["data"][0]
+    assert defaults.pop("output_format") == r.get_json()["output_format"] == "png"
+    assert defaults.pop("output_compression") == params.COMPRESSION_RANGE[1]
     assert defaults and all(applied[n] == v for n, v in defaults.items()), (defaults, applied)
     assert (defaults["steps"], defaults["width"]) == (20, 128)   # 512 capped to max_pixels
     assert props["n"]["maximum"] == 3 and props["steps"]["maximum"] == 40

@@ -325,7 +325,7 @@ def test_tiny_images_and_long_prompts_refused(tmp_path):
     assert c.post(GEN, json={"prompt": "x" * 50, "size": "64x64"}).status_code == 200
 
 
-@pytest.mark.parametrize("field", ["user", "quality", "style"])
+@pytest.mark.parametrize("field", ["user", "quality", "style", "moderation", "input_fidelity"])
 def test_openai_only_fields_type_checked_then_ignored(tmp_path, field):
     c = make_app(tmp_path)[0].test_client()
     for ok in ("anything", None):
