@@ -350,11 +350,15 @@ def _has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
 
 
-def _single_file(f: _Fields, names: tuple[str, ...], param: str):
+def _files(f: _Fields, names: tuple[str, ...]) -> list:
     found = []
     for n in names:
         found.extend(f.files.getlist(n) if f.files else [])
-    found = [x for x in found if x is not None]
+    return [x for x in found if x is not None]
+
+
+def _single_file(f: _Fields, names: tuple[str, ...], param: str):
+    found = _files(f, names)
     if len(found) > 1:
         raise invalid(param, f"only one '{param}' file is supported per request, got "
                              f"{len(found)}.")
@@ -473,7 +477,8 @@ def parse_generation(request, limits: Limits, resolve_model: Callable) -> ImageR
 def parse_edit(request, limits: Limits, resolve_model: Callable) -> ImageRequest:
     """POST /v1/images/edits: multipart form with image (or image[]), optional mask and
     control_image. Without a mask, transparent pixels of the image itself (if any) are the
-    area to repaint, as in OpenAI's API."""
+    area to repaint, as in OpenAI's API. Of several images (``image[]``, as GPT-image clients send
+    reference images) the first is the one edited; the others must be images too and are not used."""
     if request.mimetype != "multipart/form-data":
         raise _unsupported(request, "multipart/form-data")
     _check_multipart(request)
@@ -481,17 +486,19 @@ def parse_edit(request, limits: Limits, resolve_model: Callable) -> ImageRequest
     _reject_text_for_file(f, ("image", "image[]"), "image")
     _reject_text_for_file(f, ("mask",), "mask")
     _reject_text_for_file(f, ("control_image",), "control_image")
-    image_file = _single_file(f, ("image", "image[]"), "image")
+    image_files = _files(f, ("image", "image[]"))
     mask_file = _single_file(f, ("mask",), "mask")
     control_file = _single_file(f, ("control_image",), "control_image")
 
     parsed = _parse_common(f, limits, resolve_model)
     kw = parsed["kw"]
     kw["strength"] = _get_float(f, "strength", defaults()["strength"], *STRENGTH_RANGE)
-    if image_file is None:
+    if not image_files:
         raise invalid("image", "'image' is required: upload the image to edit as a file.",
                       "missing_required_parameter")
-    image = _load_image(image_file, "image", limits)
+    image = _load_image(image_files[0], "image", limits)
+    for extra in image_files[1:]:
+        _load_image(extra, "image", limits)
     mask = None
     if mask_file is not None:
         m = _load_image(mask_file, "mask", limits)

@@ -356,10 +356,14 @@ def test_edit_requires_image(client):
     assert err["param"] == "image"
 
 
-def test_edit_only_one_image(client):
+def test_edit_of_several_images_edits_the_first(client, stub):
     from werkzeug.datastructures import MultiDict
+    data = MultiDict([("prompt", "p"), ("image[]", (io.BytesIO(png_bytes(color=(200, 0, 0))), "a.png")),
+                      ("image[]", (io.BytesIO(png_bytes(color=(0, 0, 200))), "b.png"))])
+    assert client.post(EDIT, data=data, content_type="multipart/form-data").status_code == 200
+    assert stub.params.init_image.getpixel((0, 0)) == (200, 0, 0)
     data = MultiDict([("prompt", "p"), ("image[]", (io.BytesIO(png_bytes()), "a.png")),
-                      ("image[]", (io.BytesIO(png_bytes()), "b.png"))])
+                      ("image[]", (io.BytesIO(b"not an image"), "b.png"))])      # the others are checked too
     assert error_of(client.post(EDIT, data=data, content_type="multipart/form-data"), 400)["param"] == "image"
 
 

@@ -227,8 +227,8 @@ case("mask-other-size", edit(mask=("m.png", png((128, 64), "RGBA"))), param="mas
 case("mask-no-alpha", edit(mask=("m.png", png((64, 64)))), param="mask")
 case("image-missing", edit(image=None), param="image")
 case("image-as-text", multipart({"prompt": "p", "image": "not a file"}, {}), param="image")
-case("two-images", multipart({"prompt": "p"}, [("image", ("a.png", GOOD_PNG)),
-                                               ("image[]", ("b.png", GOOD_PNG))]), param="image")
+case("second-image-garbage", multipart({"prompt": "p"}, [("image", ("a.png", GOOD_PNG)),
+                                                         ("image[]", ("b.png", b"junk"))]), param="image")
 case("generation-control-image-garbage",
      multipart({"prompt": "p", "size": "64x64"}, {"control_image": ("c.png", b"junk")}, path=GEN),
      param="control_image")
