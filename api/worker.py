@@ -39,7 +39,6 @@ import os
 import queue
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -54,12 +53,6 @@ HEAD_END = b"\r\n\r\n"
 RECV_BYTES = 65536
 SWEEP_S = 0.25                    # how often deadlines are checked
 LOAD_SLOTS = 64                   # workers the load table can hold
-
-
-class ReadLimits:
-    """The time limits for reading requests; set on a subclass by :func:`worker_class`."""
-    header_timeout = 20.0
-    body_timeout = 30.0
 
 
 class Conn:
@@ -85,11 +78,11 @@ def _header_fields(head: bytes) -> dict[bytes, list[bytes]]:
     return fields
 
 
-def body_framing(head: bytes):
+def body_framing(f: dict[bytes, list[bytes]]):
     """("length", n), ("chunked", 0) (0: where the scan of chunks resumes), ("bad", why) where the body's
     length is ambiguous (two lengths, or a length and a transfer coding: how a request is smuggled past
-    a proxy), or None where the parser is to refuse the headers with a 400 of gunicorn's."""
-    f = _header_fields(head)
+    a proxy), or None where the parser is to refuse the headers with a 400 of gunicorn's. ``f``: the
+    header fields (``_header_fields``)."""
     te, cl = f.get(b"transfer-encoding"), f.get(b"content-length")
     if te and cl:
         return ("bad", "both Content-Length and Transfer-Encoding")
@@ -127,7 +120,8 @@ def _drop_expect(head: bytes) -> bytes:
     return b"\r\n".join(line for line in lines if not line.lower().startswith(b"expect:"))
 
 
-class RequestBufferingWorker(Worker, ReadLimits):
+class RequestBufferingWorker(Worker):
+    header_timeout = body_timeout = None    # seconds, from the settings: see worker_class()
     load_table = None                 # shared [pid, active connections] per slot, several workers only
 
     @classmethod
@@ -241,8 +235,8 @@ class RequestBufferingWorker(Worker, ReadLimits):
                     self._dispatch(conn, len(buf), complete=False)     # gunicorn answers 431
                 return
             conn.head_end = i + 4
-            head = bytes(buf[:conn.head_end])
-            conn.body = body_framing(head)
+            fields = _header_fields(bytes(buf[:conn.head_end]))
+            conn.body = body_framing(fields)
             if conn.body is None:
                 self._dispatch(conn, len(buf), complete=False)         # gunicorn answers 400
                 return
@@ -250,7 +244,7 @@ class RequestBufferingWorker(Worker, ReadLimits):
                 self._refuse(conn, 400, "Bad Request", f"The request has {conn.body[1]}.", "invalid_framing")
                 self._close(conn)
                 return
-            conn.expects_continue = b"100-continue" in b",".join(_header_fields(head).get(b"expect", [])).lower()
+            conn.expects_continue = b"100-continue" in b",".join(fields.get(b"expect", [])).lower()
             conn.reason, conn.deadline = "body", time.monotonic() + self.body_timeout
         kind, value = conn.body
         if kind == "length":
@@ -489,7 +483,3 @@ def worker_class(settings) -> type:
     return type("RequestBufferingWorker", (RequestBufferingWorker,),
                 {"header_timeout": float(settings.header_timeout), "body_timeout": float(settings.body_timeout),
                  "__module__": __name__, "__qualname__": "RequestBufferingWorker"})
-
-
-if sys.platform == "win32":       # pragma: no cover - gunicorn itself does not run there
-    raise ImportError("api.worker needs a POSIX system")
