@@ -102,6 +102,10 @@ class Settings:
     api_key: str | None = setting(None, "require this Bearer token on every request but /health (prefer the "
                                         "variable: command lines are visible in ps)", env="API_KEY",
                                   shown="none (a warning is logged)", secret=True)
+    api_auth: str | None = setting(None, "comma-separated user:password pairs accepted as HTTP Basic credentials, "
+                                         "as AUTOMATIC1111's --api-auth (the API key is accepted as a Basic "
+                                         "password too)", metavar="USER:PASS[,USER:PASS]",
+                                   shown="none", secret=True)
     max_n: int = setting(10, "most images per request")
     max_steps: int = setting(150, "most sampler steps per image")
     max_pixels: int = setting(1024 * 1024, "largest width*height of an output image")
@@ -164,6 +168,18 @@ class Settings:
             out[name.strip()] = served.strip()
         return out
 
+    def api_auth_pairs(self) -> list[tuple[str, str]]:
+        """(user, password) of each --api-auth entry."""
+        pairs = []
+        for entry in (self.api_auth or "").split(","):
+            if not entry.strip():
+                continue
+            user, sep, password = entry.strip().partition(":")
+            if not sep or not user or not password:
+                raise ConfigError("bad --api-auth entry: expected USER:PASSWORD pairs separated by commas")
+            pairs.append((user, password))
+        return pairs
+
     def weights_cache_dir(self) -> str | None:
         """Where converted weights are kept (None: off)."""
         choice = self.weights_cache.strip().lower()
@@ -196,6 +212,7 @@ class Settings:
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.download_url_prefix is not None and not self.download_url_prefix.startswith(("http://", "https://")):
             raise ConfigError("download_url_prefix must start with http:// or https://")
+        self.api_auth_pairs()
         if self.max_pixels < 64 * 64:
             raise ConfigError(f"max_pixels must be at least 4096 (64x64), got {self.max_pixels}")
         self.cors_origin_list()

@@ -1,4 +1,7 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}``.
+"""Errors in each route's own shape. Under ``/sdapi/v1`` AUTOMATIC1111's: a field that fails validation is
+FastAPI's ``422 {"detail": [{"loc", "msg", "type"}]}``, anything else the object of A1111's exception
+handler, ``{"error", "detail", "body", "errors"}``. Everywhere else OpenAI's:
+``{"error": {"message", "type", "param", "code"}}``.
 
 Every error the server returns, including 404/405/413/415 raised by Flask/Werkzeug and any
 unexpected exception (500, logged with its traceback but never sent to the client), goes through
@@ -8,10 +11,11 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("sd_api_server")
+SDAPI_PREFIX = "/sdapi/v1"            # AUTOMATIC1111's API: its routes answer errors in its shape
 
 # type and code used for Werkzeug's HTTP errors, by status
 _HTTP_ERRORS = {
@@ -54,9 +58,22 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
     return APIError(message, status=400, param=param, code=code)
 
 
+def a1111_body(err: APIError) -> tuple[int, dict]:
+    if err.param is not None and err.status == 400:
+        kind = "type_error" if err.code == "invalid_type" else "value_error"
+        return 422, {"detail": [{"loc": ["body", err.param], "msg": err.message, "type": kind}]}
+    name = "HTTPException" if err.status < 500 else "RuntimeError"
+    return err.status, {"error": name, "detail": err.message, "body": "", "errors": f"{err.status}: {err.message}"}
+
+
+def is_sdapi() -> bool:
+    return has_request_context() and (request.path == SDAPI_PREFIX or request.path.startswith(SDAPI_PREFIX + "/"))
+
+
 def error_response(err: APIError):
-    resp = jsonify(err.body())
-    resp.status_code = err.status
+    status, body = a1111_body(err) if is_sdapi() else (err.status, err.body())
+    resp = jsonify(body)
+    resp.status_code = status
     for k, v in err.headers.items():
         resp.headers[k] = v
     return resp

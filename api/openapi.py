@@ -12,7 +12,9 @@ image's size. Unknown fields are ignored (``additionalProperties`` is true).
 """
 from __future__ import annotations
 
+from . import a1111 as A
 from . import params as P
+from .errors import SDAPI_PREFIX
 from .storage import ID_RE, NAME_RE
 
 OPENAPI_VERSION = "3.0.3"
@@ -158,7 +160,9 @@ def _schemas(limits: P.Limits, model_ids: list[str]) -> dict:
             "properties": {"url": {"type": "string", "format": "uri"},
                            "b64_json": {"type": "string", "format": "byte",
                                         "description": "PNG, base64 (no data: prefix)"},
-                           "prompt": {"type": "string"}, "seed": {"type": "integer"}},
+                           "prompt": {"type": "string"}, "seed": {"type": "integer"},
+                           "revised_prompt": {"type": "string", "description": "For model names starting with "
+                                              + " or ".join(P.REVISED_PROMPT_MODELS) + ": the prompt drawn."}},
             "oneOf": [{"required": ["url"]}, {"required": ["b64_json"]}]}
     return {
         **request_schemas(limits, model_ids),
@@ -194,6 +198,150 @@ def _schemas(limits: P.Limits, model_ids: list[str]) -> dict:
                    "properties": {"status": {"type": "string", "enum": ["ok"]},
                                   "models": {"type": "array", "items": {"type": "string"}}}},
     }
+
+
+def _a1111_request(limits: P.Limits, img2img: bool) -> dict:
+    """The fields the /sdapi/v1 parsers read; others are accepted and ignored, and null is "not sent",
+    as in AUTOMATIC1111 (its fields are all optional)."""
+    def f(schema: dict, description: str) -> dict:
+        return {**schema, "nullable": True, "description": description}
+    flag = {"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]}
+    side = {"type": "integer", "minimum": P.MIN_SIDE, "maximum": limits.max_side, "multipleOf": P.SIDE_MULTIPLE}
+    props = {
+        "prompt": f({"type": "string", "maxLength": limits.max_prompt_chars}, "What to draw (may be empty)."),
+        "negative_prompt": f({"type": "string", "maxLength": limits.max_prompt_chars}, "What to avoid."),
+        "seed": f({"type": "integer", "minimum": P.SEED_RANGE[0], "maximum": P.SEED_RANGE[1],
+                   "default": A.TXT2IMG_DEFAULTS["seed"]},
+                  "Seed of the first image (the others: seed + 1, ...); -1: a random one."),
+        "steps": f({"type": "integer", "minimum": 1, "maximum": limits.max_steps,
+                    "default": min(A.TXT2IMG_DEFAULTS["steps"], limits.max_steps)}, "Sampler steps."),
+        "cfg_scale": f({"type": "number", "minimum": P.CFG_SCALE_RANGE[0], "maximum": P.CFG_SCALE_RANGE[1],
+                        "default": A.TXT2IMG_DEFAULTS["cfg_scale"]}, "Classifier-free guidance scale."),
+        "width": f(side, f"Output width; width*height <= {limits.max_pixels}; default: the model's native size."),
+        "height": f(side, f"Output height; width*height <= {limits.max_pixels}."),
+        "batch_size": f({"type": "integer", "minimum": 1, "maximum": limits.max_n, "default": 1},
+                        f"Images per batch; batch_size × n_iter <= {limits.max_n}."),
+        "n_iter": f({"type": "integer", "minimum": 1, "maximum": limits.max_n, "default": 1}, "Batches."),
+        "sampler_name": f({"type": "string", "maxLength": 64}, "A sampler (GET /sdapi/v1/samplers: name or "
+                          "alias), or a combined label such as 'DPM++ 2M Karras'; unknown: 400."),
+        "sampler_index": f({"type": "string", "maxLength": 64, "default": A.DEFAULT_SAMPLER},
+                           "The same, A1111's older field; sampler_name wins."),
+        "scheduler": f({"type": "string", "maxLength": 64}, "A schedule (GET /sdapi/v1/schedulers), "
+                       "default Automatic; unknown: 400."),
+        "clip_skip": f({"type": "integer", "minimum": 1, "maximum": A.MAX_CLIP_SKIP},
+                       "Text-encoder layers skipped from the end, plus one (stable-diffusion.cpp's field; "
+                       "A1111 clients send override_settings.CLIP_stop_at_last_layers)."),
+        "model": f({"type": "string", "maxLength": 256}, "A served model (stable-diffusion.cpp's field)."),
+        "override_settings": f({"type": "object", "additionalProperties": True},
+                               "sd_model_checkpoint and CLIP_stop_at_last_layers apply to this request; "
+                               "other keys are logged and ignored."),
+        "send_images": f(flag, "Return the images (default true)."),
+        "save_images": f(flag, "Also store them in /v1/files (default false)."),
+    }
+    if img2img:
+        props.update({
+            "init_images": {"type": "array", "minItems": 1, "maxItems": limits.max_n,
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "Base64 PNG/JPEG/WebP images; the first is edited."},
+            "denoising_strength": f({"type": "number", "minimum": P.STRENGTH_RANGE[0],
+                                     "maximum": P.STRENGTH_RANGE[1], "default": A.IMG2IMG_DEFAULTS["denoising_strength"]},
+                                    "How much is repainted."),
+            "mask": f({"type": "string", "format": "byte"}, "Base64 mask: white repaints (with transparency: "
+                      "its opaque pixels do)."),
+            "mask_blur": f({"type": "integer", "minimum": 0, "maximum": A.MAX_MASK_BLUR,
+                            "default": A.IMG2IMG_DEFAULTS["mask_blur"]},
+                           "Gaussian blur radius of the mask."),
+            "inpainting_fill": f({"type": "integer", "minimum": 0, "maximum": len(A.INPAINT_FILL_CODES) - 1,
+                                  "default": 0}, "What the masked area starts from: " + ", ".join(
+                                      f"{k} {v}" for k, v in A.INPAINT_FILL_CODES.items()) + "."),
+            "inpainting_mask_invert": f(flag, "Repaint the black part of the mask instead."),
+            "resize_mode": f({"type": "integer", "minimum": 0, "maximum": len(A.RESIZE_MODES) - 1, "default": 0},
+                             "; ".join(f"{i} {m}" for i, m in enumerate(A.RESIZE_MODES)) + "."),
+        })
+    out = {"type": "object", "additionalProperties": True, "properties": props}
+    if img2img:
+        out["required"] = ["init_images"]
+    return out
+
+
+def _a1111_paths(limits: P.Limits, auth: bool, max_upload_bytes: int) -> tuple[dict, dict]:
+    """(paths, schemas) of AUTOMATIC1111's API, with its error shapes."""
+    def error(description: str, schema: str = "A1111Error", headers: dict | None = None) -> dict:
+        out = {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+        return {**out, "headers": headers} if headers else out
+
+    def ok(schema: dict, description: str) -> dict:
+        return {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}
+
+    common = {"401": error("Missing or wrong credentials (HTTP Basic or Bearer).")} if auth else {}
+    body_errors = {"400": error("Bad JSON, an unknown sampler or scheduler, or a checkpoint not served."),
+                   "413": error(f"Request body larger than {max_upload_bytes} bytes."),
+                   "415": error("Unsupported Content-Type: send application/json."),
+                   "422": error("A field is invalid; detail[0].loc names it.", "A1111ValidationError")}
+    generation = {**body_errors, **common,
+                  "500": error("A server fault; never with details."),
+                  "503": error("Busy: the generation queue is full.", headers={"Retry-After": {
+                      "description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}}}),
+                  "507": error("save_images could not store the images (disk full).")}
+    any_object = {"type": "object", "additionalProperties": True}
+    array = {"type": "array", "items": any_object}
+
+    def get(op: str, summary: str, schema: dict) -> dict:
+        return {"get": {"operationId": op, "summary": summary, "responses": {**ok(schema, summary), **common}}}
+
+    def post(op: str, summary: str, body: dict, schema: dict, errors: dict) -> dict:
+        return {"post": {"operationId": op, "summary": summary,
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                         "responses": {**ok(schema, summary), **errors}}}
+
+    def empty_post(op: str, summary: str) -> dict:
+        return {"post": {"operationId": op, "summary": summary,
+                         "responses": {**ok({"nullable": True}, summary), **common}}}
+
+    images = _ref("A1111ImagesResponse")
+    paths = {
+        "/txt2img": post("a1111Txt2img", "Text to image, AUTOMATIC1111's way.", _ref("A1111Txt2ImgRequest"),
+                         images, generation),
+        "/img2img": post("a1111Img2img", "Image to image (optionally masked), AUTOMATIC1111's way.",
+                         _ref("A1111Img2ImgRequest"), images, generation),
+        "/png-info": post("a1111PngInfo", "The generation parameters a PNG carries, read back.",
+                          {"type": "object", "required": ["image"], "additionalProperties": True, "properties": {
+                              "image": {"type": "string", "format": "byte", "description": "A base64 image."}}},
+                          any_object, {**body_errors, **common}),
+        "/options": {**get("a1111GetOptions", "The options: the current checkpoint, clip skip, and what clients "
+                           "stored.", any_object),
+                     **post("a1111SetOptions", "Store options; sd_model_checkpoint must name a served model.",
+                            any_object, {"nullable": True}, {**body_errors, **common})},
+        "/sd-models": get("a1111SdModels", "The served models with their files' sha256.", array),
+        "/refresh-checkpoints": empty_post("a1111RefreshCheckpoints", "No-op: the models are fixed at start."),
+        "/samplers": get("a1111Samplers", "The samplers by A1111 label.", array),
+        "/schedulers": get("a1111Schedulers", "The schedules by A1111 name.", array),
+        "/upscalers": get("a1111Upscalers", "None: no upscalers here.", array),
+        "/latent-upscale-modes": get("a1111LatentUpscaleModes", "Empty: no hires fix here.", array),
+        "/sd-vae": get("a1111SdVae", "Empty: the checkpoint's own VAE.", array),
+        "/loras": get("a1111Loras", "Empty.", array),
+        "/prompt-styles": get("a1111PromptStyles", "Empty.", array),
+        "/embeddings": get("a1111Embeddings", "Empty.", any_object),
+        "/progress": get("a1111Progress", "Whether this worker is busy.", any_object),
+        "/interrupt": empty_post("a1111Interrupt", "Accepted."),
+        "/skip": empty_post("a1111Skip", "Accepted."),
+        "/cmd-flags": get("a1111CmdFlags", "The flags clients look for.", any_object),
+    }
+    schemas = {
+        "A1111Txt2ImgRequest": _a1111_request(limits, False),
+        "A1111Img2ImgRequest": _a1111_request(limits, True),
+        "A1111ImagesResponse": {"type": "object", "required": ["images", "parameters", "info"], "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                       "description": "Base64 PNGs (no data: prefix)."},
+            "parameters": any_object,
+            "info": {"type": "string", "description": "A JSON object as a string, with A1111's keys."}}},
+        "A1111Error": {"type": "object", "required": ["error", "detail", "body", "errors"], "properties": {
+            "error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"},
+            "errors": {"type": "string"}}},
+        "A1111ValidationError": {"type": "object", "required": ["detail"], "properties": {"detail": {
+            "type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"]}}}},
+    }
+    return {SDAPI_PREFIX + k: v for k, v in paths.items()}, schemas
 
 
 def build_openapi(limits: P.Limits, model_ids: list[str], *, auth: bool,
@@ -282,15 +430,20 @@ def build_openapi(limits: P.Limits, model_ids: list[str], *, auth: bool,
                                       "content": {"application/json": {
                                           "schema": {"type": "object"}}}}})}},
     }
+    sdapi_paths, sdapi_schemas = _a1111_paths(limits, auth, max_upload_bytes)
+    paths.update(sdapi_paths)
     doc = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "sd-api-server", "version": version,
-                 "description": "OpenAI-compatible Stable Diffusion image server. Errors have "
-                                "the OpenAI shape {\"error\": {message, type, param, code}}."},
+                 "description": "OpenAI-compatible Stable Diffusion image server, with AUTOMATIC1111's API "
+                                f"under {SDAPI_PREFIX}. Errors have the OpenAI shape "
+                                "{\"error\": {message, type, param, code}}, under "
+                                f"{SDAPI_PREFIX} A1111's."},
         "paths": paths,
-        "components": {"schemas": _schemas(limits, model_ids)},
+        "components": {"schemas": {**_schemas(limits, model_ids), **sdapi_schemas}},
     }
     if auth:
-        doc["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearerAuth": []}]
+        doc["components"]["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer"}, "basicAuth": {"type": "http", "scheme": "basic"}}
+        doc["security"] = [{"bearerAuth": []}, {"basicAuth": []}]
     return doc

@@ -41,6 +41,9 @@ from .errors import APIError, invalid
 RESPONSE_FORMATS = ("url", "b64_json")
 # OpenAI's GPT image models always answer in base64, and clients written for them read only b64_json
 B64_ONLY_MODELS = ("gpt-image", "chatgpt-image")
+# OpenAI's DALL-E 3 rewrites the prompt and answers the text it drew as revised_prompt; clients written for it
+# show that text. Nothing is rewritten here: it is the prompt as sent.
+REVISED_PROMPT_MODELS = ("dall-e-3",)
 # OpenAI fields this server has no use for: type-checked (a string or null), then ignored
 IGNORED_FIELDS = ("user", "style", "moderation", "input_fidelity")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -130,6 +133,7 @@ class ImageRequest:
     output_format: str = "png"       # "png" | "jpeg" | "webp"
     output_compression: int = 100    # JPEG/WebP quality, 0-100
     quality: str | None = None       # OpenAI's quality, echoed back (the steps set the work here)
+    revised_prompt: bool = False     # answer revised_prompt (REVISED_PROMPT_MODELS)
 
 
 # --- field sources ----------------------------------------------------------------------------
@@ -413,6 +417,7 @@ def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
     if model_id and model_id.lower().startswith(B64_ONLY_MODELS):
         response_format = "b64_json"
+    revised = bool(model_id and model_id.lower().startswith(REVISED_PROMPT_MODELS))
     sent = _Fields({k: v for k, v in f.values.items() if v is not None}, f.is_form)     # null: not sent
     background = _get_str(sent, "background", None, max_len=64)
     if background is not None and background.strip().lower() == "transparent":
@@ -421,7 +426,7 @@ def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
     _get_choice(sent, "background", None, BACKGROUNDS)
     encoding = {"output_format": _get_choice(sent, "output_format", "png", OUTPUT_FORMATS),
                 "output_compression": _get_int(sent, "output_compression", COMPRESSION_RANGE[1], *COMPRESSION_RANGE),
-                "quality": _get_str(sent, "quality", None, max_len=64)}
+                "quality": _get_str(sent, "quality", None, max_len=64), "revised_prompt": revised}
     return {"model": model, "response_format": response_format, "kw": kw, "encoding": encoding}
 
 

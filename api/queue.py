@@ -70,6 +70,10 @@ class GenerationQueue:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def busy(self) -> bool:
+        return self._running
+
     def _acquire(self, rid: str, client_gone) -> None:
         ticket = object()
         with self._cond:

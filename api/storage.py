@@ -18,6 +18,7 @@ been swept yet is already invisible to :meth:`get`.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import APIError
+
+log = logging.getLogger("sd_api_server")
 ID_RE = re.compile(r"^file-[0-9a-f]{32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_PREFIX = ".tmp-"
@@ -203,13 +207,23 @@ def _fsync_dir(path: Path) -> None:
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class SaveLog:
-    """Wraps the store to remember what one response saved, to undo it if a later save fails."""
-
-    def __init__(self, store):
-        self.store, self.saved = store, []
-
-    def save(self, data, filename):
-        stored = self.store.save(data, filename)
-        self.saved.append(stored.id)
-        return stored
+def store_all(store: ImageStore, files: list[tuple[bytes, str]], request_id: str) -> list[StoredFile]:
+    """Store every (data, filename) of one response, or none of them: a failed save removes what this
+    response saved before it (no orphans), then raises a 507 (disk full) or 500 APIError."""
+    saved: list[StoredFile] = []
+    try:
+        for data, filename in files:
+            saved.append(store.save(data, filename))
+    except OSError as e:
+        for stored in saved:
+            store.delete(stored.id)
+        if e.errno in DISK_FULL:
+            log.error("request %s: cannot store the image: %s", request_id, errno.errorcode.get(e.errno, e.errno))
+            raise APIError("The server cannot store the image: its disk is full. Retry later, "
+                           "or ask for response_format=b64_json.", status=507,
+                           type="server_error", code="insufficient_storage") from None
+        log.exception("request %s: cannot store the image", request_id)
+        raise APIError(f"The server could not store the image (request id {request_id}); "
+                       "response_format=b64_json does not need storage.", status=500,
+                       type="server_error", code="storage_error") from None
+    return saved

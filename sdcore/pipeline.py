@@ -8,7 +8,6 @@ network dtype; only the network calls change precision.
 """
 import io
 import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -20,9 +19,16 @@ from PIL import Image, PngImagePlugin
 import samplers
 
 from .canny import canny
+from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
 
 log = logging.getLogger("sdcore.pipeline")
 SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-bit
+# Random seeds are drawn below 2**32, as AUTOMATIC1111 draws them: JavaScript clients read JSON numbers as
+# doubles, exact only below 2**53, and a seed must survive the trip to be replayed.
+RANDOM_SEEDS = 2 ** 32
+# What the area to repaint starts from (AUTOMATIC1111's "masked content", in its order): the surroundings'
+# colours, the original image, unit noise, or nothing (a zero latent)
+INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
 
 
 class PipelineError(ValueError):
@@ -52,6 +58,7 @@ class GenerationParams:
     control_image: Image.Image | None = field(default=None, repr=False)
     apply_canny_preprocessor: bool = False   # control_image is a photo: use its edges (sdcore.canny)
     clip_skip: int = 1
+    inpaint_fill: str = "original"          # one of INPAINT_FILLS; applies where a mask repaints
 
 
 @dataclass
@@ -70,7 +77,7 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
     """``progress(step_index, total_steps, seconds_per_step)`` is called after every sampler step."""
     _check(model, p)
     scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
-    seed = p.seed if p.seed >= 0 else secrets.randbelow(2 ** 63)
+    seed = p.seed if p.seed >= 0 else secrets.randbelow(RANDOM_SEEDS)
     with torch.inference_mode():
         if p.cfg_scale != 1:     # one text-encoder batch for both prompts
             cond, uncond = model.encode_text([p.prompt, p.negative_prompt], clip_skip=p.clip_skip).chunk(2)
@@ -107,6 +114,13 @@ def _check(model, p: GenerationParams):
                             "(start it with --control-net PATH)", "control_image")
     if p.mask is not None and p.init_image is None:
         raise PipelineError("a mask needs an image to edit", "mask")
+    if p.inpaint_fill not in INPAINT_FILLS:
+        raise PipelineError(f"inpaint_fill must be one of {', '.join(INPAINT_FILLS)}, got {p.inpaint_fill!r}", "inpaint_fill")
+    cfg = model.text_encoder.cfg
+    most = cfg.output_layer % cfg.layers + 1          # the blocks up to the model's own output layer
+    if not 1 <= p.clip_skip <= most:
+        raise PipelineError(f"clip_skip must be between 1 and {most} for this model's text encoder, got {p.clip_skip}",
+                            "clip_skip")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +134,10 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
     sigmas = samplers.get_sigmas(scheduler, p.steps)
     if init is not None:
         sigmas = samplers.img2img_sigmas(sigmas, p.strength)
-        x = init["latent"] + noise() * sigmas[0]
+        latent = init["latent"]
+        if init["noise_fill"] is not None:        # "latent_noise": unit noise where the mask repaints
+            latent = latent * (1 - init["noise_fill"]) + noise() * init["noise_fill"]
+        x = latent + noise() * sigmas[0]
     else:
         x = noise() * sigmas[0]
 
@@ -137,7 +154,7 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
 
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)
     if init is not None and init["keep"] is not None and extra is None:
-        denoise = _keep_outside_mask(denoise, init["latent"], init["keep"])
+        denoise = _keep_outside_mask(denoise, init["original"], init["keep"])
 
     clock = [time.perf_counter()]
 
@@ -195,20 +212,46 @@ def _prepare_init(model, p):
     if p.init_image is None:
         return None
     img = image_to_tensor(cover_resize(p.init_image.convert("RGB"), p.width, p.height)).to(model.device)
-    latent = model.vae.encode(img.to(model.dtype)).float()
-    keep = repaint = None
+    repaint_px = None
     if p.mask is not None:
         repaint_px = mask_to_repaint(cover_resize(p.mask, p.width, p.height)).to(model.device)   # [1,1,H,W], 1 = repaint
+    fill = p.inpaint_fill if repaint_px is not None else "original"
+    source = fill_masked(img, repaint_px) if fill == "fill" else img
+    latent = original = model.vae.encode(source.to(model.dtype)).float()
+    keep = repaint = None
+    if repaint_px is not None:
         repaint = F.interpolate(repaint_px, size=latent.shape[-2:], mode="area")
         keep = 1 - repaint
+        if fill == "latent_nothing":
+            latent = latent * keep
     extra = None
     if model.inpainting:
-        repaint_px = repaint_px if p.mask is not None else torch.ones(1, 1, p.height, p.width, device=model.device)
+        repaint_px = repaint_px if repaint_px is not None else torch.ones(1, 1, p.height, p.width, device=model.device)
         masked = img * (repaint_px < 0.5)        # the area to repaint is blanked (0 = grey in [-1, 1])
         masked_latent = model.vae.encode(masked.to(model.dtype)).float()
         mask_latent = F.interpolate(repaint_px, size=latent.shape[-2:], mode="nearest")
         extra = torch.cat([mask_latent, masked_latent], dim=1).to(model.dtype)
-    return {"latent": latent, "keep": keep, "unet_extra": extra}
+    return {"latent": latent, "original": original, "keep": keep, "unet_extra": extra,
+            "noise_fill": repaint if fill == "latent_noise" else None}
+
+
+def fill_masked(img: torch.Tensor, repaint: torch.Tensor) -> torch.Tensor:
+    """The "fill" start for inpainting: the area to repaint takes the colours around it (push-pull). Pull: halve
+    the image again and again, each cell averaging the kept pixels it covers, until one cell is left. Push: from
+    the coarsest level down, a cell that saw no kept pixel takes the (bilinearly upsampled) colour of the level
+    above. So each repainted pixel gets the mean colour of the smallest neighbourhood that has kept pixels.
+    ``img`` [1,3,H,W] in [-1, 1], ``repaint`` [1,1,H,W] (1 = repaint); kept pixels are returned unchanged."""
+    keep = (repaint < 0.5).to(img.dtype)
+    levels = [(img * keep, keep)]                 # (colour × weight, weight) per level
+    while max(levels[-1][1].shape[-2:]) > 1:
+        c, w = levels[-1]
+        levels.append((F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
+    c, w = levels[-1]
+    colour = c / w.clamp_min(1e-12)
+    for c, w in reversed(levels[:-1]):
+        above = F.interpolate(colour, size=c.shape[-2:], mode="bilinear", align_corners=False)
+        colour = torch.where(w > 0, c / w.clamp_min(1e-12), above)
+    return keep * img + (1 - keep) * colour
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,41 +291,8 @@ def mask_to_repaint(mask: Image.Image) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# The "parameters" PNG chunk (AUTOMATIC1111 infotext), and reading it back
+# Encoded files: the infotext (sdcore/infotext.py) rides in every format
 # ------------------------------------------------------------------------------------------------
-def infotext(p: GenerationParams, model_name: str) -> str:
-    fields = [("Steps", p.steps), ("Sampler", p.sample_method), ("Schedule type", p.scheduler),
-              ("CFG scale", p.cfg_scale), ("Seed", p.seed), ("Size", f"{p.width}x{p.height}"), ("Model", model_name)]
-    if p.init_image is not None:
-        fields.append(("Denoising strength", p.strength))
-    if p.clip_skip != 1:
-        fields.append(("Clip skip", p.clip_skip))
-    if p.control_image is not None:
-        fields.append(("Control strength", p.control_strength))
-        if p.apply_canny_preprocessor:
-            fields.append(("Control preprocessor", "canny"))
-    return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields)
-
-
-def parse_infotext(text: str) -> dict:
-    """Inverse of ``infotext``: the GenerationParams fields (and "model") it records."""
-    head, _, last = text.rpartition("\n")
-    prompt, _, negative = head.partition("\nNegative prompt: ")
-    values = dict(re.findall(r"([A-Za-z ]+): ([^,]+)(?:, |$)", last))
-    width, height = (int(v) for v in values["Size"].split("x"))
-    out = dict(prompt=prompt, negative_prompt=negative, steps=int(values["Steps"]), sample_method=values["Sampler"],
-               scheduler=values["Schedule type"], cfg_scale=float(values["CFG scale"]), seed=int(values["Seed"]),
-               width=width, height=height, model=values["Model"])
-    if "Denoising strength" in values:
-        out["strength"] = float(values["Denoising strength"])
-    if "Clip skip" in values:
-        out["clip_skip"] = int(values["Clip skip"])
-    if "Control strength" in values:
-        out["control_strength"] = float(values["Control strength"])
-        out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
-    return out
-
-
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 
 

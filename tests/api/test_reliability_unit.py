@@ -129,9 +129,9 @@ def test_client_gone_before_start_costs_nothing():
 
 
 def test_client_gone_is_499_in_the_app(tmp_path, monkeypatch):
-    import app as app_module
+    from api import routes_openai
     app, stub = make_app(tmp_path)
-    monkeypatch.setattr(app_module, "client_gone_probe", lambda environ: (lambda: True))
+    monkeypatch.setattr(routes_openai, "client_gone_probe", lambda environ: (lambda: True))
     err = error_of(app.test_client().post(GEN, json={"prompt": "p", "size": "64x64"}), 499)
     assert err["code"] == "client_closed_request" and stub.calls == []
 

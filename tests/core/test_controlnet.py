@@ -45,7 +45,7 @@ def test_parity_with_diffusers_controlnet_and_unet(cfg, tmp_path):
     unet = random_init_(UNet(cfg), 6)
     dcn, du = refs.diffusers_controlnet_from_ours(cn), refs.diffusers_unet_from_ours(unet)
     dcn.save_pretrained(tmp_path / "cn")                                   # config.json + safetensors
-    loaded = sdcore.load_controlnet(tmp_path / "cn")
+    loaded = sdcore.load_controlnet(tmp_path / "cn", dtype=torch.float32)
     assert loaded.cfg == cn.cfg and sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in dcn.parameters())
     x, t, ctx, hint = _inputs(cfg.context_dim)
     ours = _residuals(loaded, x, t, ctx, hint)
@@ -92,7 +92,7 @@ def test_single_file_layouts_load_the_same_network(tmp_path):
     torch.save({"state_dict": {f"control_model.{k}": v for k, v in cn.state_dict().items()}}, tmp_path / "cn.pth")
 
     for name, tol in (("whole.safetensors", 0), ("diffusers.safetensors", 0), ("cn.pth", 0), ("bare.safetensors", 2e-2)):
-        loaded = sdcore.load_controlnet(tmp_path / name)
+        loaded = sdcore.load_controlnet(tmp_path / name, dtype=torch.float32)
         assert loaded.cfg == SD2_UNET, name
         assert all(p.dtype == torch.float32 for p in loaded.parameters())
         got = _residuals(loaded, x, t, ctx, hint)

@@ -30,7 +30,7 @@ def controlnet_file(cache_dir):
 
 
 def test_sd15_controlnet_loads_and_matches_diffusers(controlnet_file):
-    cn = sdcore.load_controlnet(controlnet_file)
+    cn = sdcore.load_controlnet(controlnet_file, dtype=torch.float32)
     assert cn.cfg == UNetConfig()                                   # every hyperparameter read off the shapes
     assert sum(p.numel() for p in cn.parameters()) == SD15_CONTROLNET_PARAMS
     dcn = refs.diffusers_controlnet_from_ours(cn)                    # shares the loaded tensors

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+import samplers
 import sdcore
-from sdcore.pipeline import (GenerationParams, PipelineError, cover_resize, generate, image_to_tensor,
-                             mask_to_repaint, parse_infotext)
+from sdcore.pipeline import (INPAINT_FILLS, GenerationParams, PipelineError, cover_resize, fill_masked, generate,
+                             image_to_tensor, mask_to_repaint, parse_infotext)
 from bench.references import pixels, reference_image
 
 
@@ -129,3 +130,65 @@ def test_inpainting_unet_gets_mask_and_masked_latent(tmp_path, model):
                                  init_image=Image.new("RGB", (64, 64), (250, 250, 250)), mask=mask))
     assert len(seen) == 2 and seen[0].shape == (1, 5, 8, 8)         # the latent once for [uncond, cond]
     assert seen[0][0, 0, :, :4].eq(1).all() and seen[0][0, 0, :, 4:].eq(0).all()     # mask channel: 1 = repaint
+
+
+def _first_unet_inputs(model, params_list):
+    """The latent each generation hands the UNet first (its first batch row)."""
+    seen, forward = [], model.unet.forward
+    model.unet.forward = lambda x, *a, **k: (seen.append(x[:1].float().clone()), forward(x, *a, **k))[1]
+    try:
+        for p in params_list:
+            seen_before = len(seen)
+            generate(model, p)
+            del seen[seen_before + 1:]
+    finally:
+        del model.unet.forward
+    return seen
+
+
+def test_inpaint_fills_start_the_repainted_area_as_named(model):
+    src = Image.new("RGB", (64, 64), (200, 30, 30))
+    src.paste((20, 40, 220), (32, 0, 64, 64))                    # the right half, to be repainted, is blue
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))                             # white: repaint
+    base = dict(prompt="x", steps=10, width=64, height=64, seed=3, sample_method="euler", init_image=src, mask=mask,
+                strength=0.5, cfg_scale=1.0)
+    starts = dict(zip(INPAINT_FILLS, _first_unet_inputs(model, [GenerationParams(**base, inpaint_fill=f)
+                                                                for f in INPAINT_FILLS])))
+    # the formula, from the same seeded draws: start = (latent, with the fill where the mask repaints) + σ₀·noise,
+    # scaled by the eps-model input scaling 1/sqrt(σ₀² + 1)
+    with torch.no_grad():
+        encoded = model.vae.encode(image_to_tensor(src))
+        filled = model.vae.encode(fill_masked(image_to_tensor(src), mask_to_repaint(mask)))
+    sigma0 = samplers.img2img_sigmas(samplers.get_sigmas("discrete", 10), 0.5)[0]
+    gen = torch.Generator().manual_seed(3)
+    n1, n2 = (torch.randn(encoded.shape, generator=gen) for _ in range(2))
+    keep = torch.ones_like(encoded)
+    keep[..., 4:] = 0
+    expected = {"original": encoded + sigma0 * n1, "latent_nothing": encoded * keep + sigma0 * n1,
+                "latent_noise": encoded * keep + n1 * (1 - keep) + sigma0 * n2, "fill": filled + sigma0 * n1}
+    for fill, start in starts.items():
+        assert torch.allclose(start, expected[fill].float() / (sigma0 ** 2 + 1) ** 0.5, atol=1e-4), fill
+    assert (filled[..., 4:] - encoded[..., 4:]).abs().mean() > 0.01 * encoded.abs().mean()  # the fill replaced the blue
+
+
+def test_fill_masked_takes_the_surrounding_colours():
+    img = Image.new("RGB", (64, 32), (250, 0, 0))
+    img.paste((0, 0, 250), (0, 0, 16, 32))                        # a blue left quarter, a red rest
+    repaint = torch.zeros(1, 1, 32, 64)
+    repaint[..., 40:] = 1                                         # repaint the right part (inside the red)
+    x = image_to_tensor(img)
+    out = fill_masked(x, repaint)
+    assert torch.equal(out[..., :40], x[..., :40])                # kept pixels are untouched
+    right = (out[..., 40:] + 1) * 127.5
+    assert right[0, 0].min() > 200 and right[0, 2].max() < 60    # red, from its neighbours, not the blue
+
+
+def test_clip_skip_bounds(model):
+    cfg = model.text_encoder.cfg
+    most = cfg.output_layer % cfg.layers + 1
+    generate(model, GenerationParams("x", steps=1, width=64, height=64, clip_skip=most))
+    for bad in (0, most + 1):
+        with pytest.raises(PipelineError) as e:
+            generate(model, GenerationParams("x", steps=1, width=64, height=64, clip_skip=bad))
+        assert e.value.field == "clip_skip"

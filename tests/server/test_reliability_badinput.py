@@ -4,6 +4,7 @@ and /health answers after each one (the worker is the same process at the end).
 
 The requests are sent as raw HTTP over a socket, so that nothing (requests/urllib3 normalise
 ``..`` in paths, refuse NaN in JSON, add boundaries) cleans them up on the way."""
+import base64
 import io
 import json
 import socket
@@ -404,9 +405,70 @@ def test_chunked_body_under_limit_accepted(server):
     assert status == 200 and json.loads(resp)["data"][0]["b64_json"]
 
 
+# --- AUTOMATIC1111's routes: the same, in its error shapes ------------------------------------------
+T2I, I2I, OPTIONS = "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"
+BASIC = {"Authorization": "Basic " + base64.b64encode(f"anyone:{API_KEY}".encode()).decode()}   # the key, as Basic
+A1111_CASES = []
+
+
+def a1111_case(cid, path, obj, status, field=None, method="POST", **kw):
+    raw = http(method, path, obj if isinstance(obj, bytes) else json.dumps(obj).encode(), kw.pop("ctype", "application/json"),
+               headers=kw.pop("headers", BASIC), key=False)
+    A1111_CASES.append(pytest.param(raw, status, field, id=cid))
+
+
+GOOD_B64 = base64.b64encode(GOOD_PNG).decode()
+for field, value in [("prompt", 1), ("negative_prompt", {}), ("seed", "7"), ("seed", 2 ** 64), ("steps", 1.5),
+                     ("steps", 0), ("steps", 10 ** 6), ("cfg_scale", "7"), ("cfg_scale", -1), ("width", 65), ("height", []),
+                     ("width", 10 ** 6), ("batch_size", 0), ("n_iter", "2"), ("sampler_name", 7), ("sampler_index", []),
+                     ("scheduler", {}), ("clip_skip", 0), ("override_settings", [1]), ("send_images", "yes"),
+                     ("save_images", 3), ("model", 1)]:
+    a1111_case(f"txt2img-{field}-{value!r}", T2I, {"prompt": "p", field: value}, 422, field)
+a1111_case("txt2img-batch-times-iter", T2I, {"prompt": "p", "batch_size": 10, "n_iter": 10}, 422, "batch_size")
+a1111_case("txt2img-override-checkpoint", T2I, {"override_settings": {"sd_model_checkpoint": "x.ckpt"}}, 422,
+           "override_settings")
+for cid, images in [("missing", None), ("string", GOOD_B64), ("empty", []), ("text", [base64.b64encode(b"hi").decode()]),
+                    ("bad-base64", ["%%%"]), ("number", [1]), ("svg", [base64.b64encode(SVG).decode()])]:
+    a1111_case(f"img2img-init-{cid}", I2I, {"prompt": "p", **({"init_images": images} if images is not None else {})},
+               422, "init_images")
+for field, value in [("denoising_strength", 2), ("mask", "bm9wZQ=="), ("mask_blur", -1), ("inpainting_fill", 9),
+                     ("resize_mode", "crop"), ("inpainting_mask_invert", 5)]:
+    a1111_case(f"img2img-{field}", I2I, {"init_images": [GOOD_B64], field: value}, 422, field)
+a1111_case("sampler-unknown", T2I, {"sampler_name": "UniPC"}, 400)
+a1111_case("scheduler-unknown", T2I, {"scheduler": "Beta"}, 400)
+a1111_case("options-unknown-checkpoint", OPTIONS, {"sd_model_checkpoint": "sdxl.safetensors"}, 400)
+a1111_case("options-clip-skip", OPTIONS, {"CLIP_stop_at_last_layers": "two"}, 422, "CLIP_stop_at_last_layers")
+a1111_case("not-json", T2I, b"{nope", 400)
+a1111_case("json-array", T2I, b"[1]", 400)
+a1111_case("form-body", T2I, b"prompt=p", 415, ctype="application/x-www-form-urlencoded")
+a1111_case("png-info-not-an-image", "/sdapi/v1/png-info", {"image": base64.b64encode(b"text").decode()}, 422, "image")
+a1111_case("no-credentials", T2I, {"prompt": "p"}, 401, headers={})
+a1111_case("wrong-credentials", OPTIONS, b"", 401, method="GET", headers={"Authorization": "Basic dTpw"})
+a1111_case("wrong-method", T2I, b"", 405, method="GET")
+a1111_case("unknown-route", "/sdapi/v1/extra-single-image", {}, 404)
+
+
+@pytest.mark.parametrize("raw,status,field", A1111_CASES)
+def test_bad_a1111_input(server, stored, raw, status, field):
+    options_before = raw_http(server.port, http("GET", OPTIONS, headers=BASIC, key=False))
+    got_status, headers, body = raw_http(server.port, raw)
+    assert got_status == status, body
+    assert headers.get("content-type", "").startswith("application/json") and b"Traceback" not in body
+    doc = json.loads(body)
+    if status == 422:       # FastAPI's validation shape, naming the field
+        assert doc["detail"][0]["loc"] == ["body", field] and doc["detail"][0]["msg"], doc
+    else:                   # A1111's exception-handler shape
+        assert set(doc) == {"error", "detail", "body", "errors"} and doc["detail"], doc
+    if status == 401:
+        assert headers["www-authenticate"].startswith("Basic")
+    assert raw_http(server.port, http("GET", "/health", key=False))[0] == 200
+    assert raw_http(server.port, http("GET", OPTIONS, headers=BASIC, key=False))[2] == options_before[2]
+    assert raw_http(server.port, http("GET", f"/v1/files/download/{stored[0]}/{stored[1]}"))[0] == 200
+
+
 def test_worker_survived_everything(server):
     """Runs last in this module: the worker that started is the one still serving."""
     assert server.worker_pid() == server.first_worker
     assert "Traceback" not in server.log_text()
-    print(f"\nbad-input table: {len(CASES)} cases + {len(TRAVERSAL)} traversal paths + 2 "
-          f"oversized bodies, all answered with their 4xx; one worker throughout")
+    print(f"\nbad-input table: {len(CASES)} cases + {len(A1111_CASES)} on /sdapi/v1 + {len(TRAVERSAL)} traversal "
+          f"paths + 2 oversized bodies, all answered with their 4xx; one worker throughout")
