@@ -8,12 +8,15 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdcore.formats import layouts
 from sdcore.formats.layouts import text_to_hf
 from sdcore.unet import UNetConfig
 from sdcore.vae import VAEConfig
+
+
+SDXL_TIME_EMBED_DIM = 256          # diffusers' addition_time_embed_dim of SDXL's size conditioning
 
 
 def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
@@ -27,7 +30,9 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
                 up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
                 block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
                 attention_head_dim=heads[0] if len(set(heads)) == 1 else heads, cross_attention_dim=cfg.context_dim,
-                use_linear_projection=cfg.use_linear_proj, transformer_layers_per_block=depth, norm_num_groups=32)
+                use_linear_projection=cfg.use_linear_proj, transformer_layers_per_block=depth, norm_num_groups=32,
+                **(dict(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                        projection_class_embeddings_input_dim=cfg.adm_in_channels) if cfg.adm_in_channels else {}))
 
 
 def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
@@ -81,10 +86,16 @@ def diffusers_vae_from_ours(vae) -> AutoencoderKL:
 
 
 def transformers_text_from_ours(text) -> CLIPTextModel:
-    model = CLIPTextModel(hf_text_config(text.cfg))   # not on meta: it has non-persistent buffers (position_ids)
-    theirs = {k: v.float() for k, v in text_to_hf(text).items() if k != "text_projection.weight"}
+    """transformers' CLIPTextModel holding our text encoder's weights; with a projection (SDXL's bigG),
+    CLIPTextModelWithProjection (its ``text_embeds`` are the pooled output)."""
+    projection = text.cfg.projection_dim is not None
+    config = hf_text_config(text.cfg)
+    if projection:
+        config.projection_dim = text.cfg.projection_dim
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)   # not on meta: buffers
+    theirs = {k: v.float() for k, v in text_to_hf(text).items() if projection or k != "text_projection.weight"}
     prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    theirs = {prefix + k: v for k, v in theirs.items()}
+    theirs = {(k if k == "text_projection.weight" else prefix + k): v for k, v in theirs.items()}
     for k in set(model.state_dict()) - set(theirs):    # position_ids, a persistent buffer in transformers 4.x
         theirs[k] = model.state_dict()[k]
     model.load_state_dict(theirs, strict=True)

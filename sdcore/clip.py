@@ -1,8 +1,10 @@
-"""CLIP text transformers: OpenAI CLIP ViT-L/14 (SD1), OpenCLIP ViT-H (SD2), later the SDXL pair.
+"""CLIP text transformers: OpenAI CLIP ViT-L/14 (SD1), OpenCLIP ViT-H (SD2), and SDXL's pair (CLIP ViT-L and
+OpenCLIP ViT-bigG).
 
 One module serves all of them; they differ only in width, depth, activation, which block's output
-conditions the UNet and whether the final LayerNorm is applied. Parameter names follow OpenCLIP
-(fused ``in_proj``); the loader converts the Hugging Face layout that SD1 files use.
+conditions the UNet and whether the final LayerNorm is applied. SDXL also takes bigG's pooled output: the
+last block's output, through ln_final, at the end-of-text token, times ``text_projection``. Parameter names
+follow OpenCLIP (fused ``in_proj``); the loader converts the Hugging Face layout that SD1 files use.
 """
 from dataclasses import dataclass
 
@@ -93,15 +95,20 @@ class TextEncoder(nn.Module):
         if cfg.projection_dim:
             self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
 
-    def forward(self, tokens: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, output_layer: int | None = None, pooled: bool = False):
         """tokens [B, 77] -> hidden states [B, 77, width] of the chosen block (ln_final applied if configured).
-
-        Blocks after the chosen one are not run.
+        Blocks after the chosen one are not run, unless ``pooled``: then all run, and the result is
+        (hidden states, pooled [B, projection_dim]).
         """
         blocks = self.transformer.resblocks
         layer = self.cfg.output_layer if output_layer is None else output_layer
-        n_run = layer % len(blocks) + 1
+        n_run = len(blocks) if pooled else layer % len(blocks) + 1
         x = self.token_embedding(tokens) + self.positional_embedding
-        for block in blocks[:n_run]:
+        for i, block in enumerate(blocks[:n_run]):
             x = block(x)
-        return self.ln_final(x) if self.cfg.final_norm else x
+            if i == layer % len(blocks):
+                hidden = self.ln_final(x) if self.cfg.final_norm else x
+        if not pooled:
+            return hidden
+        eos = (tokens == tokens.max(dim=1, keepdim=True).values).int().argmax(dim=1)   # the first end-of-text token
+        return hidden, self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection

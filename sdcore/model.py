@@ -13,17 +13,19 @@ from .formats import CheckpointError, read_model
 from .formats.build import build
 from .formats.infer import detect_v_prediction
 from .tokenizer import Tokenizer
-from .unet import UNet
+from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
 
 
 class StableDiffusion:
-    """The three networks of one checkpoint plus what is needed to drive them."""
+    """The networks of one checkpoint (UNet, VAE, one text encoder; SDXL: two) plus what is needed to drive them."""
 
-    def __init__(self, *, family, prediction, unet, vae, text_encoder, name, native_size, device, dtype, source):
+    def __init__(self, *, family, prediction, unet, vae, text_encoder, name, native_size, device, dtype, source,
+                 text_encoder_2=None):
         self.family, self.prediction, self.name, self.source = family, prediction, name, source
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = Tokenizer(pad_id=text_encoder.cfg.pad_id)
+        self.tokenizer_2 = Tokenizer(pad_id=text_encoder_2.cfg.pad_id) if text_encoder_2 is not None else None
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
 
@@ -59,10 +61,32 @@ class StableDiffusion:
         return self
 
     @torch.inference_mode()
-    def encode_text(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """prompts -> conditioning [B, 77, context_dim]. ``clip_skip`` k uses the k-th block from the end."""
-        tokens = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(tokens, output_layer=self.text_encoder.cfg.output_layer - (clip_skip - 1))
+    def encode_text(self, prompts: list[str], clip_skip: int = 1):
+        """prompts -> hidden states [B, 77, context_dim]; SDXL: (both encoders' hidden states concatenated
+        [B, 77, 768 + 1280], bigG's pooled output [B, 1280]). ``clip_skip`` k takes each encoder's output
+        k - 1 blocks before its own."""
+        def layer(encoder):
+            return encoder.cfg.output_layer - (clip_skip - 1)
+        hidden = self.text_encoder(self.tokenizer(prompts).to(self.device), output_layer=layer(self.text_encoder))
+        if self.text_encoder_2 is None:
+            return hidden
+        hidden_2, pooled = self.text_encoder_2(self.tokenizer_2(prompts).to(self.device),
+                                               output_layer=layer(self.text_encoder_2), pooled=True)
+        return torch.cat([hidden, hidden_2], dim=-1), pooled
+
+    @torch.inference_mode()
+    def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1):
+        """What the UNet is conditioned on, one row per prompt: the hidden states [B, 77, C]; SDXL:
+        {"context": hidden states, "y": the pooled output and the size conditioning [B, adm_in_channels]}.
+        SDXL's size conditioning embeds (original height, width, crop top, left, target height, width) as
+        timesteps of 256 channels each: here the image was drawn whole at the size asked, uncropped."""
+        if self.text_encoder_2 is None:
+            return self.encode_text(prompts, clip_skip)
+        context, pooled = self.encode_text(prompts, clip_skip)
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
+        dim = (self.unet.cfg.adm_in_channels - pooled.shape[-1]) // len(ids)
+        sizes = timestep_embedding(ids, dim).reshape(1, -1).expand(len(prompts), -1)
+        return {"context": context, "y": torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)}
 
     def __repr__(self):
         return (f"StableDiffusion({self.name!r}, family={self.family}, prediction={self.prediction}, "
@@ -72,7 +96,7 @@ class StableDiffusion:
 def load_model(path: str, device="auto", dtype="auto", prediction: str | None = None,
                vae: str | None = None, name: str | None = None, control_net: str | None = None,
                cache_dir: str | None = None, cuda_graphs: bool = True) -> StableDiffusion:
-    """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder.
+    """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder: SD1.x, SD2.x, SDXL.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
     bfloat16 where the hardware computes it natively, float16 on older CUDA cards, else float32), a
@@ -98,6 +122,7 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
         return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir)
     unet, vae_model = built(UNet, parts.unet, "UNet"), built(AutoencoderKL, parts.vae, "VAE")
     text = built(TextEncoder, parts.text, "text encoder")
+    text_2 = built(TextEncoder, parts.text_2, "second text encoder") if parts.text_2 is not None else None
     family = parts.family
     prediction = prediction or parts.prediction
     if prediction is None:
@@ -105,7 +130,8 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     native = parts.native_size or (768 if family == "sd2" and prediction == "v" else 512)
     default_name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
-                            name=name or default_name, native_size=native, device=device, dtype=dtype, source=path)
+                            name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
+                            text_encoder_2=text_2)
     if control_net:
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model

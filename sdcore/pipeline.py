@@ -80,9 +80,10 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
     seed = p.seed if p.seed >= 0 else secrets.randbelow(RANDOM_SEEDS)
     with torch.inference_mode():
         if p.cfg_scale != 1:     # one text-encoder batch for both prompts
-            cond, uncond = model.encode_text([p.prompt, p.negative_prompt], clip_skip=p.clip_skip).chunk(2)
+            both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, clip_skip=p.clip_skip)
+            cond, uncond = rows(both, 0), rows(both, 1)
         else:
-            cond, uncond = model.encode_text([p.prompt], clip_skip=p.clip_skip), None
+            cond, uncond = model.conditioning([p.prompt], p.width, p.height, clip_skip=p.clip_skip), None
         init = _prepare_init(model, p)
         guided_hint = _prepare_control(model, p)
         out = []
@@ -93,6 +94,13 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
             text = infotext(params, model.name)
             out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
     return out
+
+
+def rows(cond, i: int):
+    """Row i of a conditioning (a tensor, or SDXL's dict of tensors), kept as a batch of one."""
+    if isinstance(cond, dict):
+        return {k: v[i:i + 1] for k, v in cond.items()}
+    return cond[i:i + 1]
 
 
 def _check(model, p: GenerationParams):
@@ -116,8 +124,8 @@ def _check(model, p: GenerationParams):
         raise PipelineError("a mask needs an image to edit", "mask")
     if p.inpaint_fill not in INPAINT_FILLS:
         raise PipelineError(f"inpaint_fill must be one of {', '.join(INPAINT_FILLS)}, got {p.inpaint_fill!r}", "inpaint_fill")
-    cfg = model.text_encoder.cfg
-    most = cfg.output_layer % cfg.layers + 1          # the blocks up to the model's own output layer
+    # the blocks up to each encoder's own output layer
+    most = min(e.cfg.output_layer % e.cfg.layers + 1 for e in (model.text_encoder, model.text_encoder_2) if e is not None)
     if not 1 <= p.clip_skip <= most:
         raise PipelineError(f"clip_skip must be between 1 and {most} for this model's text encoder, got {p.clip_skip}",
                             "clip_skip")
@@ -147,10 +155,11 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
         x_in = x_in.to(model.dtype)
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
             x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
+        context, y = (ctx["context"], ctx["y"]) if isinstance(ctx, dict) else (ctx, None)
         control = None
         if guided_hint is not None:
-            control = control_residuals(model.controlnet, x_in, t, ctx, guided_hint, p.control_strength)
-        return model.unet(x_in, t, ctx, control=control)
+            control = control_residuals(model.controlnet, x_in, t, context, guided_hint, p.control_strength, y)
+        return model.unet(x_in, t, context, y=y, control=control)
 
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)
     if init is not None and init["keep"] is not None and extra is None:
@@ -166,8 +175,21 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
             progress(i, len(sigmas) - 1, dt)
 
     x = samplers.SAMPLERS[p.sample_method](denoise, x, sigmas, noise=noise, callback=callback)
+    return tensor_to_image(decode_latent(model, x)[0])
+
+
+def decode_latent(model, x):
+    """The VAE decode of latent x, as float32. SDXL's original VAE overflows float16 (its activations pass
+    65504): a float16 decode that comes out non-finite is done again in float32, never returned black."""
     img = model.vae.decode(x.to(model.dtype)).float()
-    return tensor_to_image(img[0])
+    if model.dtype == torch.float16 and not torch.isfinite(img).all():
+        log.warning("the VAE overflowed float16; decoding in float32 (an fp16-fixed VAE via --vae avoids this)")
+        model.vae.to(torch.float32)
+        try:
+            img = model.vae.decode(x.float()).float()
+        finally:
+            model.vae.to(torch.float16)
+    return img
 
 
 def _keep_outside_mask(denoise, latent, keep):
@@ -187,13 +209,13 @@ def _txt2img_unet_extra(model, shape):
     return torch.cat([torch.ones(1, 1, *shape[2:], device=model.device), blank], dim=1).to(model.dtype)
 
 
-def control_residuals(controlnet, x_in, t, ctx, guided_hint, strength):
+def control_residuals(controlnet, x_in, t, ctx, guided_hint, strength, y=None):
     """The ControlNet's 13 residuals × strength, on the same batch as the UNet. With CFG that batch is
     [uncond, cond], so both halves are controlled alike (as diffusers' ControlNet pipeline without
     guess mode, AUTOMATIC1111's "Balanced" and stable-diffusion.cpp): guidance then pushes towards the
     prompt, not towards the control, and the control strength alone sets how strongly it binds."""
     # an inpainting UNet's extra input channels are not for a ControlNet of a 4-channel model
-    return [r * strength for r in controlnet(x_in[:, :controlnet.cfg.in_channels], t, ctx, guided_hint)]
+    return [r * strength for r in controlnet(x_in[:, :controlnet.cfg.in_channels], t, ctx, guided_hint, y=y)]
 
 
 def _prepare_control(model, p):

@@ -1,6 +1,6 @@
 """What a checkpoint file or folder is, and the tensors and configuration of each of its networks.
 
-``read_model``: a single-file LDM checkpoint (SD1.x/SD2.x, .safetensors or .ckpt) or a diffusers
+``read_model``: a single-file LDM checkpoint (SD1.x/SD2.x/SDXL, .safetensors or .ckpt) or a diffusers
 pipeline folder; ``read_vae``: a VAE alone; ``read_controlnet``: a ControlNet. Each gives ``Part``s,
 a network's tensors under our names with its full configuration, which ``build`` turns into the
 network (``sdcore.load_model``, ``sdcore.load_controlnet``). Files of families we do not run yet are
@@ -31,28 +31,31 @@ class Part:
 
 @dataclasses.dataclass
 class ModelParts:
-    family: str                   # "sd1" | "sd2"
+    family: str                   # "sd1" | "sd2" | "sdxl"
     unet: Part
     vae: Part
     text: Part
     prediction: str | None        # "eps" | "v" when the checkpoint says; None: unknown
     native_size: int | None       # when the checkpoint says
+    text_2: Part | None = None    # SDXL's second text encoder (OpenCLIP ViT-bigG)
 
 
+# What a family's files do not say, where it differs from SD1's: the VAE's latent scale and the native size
+FAMILY_DEFAULTS = {"sdxl": {"vae_scale": 0.13025, "native_size": 1024}}
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base and its fine-tunes"
 # Single files of other families, by a key prefix any of which marks them, checked before our own
 # layouts (an SDXL file also has model.diffusion_model.input_blocks.*).
 REFUSED_FILES = [
-    (("conditioner.embedders.1.", "conditioner.embedders.0.model."),
-     "is an SDXL checkpoint; SDXL is not supported yet (supported: SD1.x, SD2.x)"),
+    (("conditioner.embedders.0.model.",),       # bigG alone, with aesthetic-score conditioning
+     f"is an SDXL refiner; the refiner is not supported yet ({SUPPORTED})"),
     (("model.diffusion_model.double_blocks.", "double_blocks.", "model.diffusion_model.joint_blocks."),
-     "is a Flux/SD3 checkpoint; only SD1.x and SD2.x are supported"),
+     f"is a Flux/SD3 checkpoint ({SUPPORTED})"),
     (("control_model.", "input_hint_block.", "controlnet_cond_embedding."),
      "is a ControlNet, not a base model: pass it with --control-net"),
 ]
 # Diffusers pipelines of other families, by a component their model_index.json names.
 REFUSED_PIPELINES = [
-    ("transformer", "is a Flux/SD3 pipeline; only SD1.x and SD2.x are supported"),
-    ("text_encoder_2", "is an SDXL pipeline; SDXL is not supported yet (supported: SD1.x, SD2.x)"),
+    ("transformer", f"is a Flux/SD3 pipeline ({SUPPORTED})"),
 ]
 
 
@@ -87,7 +90,12 @@ def read_single_file(path: str) -> ModelParts:
             ema = "model_ema.diffusion_model" + k.replace(".", "")     # LDM's EMA names drop the dots
             if ema in t:
                 unet.entries[k] = t.entries[ema]
-    if t.has_prefix("cond_stage_model.model."):
+    text_2 = None
+    if t.has_prefix("conditioner.embedders.1.model."):       # SDXL: CLIP ViT-L (HF names) + OpenCLIP bigG (ours)
+        family = "sdxl"
+        text = layouts.text_from_hf(t.sub("conditioner.embedders.0.transformer.text_model."))
+        text_2 = t.sub("conditioner.embedders.1.model.")
+    elif t.has_prefix("cond_stage_model.model."):
         family, text = "sd2", t.sub("cond_stage_model.model.")
     else:
         family = "sd1"
@@ -95,14 +103,22 @@ def read_single_file(path: str) -> ModelParts:
             else "cond_stage_model.transformer."
         text = layouts.text_from_hf(t.sub(prefix))
     family = meta.get("family", family)
+    defaults = FAMILY_DEFAULTS.get(family, {})
     vae = t.sub("first_stage_model.")
-    vae_cfg = with_overrides(infer_vae_config(vae), meta.get("vae")) if "encoder.conv_in.weight" in vae else None
+    vae_cfg = None                         # None: the file has no VAE (read_model wants one from --vae)
+    if "encoder.conv_in.weight" in vae:
+        vae_cfg = infer_vae_config(vae)
+        if "vae_scale" in defaults:
+            vae_cfg = dataclasses.replace(vae_cfg, scale_factor=defaults["vae_scale"])
+        vae_cfg = with_overrides(vae_cfg, meta.get("vae"))
     return ModelParts(
         family=family,
         unet=Part(unet, with_overrides(infer_unet_config(unet), meta.get("unet")), path),
-        vae=Part(vae, vae_cfg, path),      # cfg None: the file has no VAE (read_model wants one from --vae)
+        vae=Part(vae, vae_cfg, path),
         text=Part(text, with_overrides(infer_text_config(text, family), meta.get("text")), path),
-        prediction=meta.get("prediction"), native_size=meta.get("native_size"))
+        prediction=meta.get("prediction"), native_size=meta.get("native_size", defaults.get("native_size")),
+        text_2=None if text_2 is None else Part(
+            text_2, with_overrides(infer_text_config(text_2, family, second=True), meta.get("text_2")), path))
 
 
 def read_pipeline_folder(path: str) -> ModelParts:
@@ -121,23 +137,37 @@ def read_pipeline_folder(path: str) -> ModelParts:
     unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
                            layouts.unet_name_map(meta_keys(UNet, unet_cfg), unet_cfg))
     tc = read_json(os.path.join(path, "text_encoder", "config.json"))
-    # OpenAI's CLIP-L (SD1) uses quick_gelu; the OpenCLIP towers of SD2 use exact gelu
-    family = "sd1" if tc.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
-    hf = component_weights(os.path.join(path, "text_encoder"), "model")
+    if "text_encoder_2" in index:
+        family = "sdxl"
+    else:      # OpenAI's CLIP-L (SD1) uses quick_gelu; the OpenCLIP towers of SD2 use exact gelu
+        family = "sd1" if tc.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+    text = _text_from_folder(path, "text_encoder", "tokenizer", EOS if family == "sd1" else 0, family)
+    text_2 = _text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, family) if family == "sdxl" else None
+    sched = os.path.join(path, "scheduler", "scheduler_config.json")
+    pt = read_json(sched).get("prediction_type") if os.path.exists(sched) else None
+    return ModelParts(
+        family=family, unet=Part(unet, unet_cfg, path), vae=read_vae(os.path.join(path, "vae")), text=text,
+        prediction={"v_prediction": "v", "epsilon": "eps"}.get(pt),
+        native_size=FAMILY_DEFAULTS.get(family, {}).get("native_size"), text_2=text_2)
+
+
+def _text_from_folder(path: str, folder: str, tokenizer: str, pad: int, family: str) -> Part:
+    """A transformers CLIPTextModel (or CLIPTextModelWithProjection: its text_projection sits beside
+    text_model.*) and the padding token of its tokenizer folder."""
+    tc = read_json(os.path.join(path, folder, "config.json"))
+    hf = component_weights(os.path.join(path, folder), "model")
     if hf.has_prefix("text_model."):
+        projection = hf.entries.get("text_projection.weight")
         hf = hf.sub("text_model.")
-    pad = EOS if family == "sd1" else 0
-    special = os.path.join(path, "tokenizer", "special_tokens_map.json")
+        if projection is not None:
+            hf.entries["text_projection.weight"] = projection
+    special = os.path.join(path, tokenizer, "special_tokens_map.json")
     if os.path.exists(special):
         tok = read_json(special).get("pad_token")
         tok = tok.get("content") if isinstance(tok, dict) else tok
         pad = EOS if tok == "<|endoftext|>" else 0
-    sched = os.path.join(path, "scheduler", "scheduler_config.json")
-    pt = read_json(sched).get("prediction_type") if os.path.exists(sched) else None
-    return ModelParts(
-        family=family, unet=Part(unet, unet_cfg, path), vae=read_vae(os.path.join(path, "vae")),
-        text=Part(layouts.text_from_hf(hf), text_config_from_diffusers(tc, pad), path),
-        prediction={"v_prediction": "v", "epsilon": "eps"}.get(pt), native_size=None)
+    text = layouts.text_from_hf(hf)
+    return Part(text, text_config_from_diffusers(tc, pad, family, projection="text_projection" in text), path)
 
 
 def read_vae(path: str) -> Part:

@@ -67,14 +67,21 @@ def infer_vae_config(t: Tensors) -> VAEConfig:
                      in_channels=t.shape("encoder.conv_in.weight")[1])
 
 
-def infer_text_config(t: Tensors, family: str) -> TextConfig:
+def text_role(family: str, second: bool = False) -> dict:
+    """What a family's text encoder is, beyond its shapes. SD1's OpenAI CLIP-L: the last block, quick_gelu,
+    pads with EOS; SD2's OpenCLIP-H: the penultimate block, gelu, pads with 0; SDXL's CLIP-L (first) and
+    OpenCLIP bigG (second): each its penultimate block without the final LayerNorm, padded as SD1's and SD2's."""
+    openai_clip = (family == "sd1") or (family == "sdxl" and not second)
+    return dict(act="quick_gelu" if openai_clip else "gelu", pad_id=EOS if openai_clip else 0,
+                output_layer=-1 if family == "sd1" else -2, final_norm=family != "sdxl")
+
+
+def infer_text_config(t: Tensors, family: str, second: bool = False) -> TextConfig:
     vocab, width = t.shape("token_embedding.weight")
     layers = len({k.split(".")[2] for k in t.keys() if k.startswith("transformer.resblocks.")})
-    # SD1's OpenAI CLIP-L: last layer, quick_gelu, pads with EOS; SD2's OpenCLIP-H: penultimate layer, gelu, pads with 0
-    sd1 = family == "sd1"
+    projection = t.shape("text_projection")[1] if "text_projection" in t and family == "sdxl" else None
     return TextConfig(vocab_size=vocab, context_length=t.shape("positional_embedding")[0], width=width,
-                      layers=layers, heads=max(1, width // 64), act="quick_gelu" if sd1 else "gelu",
-                      output_layer=-1 if sd1 else -2, pad_id=EOS if sd1 else 0)
+                      layers=layers, heads=max(1, width // 64), projection_dim=projection, **text_role(family, second))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,11 +123,15 @@ def vae_config_from_diffusers_names(t: Tensors) -> VAEConfig:
                      z_channels=t.shape("post_quant_conv.weight")[0])
 
 
-def text_config_from_diffusers(c: dict, pad_id: int) -> TextConfig:
-    """A transformers CLIPTextModel's config.json; the padding token is the tokenizer's."""
+def text_config_from_diffusers(c: dict, pad_id: int, family: str = "sd1", projection: bool = False) -> TextConfig:
+    """A transformers CLIPTextModel's (or CLIPTextModelWithProjection's) config.json; the padding token is
+    the tokenizer's. SD1/SD2 folders hold the text model up to the layer they use: its last."""
+    role = text_role(family)
     return TextConfig(vocab_size=c.get("vocab_size", 49408), context_length=c.get("max_position_embeddings", 77),
                       width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                      act=c.get("hidden_act", "quick_gelu"), output_layer=-1, pad_id=pad_id)
+                      act=c.get("hidden_act", "quick_gelu"), output_layer=role["output_layer"] if family == "sdxl" else -1,
+                      final_norm=role["final_norm"], pad_id=pad_id,
+                      projection_dim=c.get("projection_dim", c["hidden_size"]) if projection else None)
 
 
 # ------------------------------------------------------------------------------------------------

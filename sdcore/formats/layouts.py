@@ -178,7 +178,7 @@ def text_from_hf(hf: Tensors) -> Tensors:
             continue                                   # build() reports what is missing
         shapes = [hf.shape(s) for s in src]
         if key in TEXT_TRANSPOSED:
-            out.add(key, lambda s=src[0]: hf.get(s).T, shapes[0][::-1])
+            out.add(key, lambda s=src[0]: hf.get(s).T.contiguous(), shapes[0][::-1])
         elif len(src) == 1:
             out.add(key, lambda s=src[0]: hf.get(s), shapes[0])
         else:

@@ -13,11 +13,18 @@ from .files import config_to_metadata
 from .layouts import text_to_hf
 
 
-def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd1", dtype=None) -> dict[str, torch.Tensor]:
-    """The single-file LDM layout (what ``v1-5-pruned-emaonly.safetensors`` holds)."""
+def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd1", dtype=None,
+                   text_2: TextEncoder | None = None) -> dict[str, torch.Tensor]:
+    """The single-file LDM layout (what ``v1-5-pruned-emaonly.safetensors`` holds; SDXL: what
+    ``sd_xl_base_1.0.safetensors`` holds, ``text_2`` being its OpenCLIP bigG)."""
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     sd |= {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
-    if family == "sd1":
+    if family == "sdxl":
+        sd |= {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in text_to_hf(text).items()}
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = \
+            torch.arange(text.cfg.context_length)[None]
+        sd |= {f"conditioner.embedders.1.model.{k}": v for k, v in text_2.state_dict().items()}
+    elif family == "sd1":
         sd |= {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_to_hf(text).items()}
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(text.cfg.context_length)[None]
     else:
@@ -26,10 +33,13 @@ def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd
 
 
 def save_single_file(path, unet, vae, text, family="sd1", dtype=None, prediction="eps", native_size=None,
-                     extra_metadata: dict | None = None):
+                     extra_metadata: dict | None = None, text_2=None, with_config=True):
+    """``with_config=False``: no ``sdcore.config`` metadata, as in the files people download (loading then
+    infers every configuration from the tensors)."""
     meta = config_to_metadata(family=family, prediction=prediction, unet=unet.cfg, vae=vae.cfg, text=text.cfg,
-                              **({"native_size": native_size} if native_size else {}))
-    save_file(ldm_state_dict(unet, vae, text, family, dtype), str(path), metadata=meta | (extra_metadata or {}))
+                              **({"text_2": text_2.cfg} if text_2 is not None else {}),
+                              **({"native_size": native_size} if native_size else {})) if with_config else {}
+    save_file(ldm_state_dict(unet, vae, text, family, dtype, text_2), str(path), metadata=meta | (extra_metadata or {}))
 
 
 def save_controlnet(path, cn, dtype=None, prefix="control_model.", with_config=True):

@@ -48,9 +48,8 @@ def test_missing_tensors_are_named(tmp_path, default_model_path):
 
 
 @pytest.mark.parametrize("keys, words", [
-    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": [4, 4],
-      "conditioner.embedders.1.model.token_embedding.weight": [4, 4],
-      "model.diffusion_model.input_blocks.0.0.weight": [4, 4]}, "SDXL checkpoint; SDXL is not supported yet"),
+    ({"conditioner.embedders.0.model.token_embedding.weight": [4, 4],
+      "model.diffusion_model.input_blocks.0.0.weight": [4, 4]}, "is an SDXL refiner"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": [4, 4]}, "Flux/SD3 checkpoint"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [4, 4]}, "Flux/SD3 checkpoint"),
     ({"control_model.input_hint_block.0.weight": [4, 4]}, "is a ControlNet"),

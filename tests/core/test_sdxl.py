@@ -1,0 +1,271 @@
+"""SDXL, from the files people download: a single file in the original layout (conditioner.embedders.0 = CLIP
+ViT-L in Hugging Face names, .1 = OpenCLIP bigG, no sdcore metadata) and its diffusers-folder twin, built here
+with random weights in SDXL's shape at a small width. Text conditioning, UNet (with the pooled output and the
+size conditioning) and a whole generation are checked against transformers' CLIPTextModel /
+CLIPTextModelWithProjection and diffusers' UNet2DConditionModel (addition_embed_type "text_time") and
+AutoencoderKL on the same weights."""
+import io
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import sdcore
+from bench import references as refs
+from sdcore.clip import TextEncoder
+from sdcore.formats import CheckpointError
+from sdcore.formats.write import random_init_, save_single_file
+from sdcore.pipeline import GenerationParams, generate
+from sdcore.unet import UNet
+from sdcore.vae import AutoencoderKL
+from tiny_models import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE, random_controlnet
+
+PROMPTS = ["a lighthouse on a cliff, oil painting", ""]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    return dict(unet=random_init_(UNet(SDXL_UNET), 1), vae=random_init_(AutoencoderKL(SDXL_VAE), 2, gain=0.5),
+                text=random_init_(TextEncoder(SDXL_TEXT), 3), text_2=random_init_(TextEncoder(SDXL_TEXT_2), 4))
+
+
+@pytest.fixture(scope="module")
+def single_file(nets, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl-shaped.safetensors"
+    save_single_file(path, nets["unet"], nets["vae"], nets["text"], family="sdxl", text_2=nets["text_2"],
+                     dtype=torch.float16, with_config=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(single_file):
+    return sdcore.load_model(single_file, device="cpu", dtype=torch.float32)
+
+
+def _tokens():
+    from open_clip.tokenizer import SimpleTokenizer
+    ids = SimpleTokenizer()(PROMPTS)                  # padded with 0, as OpenCLIP (bigG) pads
+    ids_l = ids.clone()
+    ids_l[ids_l == 0] = 49407                         # CLIP ViT-L pads with its end-of-text token
+    return ids_l, ids
+
+
+def _reference_conditioning(model):
+    """diffusers' StableDiffusionXLPipeline.encode_prompt, written out: each encoder's hidden_states[-2],
+    concatenated; the pooled output is CLIPTextModelWithProjection's text_embeds."""
+    ids_l, ids_g = _tokens()
+    te, te2 = refs.transformers_text_from_ours(model.text_encoder), refs.transformers_text_from_ours(model.text_encoder_2)
+    with torch.no_grad():
+        out_l = te(ids_l, output_hidden_states=True)
+        out_g = te2(ids_g, output_hidden_states=True)
+    return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
+
+
+def test_the_single_file_is_read_as_sdxl(model, nets):
+    assert model.family == "sdxl" and model.native_size == 1024 and model.prediction == "eps"
+    assert model.unet.cfg == SDXL_UNET                       # every hyperparameter read off the tensors
+    assert model.text_encoder.cfg == SDXL_TEXT and model.text_encoder_2.cfg == SDXL_TEXT_2
+    assert model.vae.cfg.scale_factor == 0.13025              # SDXL's latent scale, which files do not record
+    assert model.tokenizer.pad_id == 49407 and model.tokenizer_2.pad_id == 0
+    for ours, theirs in ((model.unet, nets["unet"]), (model.text_encoder_2, nets["text_2"])):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert all(torch.equal(a[k], b[k].half().float()) for k in b)
+
+
+def test_text_conditioning_equals_transformers(model):
+    context, pooled = model.encode_text(PROMPTS)
+    ref_context, ref_pooled = _reference_conditioning(model)
+    assert context.shape == (2, 77, 64 + 128) and pooled.shape == (2, 128)
+    assert refs.max_rel(context, ref_context) <= 1e-5 and refs.max_rel(pooled, ref_pooled) <= 1e-5
+
+
+def test_unet_with_size_conditioning_equals_diffusers(model):
+    width, height = 96, 64
+    cond = model.conditioning(PROMPTS, width, height)
+    du = refs.diffusers_unet_from_ours(model.unet)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, height // 8, width // 8, generator=g), torch.tensor([700.0, 700.0])
+    ref_context, ref_pooled = _reference_conditioning(model)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32)
+    with torch.no_grad():
+        ours = model.unet(x, t, cond["context"], y=cond["y"])            # the latent shared by both prompts
+        ref = du(torch.cat([x, x]), t, encoder_hidden_states=ref_context,
+                 added_cond_kwargs={"text_embeds": ref_pooled, "time_ids": time_ids}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
+    assert refs.max_rel(ours[0], ours[1]) > 1e-3                # the two prompts condition differently
+    other = model.conditioning(PROMPTS, 64, 96)["y"]            # the size enters the label vector
+    assert not torch.equal(other, cond["y"]) and torch.equal(other[:, :128], cond["y"][:, :128])
+
+
+def test_the_diffusers_folder_is_the_same_model(model, nets, tmp_path):
+    folder = tmp_path / "sdxl-folder"
+    du, dv = refs.diffusers_unet_from_ours(model.unet), refs.diffusers_vae_from_ours(model.vae)
+    refs.save_diffusers_folder(folder, du, dv, refs.transformers_text_from_ours(model.text_encoder))
+    refs.transformers_text_from_ours(model.text_encoder_2).save_pretrained(folder / "text_encoder_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    os.makedirs(folder / "tokenizer_2")
+    (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    twin = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
+    assert twin.family == "sdxl" and twin.native_size == 1024 and twin.unet.cfg == model.unet.cfg
+    assert twin.text_encoder.cfg == model.text_encoder.cfg and twin.text_encoder_2.cfg == model.text_encoder_2.cfg
+    assert twin.vae.cfg.scale_factor == 0.13025
+    a, b = twin.conditioning(PROMPTS, 64, 64), model.conditioning(PROMPTS, 64, 64)
+    assert torch.equal(a["context"], b["context"]) and torch.equal(a["y"], b["y"])
+    p = GenerationParams("a red circle", steps=2, width=64, height=64, seed=3)
+    assert generate(twin, p)[0].image.tobytes() == generate(model, p)[0].image.tobytes()
+
+
+def test_generation_equals_a_reference_loop(model):
+    """txt2img with guidance, Euler on the discrete schedule, against k-diffusion's sampler driving diffusers'
+    UNet (text_time conditioning) and VAE, with the conditioning from transformers' encoders."""
+    from bench.kdiff import external, sampling
+    size, steps, cfg, seed = 64, 4, 5.0, 11
+    p = GenerationParams(PROMPTS[0], negative_prompt=PROMPTS[1], steps=steps, cfg_scale=cfg, width=size, height=size,
+                         seed=seed, sample_method="euler", scheduler="discrete")
+    ours = refs.pixels(generate(model, p)[0].image)
+    du, dv = refs.diffusers_unet_from_ours(model.unet), refs.diffusers_vae_from_ours(model.vae)
+    ctx, pooled = _reference_conditioning(model)
+    cond, uncond = ctx.chunk(2)
+    pool_c, pool_u = pooled.chunk(2)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+
+    class GuidedEps(torch.nn.Module):
+        def forward(self, x, t, **_):
+            out = du(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]),
+                     added_cond_kwargs={"text_embeds": torch.cat([pool_u, pool_c]), "time_ids": time_ids}).sample
+            u, c = out.chunk(2)
+            return u + cfg * (c - u)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    denoiser = external.DiscreteEpsDDPMDenoiser(GuidedEps(), torch.cumprod(1 - betas, 0).float(), quantize=False)
+    with torch.no_grad():
+        sigmas = denoiser.get_sigmas(steps)
+        x = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+        x = sampling.sample_euler(denoiser, x, sigmas, disable=True)
+        img = dv.decode(x / 0.13025).sample[0]
+    ref = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (ours.int() - ref.int()).abs().max() <= 1
+    assert ours.float().std() > 1                                # not a flat image
+
+
+def test_cfg_1_runs_without_the_unconditional_pass(model):
+    calls = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, c, **kw: (calls.append(c.shape[0]), forward(x, t, c, **kw))[1]
+    try:
+        generate(model, GenerationParams("x", steps=2, width=64, height=64, cfg_scale=1.0))
+    finally:
+        del model.unet.forward
+    assert calls == [1, 1]
+
+
+def test_over_http(model, tmp_path):
+    from app import create_app
+    client = create_app({"data_dir": str(tmp_path / "d"), "api_key": None, "max_pixels": 64 * 64}, model=model).test_client()
+    r = client.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 2, "response_format": "b64_json"})
+    assert r.status_code == 200, r.get_json()
+    import base64
+    im = Image.open(io.BytesIO(base64.b64decode(r.get_json()["data"][0]["b64_json"])))
+    assert im.size == (64, 64)            # the native 1024 does not fit --max-pixels: the largest square that does
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64}).status_code == 200
+
+
+def test_refused_files_say_why(nets, tmp_path, model):
+    from safetensors.torch import save_file
+    from sdcore.formats.write import ldm_state_dict
+    sd = ldm_state_dict(nets["unet"], nets["vae"], nets["text"], "sdxl", torch.float16, nets["text_2"])
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in sd.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    save_file(refiner, str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(CheckpointError, match="SDXL refiner"):
+        sdcore.load_model(tmp_path / "refiner.safetensors", device="cpu")
+    truncated = {k: v for k, v in sd.items() if ".output_blocks.5." not in k}
+    save_file(truncated, str(tmp_path / "truncated.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks"):
+        sdcore.load_model(tmp_path / "truncated.safetensors", device="cpu")
+    from sdcore.controlnet import attach_controlnet
+    from weights.make_default import UNET as SD1_UNET
+    with pytest.raises(CheckpointError, match="context_dim 32.*context_dim 192"):
+        attach_controlnet(model, random_controlnet(SD1_UNET))
+
+
+def test_sdxl_controlnet_equals_diffusers(model, tmp_path):
+    """An SDXL ControlNet (diffusers folder layout) gets the label vector too; its residuals equal
+    diffusers' ControlNetModel's, and a controlled generation runs."""
+    cn = random_controlnet(SDXL_UNET, seed=9)
+    dcn = refs.diffusers_controlnet_from_ours(cn)
+    dcn.save_pretrained(tmp_path / "controlnet")
+    loaded = sdcore.load_controlnet(tmp_path / "controlnet", device="cpu", dtype=torch.float32)
+    assert loaded.cfg == SDXL_UNET
+    cond = model.conditioning(PROMPTS, 64, 64)
+    ref_context, ref_pooled = _reference_conditioning(model)
+    g = torch.Generator().manual_seed(1)
+    x, t, hint = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.rand(1, 3, 64, 64, generator=g)
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
+    with torch.no_grad():
+        ours = loaded(x, t, cond["context"], loaded.embed_hint(hint), y=cond["y"])
+        down, mid = dcn(x, t, ref_context, controlnet_cond=hint, return_dict=False,
+                        added_cond_kwargs={"text_embeds": ref_pooled, "time_ids": time_ids})
+    for r, ref in zip(ours, [*down, mid], strict=True):
+        assert refs.max_abs(r, ref) <= 1e-4 * ref.abs().max().clamp(min=1)
+    from sdcore.controlnet import attach_controlnet
+    attach_controlnet(model, loaded)
+    try:
+        control = Image.new("RGB", (64, 64), (255, 255, 255))
+        p = GenerationParams("x", steps=2, width=64, height=64, seed=1, control_image=control, control_strength=1.0)
+        assert generate(model, p)[0].image.tobytes() != generate(model, GenerationParams(
+            "x", steps=2, width=64, height=64, seed=1))[0].image.tobytes()
+    finally:
+        model.controlnet = None
+
+
+def test_sdxl_inpainting_shape_loads_and_matches_diffusers(nets, tmp_path):
+    """A 9-channel SDXL UNet (latent + mask + masked-image latent), as SDXL inpainting files hold."""
+    import dataclasses
+    cfg = dataclasses.replace(SDXL_UNET, in_channels=9)
+    unet = random_init_(UNet(cfg), 12)
+    save_single_file(tmp_path / "inpaint.safetensors", unet, nets["vae"], nets["text"], family="sdxl",
+                     text_2=nets["text_2"], with_config=False)
+    m = sdcore.load_model(tmp_path / "inpaint.safetensors", device="cpu", dtype=torch.float32)
+    assert m.inpainting and m.unet.cfg == cfg
+    cond = m.conditioning(PROMPTS, 64, 64)
+    ref_context, ref_pooled = _reference_conditioning(m)
+    x = torch.randn(2, 9, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        ours = m.unet(x, t, cond["context"], y=cond["y"])
+        ref = refs.diffusers_unet_from_ours(m.unet)(x, t, encoder_hidden_states=ref_context, added_cond_kwargs={
+            "text_embeds": ref_pooled, "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    out = generate(m, GenerationParams("x", steps=2, width=64, height=64, init_image=Image.new("RGB", (64, 64), "red"),
+                                       mask=mask, strength=1.0))[0].image
+    assert out.size == (64, 64)
+
+
+def test_a_float16_vae_overflow_is_decoded_again_in_float32():
+    """SDXL's original VAE overflows float16; the decode then runs again in float32 instead of
+    returning a black image. A stand-in VAE overflows in float16 the way it does (past 65504)."""
+    from types import SimpleNamespace
+
+    from sdcore.pipeline import decode_latent
+
+    class OverflowingVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1e3))
+
+        def decode(self, z):
+            big = z * self.scale * self.scale                  # 5e5: past float16's 65504, so inf there
+            return torch.tanh(z * self.scale / 1e3) + big * 0  # inf*0 = nan in float16, 0 in float32
+    vae = OverflowingVAE().half()
+    z = torch.full((1, 3, 2, 2), 0.5)
+    img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16), z)
+    assert torch.isfinite(img).all() and torch.allclose(img, torch.tanh(z))
+    assert vae.scale.dtype == torch.float16                       # the VAE is back in its dtype
