@@ -21,7 +21,9 @@ A body larger than the app's ``MAX_CONTENT_LENGTH`` is not buffered: the request
 and the app answers 413 from its headers (or after reading up to the limit, for a chunked body).
 
 With several workers (``--workers``), a worker does not accept a new connection while another one
-handles fewer requests, so a request does not queue behind a generation while another worker idles
+has fewer requests unanswered (one whose app has returned, and whose response is being sent, counts as
+answered: its client may send the next request before the last bytes leave), and it looks again when a
+connection waits, so a request does not queue behind a generation while another worker idles
 (as nginx's ``least_conn``, inside one gunicorn); keep-alive is then off (``api.serve``), or a request on
 an open connection would go to whichever worker holds it. The loads live in a shared table allocated by
 ``setup()``, gunicorn's hook that runs in the master before it forks the workers.
@@ -67,6 +69,7 @@ class Conn:
         self.deadline = deadline
         self.expects_continue = False  # "Expect: 100-continue": answered once its headers are in
         self.continue_sent = False
+        self.answered = False         # the app has returned its response, which is being sent
 
 
 def _header_fields(head: bytes) -> dict[bytes, list[bytes]]:
@@ -123,11 +126,13 @@ def _drop_expect(head: bytes) -> bytes:
 class RequestBufferingWorker(Worker):
     header_timeout = body_timeout = None    # seconds, from the settings: see worker_class()
     load_table = None                 # shared [pid, active connections] per slot, several workers only
+    slot_lock = None                  # workers start together: two must not claim the same free slot
 
     @classmethod
     def setup(cls):
         if cls.load_table is None:
             cls.load_table = multiprocessing.RawArray("i", 2 * LOAD_SLOTS)
+            cls.slot_lock = multiprocessing.Lock()
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self):
@@ -137,12 +142,15 @@ class RequestBufferingWorker(Worker):
         self.sel.register(self.PIPE[0], selectors.EVENT_READ, None)       # signals and threads wake us
         self.conns: dict[int, Conn] = {}
         self.active = 0                   # connections reading or running a request
+        self.answered = 0                 # of those, requests whose response the app has returned
         self.active_lock = threading.Lock()
         self.back: queue.SimpleQueue = queue.SimpleQueue()               # connections threads give back
         self.pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="request")
         self.accepting = False
         self.body_cap = self._body_cap()
         self.slot = self._claim_slot() if self.cfg.workers > 1 else None
+        if self.slot is not None:
+            self.log.info("Balancing load in slot %d", self.slot)
         self.closed: Counter = Counter()
         next_sweep = 0.0
         try:
@@ -190,6 +198,9 @@ class RequestBufferingWorker(Worker):
         self.accepting = on
 
     def _accept(self, listener):
+        if self._should_pass():           # the loads changed while this loop waited
+            self._set_accepting(False)
+            return
         try:
             sock, addr = listener.accept()
         except OSError as e:
@@ -286,14 +297,14 @@ class RequestBufferingWorker(Worker):
                 conn, rest = self.back.get_nowait()
             except queue.Empty:
                 return
-            self._add_active(-1)
+            self._add_active(-1, answered=-conn.answered)
             if not self.alive:
                 util.close(conn.sock)
                 continue
             now = time.monotonic()
             conn.sock.setblocking(False)
             conn.buf, conn.head_end, conn.body = bytearray(rest), -1, None
-            conn.expects_continue = conn.continue_sent = False
+            conn.expects_continue = conn.continue_sent = conn.answered = False
             conn.reason, conn.deadline = "idle", now + self.cfg.keepalive
             self.conns[conn.sock.fileno()] = conn
             self.sel.register(conn.sock, selectors.EVENT_READ, conn)
@@ -385,7 +396,7 @@ class RequestBufferingWorker(Worker):
                     pass
             else:
                 util.close(sock)
-                self._add_active(-1)        # at once: the other workers look at this count
+                self._add_active(-1, answered=-conn.answered)
 
     def _handle(self, conn: Conn, req) -> bool:
         """Run the app for one parsed request; whether the connection may serve another."""
@@ -401,6 +412,8 @@ class RequestBufferingWorker(Worker):
             if not self.alive or self.cfg.keepalive <= 0:
                 resp.force_close()
             body = self.wsgi(environ, resp.start_response)
+            conn.answered = True
+            self._add_active(0, answered=1)     # before the client can read it: its next request may come here
             try:
                 if isinstance(body, environ["wsgi.file_wrapper"]):
                     resp.write_file(body)
@@ -437,18 +450,25 @@ class RequestBufferingWorker(Worker):
             return 1 << 20
         return c.limit_request_line + c.limit_request_fields * (c.limit_request_field_size + 2) + 4
 
-    def _add_active(self, n: int):
+    @property
+    def load(self) -> int:
+        """What the other workers compare: requests not yet answered (a response being sent does not count)."""
+        return self.active - self.answered
+
+    def _add_active(self, n: int, answered: int = 0):
         with self.active_lock:            # the loop and the request threads both count
             self.active += n
+            self.answered += answered
             if self.slot is not None:
-                self.load_table[2 * self.slot + 1] = self.active
+                self.load_table[2 * self.slot + 1] = self.load
 
     def _claim_slot(self) -> int:
         me, t = os.getpid(), self.load_table
-        for slot in range(LOAD_SLOTS):
-            if t[2 * slot] in (0, me) or not _alive(t[2 * slot]):
-                t[2 * slot], t[2 * slot + 1] = me, 0
-                return slot
+        with self.slot_lock:
+            for slot in range(LOAD_SLOTS):
+                if t[2 * slot] in (0, me) or not _alive(t[2 * slot]):
+                    t[2 * slot], t[2 * slot + 1] = me, 0
+                    return slot
         self.log.warning("more than %d workers: this one does not take part in load balancing", LOAD_SLOTS)
         return None
 
@@ -457,7 +477,7 @@ class RequestBufferingWorker(Worker):
         if self.slot is None:
             return False
         me, t = os.getpid(), self.load_table
-        return any(t[2 * s] not in (0, me) and t[2 * s + 1] < self.active and _alive(t[2 * s])
+        return any(t[2 * s] not in (0, me) and t[2 * s + 1] < self.load and _alive(t[2 * s])
                    for s in range(LOAD_SLOTS))
 
 

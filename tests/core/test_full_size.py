@@ -89,10 +89,12 @@ def test_bfloat16_load_stays_within_stated_tolerance_of_float32(sd15_file, sd15)
     half = sdcore.load_model(sd15_file, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.unet.parameters())
     g = torch.Generator().manual_seed(2)
-    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([999.0, 261.75])
+    # small latents: a CPU without native bf16 emulates it, and the VAE's wide convolutions then take minutes
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([999.0, 261.75])
     with torch.inference_mode():
         assert refs.max_rel(half.unet(x.bfloat16(), t, ctx.bfloat16()), sd15.unet(x, t, ctx)) <= 3e-2
         pixels = lambda m, z: ((m.vae.decode(z).float().clamp(-1, 1) + 1) * 127.5)
-        assert (pixels(half, x[:1].bfloat16()) - pixels(sd15, x[:1])).abs().mean().item() <= 1.2
+        z = x[:1, :, :4, :4]
+        assert (pixels(half, z.bfloat16()) - pixels(sd15, z)).abs().mean().item() <= 1.2
         prompts = ["a photograph of an astronaut riding a horse", ""]
         assert refs.max_rel(half.encode_text(prompts), sd15.encode_text(prompts)) <= 3e-2

@@ -24,7 +24,7 @@ def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
     try:
         srv.wait_healthy()
         deadline = time.monotonic() + 180
-        while srv.log_text().count("sd-api-server ready") < 2:          # both workers loaded
+        while srv.log_text().count("Balancing load in slot") < 2:       # both workers loaded and in their loops
             assert time.monotonic() < deadline, srv.log_tail()
             time.sleep(0.1)
         assert "Using worker: RequestBufferingWorker" in srv.log_text()
@@ -47,3 +47,33 @@ def test_a_busy_worker_passes_new_requests_to_an_idle_one(tmp_path):
         assert len(pids) == 2 and pids[0] != pids[1], pids
     finally:
         srv.stop()
+
+
+def test_workers_starting_together_claim_distinct_slots():
+    """Every worker needs a load slot of its own: two that claimed the same one would read each other's count
+    as the other's load and stop passing requests on. Forked workers start at once, so claim at once."""
+    import multiprocessing
+    import types
+
+    from api.worker import LOAD_SLOTS, RequestBufferingWorker
+
+    cls = type("W", (RequestBufferingWorker,), {})
+    cls.setup()
+    ctx, n = multiprocessing.get_context("fork"), 6
+    start, done, got = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+
+    def claim():
+        me = types.SimpleNamespace(load_table=cls.load_table, slot_lock=cls.slot_lock, log=None)
+        start.wait()
+        got.put(RequestBufferingWorker._claim_slot(me))
+        done.wait()                                 # stay alive while the others claim: a dead pid's slot is free
+
+    for _ in range(2):
+        procs = [ctx.Process(target=claim) for _ in range(n)]
+        for p in procs:
+            p.start()
+        slots = [got.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join()
+        assert sorted(slots) == sorted(set(slots)) and all(0 <= s < LOAD_SLOTS for s in slots), slots
+        cls.load_table[:] = [0] * (2 * LOAD_SLOTS)
