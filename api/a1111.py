@@ -29,6 +29,7 @@ from sdcore.infotext import sampler_label, scheduler_label, split_infotext
 from sdcore.pipeline import INPAINT_FILLS, GenerationParams, cover_resize
 
 from .errors import APIError, invalid
+from . import params as P
 from .params import (CFG_SCALE_RANGE, SEED_RANGE, STRENGTH_RANGE, ImageRequest, Limits, _base64_file, _Fields,
                      _get_bool, _get_float, _get_int, _get_size, _get_str, _json_object, _load_image, _type_name)
 
@@ -53,7 +54,7 @@ MAX_MASK_BLUR = 64
 # request fields A1111 has and this server does not draw: accepted, and named in the log when they ask for
 # something (a true flag, a non-empty script or list)
 UNSUPPORTED_FIELDS = ("alwayson_scripts", "script_name", "script_args", "styles", "enable_hr", "restore_faces",
-                      "tiling", "refiner_checkpoint", "subseed_strength", "firstphase_width", "firstphase_height",
+                      "tiling", "subseed_strength", "firstphase_width", "firstphase_height",
                       "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                       "inpaint_full_res", "image_cfg_scale", "initial_noise_multiplier", "latent_mask", "eta")
 OPTIONS_MAX_BYTES = 64 * 1024
@@ -300,7 +301,8 @@ TXT2IMG_DEFAULTS = {"prompt": "", "negative_prompt": "", "styles": None, "seed":
                     "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "restore_faces": None,
                     "tiling": None, "override_settings": None, "override_settings_restore_afterwards": True,
                     "sampler_index": DEFAULT_SAMPLER, "script_name": None, "script_args": [], "send_images": True,
-                    "save_images": False, "alwayson_scripts": {}, "enable_hr": False, "denoising_strength": None}
+                    "save_images": False, "alwayson_scripts": {}, "enable_hr": False, "denoising_strength": None,
+                    "refiner_checkpoint": None, "refiner_switch_at": None}
 IMG2IMG_DEFAULTS = {**{k: v for k, v in TXT2IMG_DEFAULTS.items() if k != "enable_hr"},
                     "init_images": None, "resize_mode": 0, "denoising_strength": 0.75, "mask": None, "mask_blur": 4,
                     "inpainting_fill": 0, "inpaint_full_res": True, "inpainting_mask_invert": 0,
@@ -375,9 +377,16 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
               steps=_get_int(f, "steps", min(defaults["steps"], limits.max_steps), 1, limits.max_steps),
               cfg_scale=_get_float(f, "cfg_scale", defaults["cfg_scale"], *CFG_SCALE_RANGE), sample_method=method,
               scheduler=schedule,
-              seed=seed, clip_skip=_get_int(f, "clip_skip", clip_skip, 1, MAX_CLIP_SKIP))
+              seed=seed, clip_skip=_get_int(f, "clip_skip", clip_skip, 1, MAX_CLIP_SKIP),
+              **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]))
     parameters = {**defaults, **{k: v for k, v in body.items() if k in defaults}}
     return f, kw, ckpt, parameters
+
+
+def _served(st, name: str):
+    """The loaded model a checkpoint title, file name or id names; None if none."""
+    ckpt = find_checkpoint(st.models, st.hashes, name)
+    return st.models.models[ckpt.id] if ckpt else None
 
 
 def parse_txt2img(body: dict, st, rid: str) -> A1111Request:

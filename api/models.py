@@ -34,12 +34,16 @@ class ModelRegistry:
 
     def lookup(self, model_id: str):
         """The model served under ``model_id`` or one of its aliases, else a 404."""
-        served = self.aliases.get(model_id, model_id)
-        if served not in self.models:
+        model = self.find(model_id)
+        if model is None:
             raise APIError(f"The model '{model_id}' does not exist. Available: "
                            f"{', '.join(self.models)}.", status=404, param="model",
                            code="model_not_found")
-        return self.models[served]
+        return model
+
+    def find(self, model_id: str):
+        """The model served under ``model_id`` or one of its aliases, else None."""
+        return self.models.get(self.aliases.get(model_id, model_id))
 
     def resolve(self, model_id: str | None):
         """The model a generation asking for ``model_id`` (None: none named) runs on."""

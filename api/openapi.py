@@ -82,6 +82,11 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
         "apply_canny_preprocessor": {"type": "boolean", "default": defaults["apply_canny_preprocessor"],
                                      "description": "Turn control_image into a Canny edge map first "
                                                     "(thresholds 100/200), so a photo can be sent."},
+        "refiner": {"type": "string", "maxLength": 256, "nullable": True,
+                    "description": "A served model (an SDXL refiner) that takes the steps after refiner_switch_at."},
+        "refiner_switch_at": {"type": "number", "minimum": P.REFINER_SWITCH_RANGE[0],
+                              "maximum": P.REFINER_SWITCH_RANGE[1], "default": defaults["refiner_switch_at"],
+                              "description": "With refiner: the fraction of the steps drawn before it takes over."},
         "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
                             "default": defaults["response_format"],
                             "description": "url: a download URL (GET /v1/files/download/...); "
@@ -235,6 +240,11 @@ def _a1111_request(limits: P.Limits, img2img: bool) -> dict:
         "override_settings": f({"type": "object", "additionalProperties": True},
                                "sd_model_checkpoint and CLIP_stop_at_last_layers apply to this request; "
                                "other keys are logged and ignored."),
+        "refiner_checkpoint": f({"type": "string", "maxLength": 256}, "A served checkpoint (an SDXL refiner) "
+                                "that takes the steps after refiner_switch_at; 'None': none."),
+        "refiner_switch_at": f({"type": "number", "minimum": P.REFINER_SWITCH_RANGE[0],
+                                "maximum": P.REFINER_SWITCH_RANGE[1], "default": P.defaults()["refiner_switch_at"]},
+                               "The fraction of the steps drawn before the refiner takes over."),
         "send_images": f(flag, "Return the images (default true)."),
         "save_images": f(flag, "Also store them in /v1/files (default false)."),
     }

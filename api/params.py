@@ -54,6 +54,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 CFG_SCALE_RANGE = (0.0, 30.0)
 CONTROL_STRENGTH_RANGE = (0.0, 2.0)
 STRENGTH_RANGE = (0.0, 1.0)
+REFINER_SWITCH_RANGE = (0.0, 1.0)        # the fraction of the steps drawn before the refiner takes over
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 MIN_SIDE = 64
 SIDE_MULTIPLE = 8
@@ -377,11 +378,25 @@ def _reject_text_for_file(f: _Fields, names: tuple[str, ...], param: str) -> Non
 
 
 # --- bodies -----------------------------------------------------------------------------------
-def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
+def get_refiner(f: _Fields, name: str, find: Callable, default_switch: float) -> dict:
+    """The refiner fields of a request: {} when it names none, else the loaded model ``find(name)``
+    returns (None: not served, a 400) and ``refiner_switch_at``."""
+    switch = _get_float(f, "refiner_switch_at", default_switch, *REFINER_SWITCH_RANGE)   # checked even unused
+    ref = _get_str(f, name, None, max_len=256) if f.has(name) and f.get(name) is not None else None
+    if ref is None or not ref.strip() or ref.strip() == "None":      # A1111 clients send "None" for none
+        return {}
+    refiner = find(ref.strip())
+    if refiner is None:
+        raise invalid(name, f"The refiner {ref.strip()!r} is not a model this server serves (start it with "
+                            f"--model NAME=PATH as well).", "model_not_found")
+    return {"refiner": refiner, "refiner_switch_at": switch}
+
+
+def _parse_common(f: _Fields, limits: Limits, models) -> dict:
     model_id = None
     if f.has("model") and f.get("model") is not None:
         model_id = _get_str(f, "model", None, max_len=256).strip() or None
-    model = resolve_model(model_id)      # first: the default size is the model's
+    model = models.resolve(model_id)      # first: the default size is the model's
 
     if not f.has("prompt"):
         raise invalid("prompt", "'prompt' is required.", "missing_required_parameter")
@@ -413,6 +428,7 @@ def _parse_common(f: _Fields, limits: Limits, resolve_model: Callable) -> dict:
                                     *CONTROL_STRENGTH_RANGE),
         apply_canny_preprocessor=_get_bool(f, "apply_canny_preprocessor",
                                            d["apply_canny_preprocessor"]),
+        **get_refiner(f, "refiner", models.find, d["refiner_switch_at"]),
     )
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
     if model_id and model_id.lower().startswith(B64_ONLY_MODELS):
@@ -459,9 +475,9 @@ def _check_multipart(request) -> None:
                        "Content-Type.", code="invalid_multipart")
 
 
-def parse_generation(request, limits: Limits, resolve_model: Callable) -> ImageRequest:
+def parse_generation(request, limits: Limits, models) -> ImageRequest:
     """POST /v1/images/generations: JSON, or a form (multipart when control_image is sent).
-    ``resolve_model(model_id or None)`` returns the model (or raises the 404)."""
+    ``models``: the served models (``api.models.ModelRegistry``)."""
     mt = request.mimetype
     if request.is_json:
         f = _Fields.from_json(_json_object(request))
@@ -473,13 +489,13 @@ def parse_generation(request, limits: Limits, resolve_model: Callable) -> ImageR
         control = _single_file(f, ("control_image",), "control_image")
     else:
         raise _unsupported(request, "application/json or multipart/form-data")
-    parsed = _parse_common(f, limits, resolve_model)
+    parsed = _parse_common(f, limits, models)
     if control is not None:
         parsed["kw"]["control_image"] = _load_image(control, "control_image", limits).convert("RGB")
     return _make(parsed)
 
 
-def parse_edit(request, limits: Limits, resolve_model: Callable) -> ImageRequest:
+def parse_edit(request, limits: Limits, models) -> ImageRequest:
     """POST /v1/images/edits: multipart form with image (or image[]), optional mask and
     control_image. Without a mask, transparent pixels of the image itself (if any) are the
     area to repaint, as in OpenAI's API. Of several images (``image[]``, as GPT-image clients send
@@ -495,7 +511,7 @@ def parse_edit(request, limits: Limits, resolve_model: Callable) -> ImageRequest
     mask_file = _single_file(f, ("mask",), "mask")
     control_file = _single_file(f, ("control_image",), "control_image")
 
-    parsed = _parse_common(f, limits, resolve_model)
+    parsed = _parse_common(f, limits, models)
     kw = parsed["kw"]
     kw["strength"] = _get_float(f, "strength", defaults()["strength"], *STRENGTH_RANGE)
     if not image_files:

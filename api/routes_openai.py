@@ -29,7 +29,7 @@ def _file_url(stored) -> str:
 
 def _respond(parse):
     st = state()
-    image_request = parse(request, st.limits, st.models.resolve)
+    image_request = parse(request, st.limits, st.models)
     params = image_request.params
     images = st.queue.run(image_request.model, params, request_id=g.request_id,
                           client_gone=client_gone_probe(request.environ))

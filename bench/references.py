@@ -23,8 +23,16 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
     heads = [cfg.heads_for(c) for c in chans]
     depth = [max(d, 1) for d in cfg.transformer_depth]
-    depth[-1] = cfg.transformer_depth_middle          # diffusers takes the middle block's depth from the last level
+    if cfg.transformer_depth_middle:              # diffusers takes the middle block's depth from the last level
+        depth[-1] = cfg.transformer_depth_middle
     attn = [i in cfg.attention_levels for i in range(len(chans))]
+    pruned = {}
+    if cfg.transformer_depth_output:          # per up block (deepest first), a depth per layer
+        n = cfg.num_res_blocks + 1
+        pruned["reverse_transformer_layers_per_block"] = [
+            [max(d, 1) for d in cfg.transformer_depth_output[i * n:(i + 1) * n]] for i in range(len(chans))]
+    if not cfg.transformer_depth_middle:
+        pruned["mid_block_type"] = "UNetMidBlock2D"
     return dict(sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                 down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                 up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
@@ -32,7 +40,8 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
                 attention_head_dim=heads[0] if len(set(heads)) == 1 else heads, cross_attention_dim=cfg.context_dim,
                 use_linear_projection=cfg.use_linear_proj, transformer_layers_per_block=depth, norm_num_groups=32,
                 **(dict(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-                        projection_class_embeddings_input_dim=cfg.adm_in_channels) if cfg.adm_in_channels else {}))
+                        projection_class_embeddings_input_dim=cfg.adm_in_channels) if cfg.adm_in_channels else {}),
+                **pruned)
 
 
 def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:

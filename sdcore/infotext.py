@@ -75,6 +75,8 @@ def generation_fields(p, model_name: str) -> list[tuple[str, object]]:
         fields.append(("Control strength", p.control_strength))
         if p.apply_canny_preprocessor:
             fields.append(("Control preprocessor", "canny"))
+    if p.refiner is not None:
+        fields += [("Refiner", p.refiner.name), ("Refiner switch at", p.refiner_switch_at)]
     return fields
 
 
@@ -117,4 +119,6 @@ def parse_infotext(text: str) -> dict:
     if "Control strength" in values:
         out["control_strength"] = float(values["Control strength"])
         out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
+    if "Refiner" in values:              # a model name, as "model" is
+        out["refiner"], out["refiner_switch_at"] = values["Refiner"], float(values["Refiner switch at"])
     return out

@@ -11,10 +11,15 @@ from .cuda_graphs import CUDAGraphed, unwrapped
 from .device import resolve_device, resolve_dtype
 from .formats import CheckpointError, read_model
 from .formats.build import build
-from .formats.infer import detect_v_prediction
+from .formats.infer import REFINER, detect_v_prediction
 from .tokenizer import Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
+
+# The SDXL refiner's aesthetic score for a row that is (True) or is not (False) a negative prompt: it was
+# trained to draw what raters scored so, and the defaults of its authors' code, diffusers and AUTOMATIC1111
+# ask for a good image against a poor one.
+AESTHETIC_SCORES = {False: 6.0, True: 2.5}
 
 
 class StableDiffusion:
@@ -60,32 +65,47 @@ class StableDiffusion:
             self.controlnet = CUDAGraphed(self.controlnet, self.controlnet)
         return self
 
-    @torch.inference_mode()
-    def encode_text(self, prompts: list[str], clip_skip: int = 1):
-        """prompts -> hidden states [B, 77, context_dim]; SDXL: (both encoders' hidden states concatenated
-        [B, 77, 768 + 1280], bigG's pooled output [B, 1280]). ``clip_skip`` k takes each encoder's output
-        k - 1 blocks before its own."""
-        def layer(encoder):
-            return encoder.cfg.output_layer - (clip_skip - 1)
-        hidden = self.text_encoder(self.tokenizer(prompts).to(self.device), output_layer=layer(self.text_encoder))
-        if self.text_encoder_2 is None:
-            return hidden
-        hidden_2, pooled = self.text_encoder_2(self.tokenizer_2(prompts).to(self.device),
-                                               output_layer=layer(self.text_encoder_2), pooled=True)
-        return torch.cat([hidden, hidden_2], dim=-1), pooled
+    @property
+    def encoders(self) -> list:
+        """(text encoder, its tokenizer) pairs, in the order their outputs are concatenated."""
+        pairs = [(self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)]
+        return [(e, t) for e, t in pairs if e is not None]
 
     @torch.inference_mode()
-    def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1):
+    def encode_text(self, prompts: list[str], clip_skip: int = 1):
+        """prompts -> hidden states [B, 77, context_dim]; SDXL: (the encoders' hidden states concatenated,
+        [B, 77, 768 + 1280] for the base, [B, 77, 1280] for the refiner; the last encoder's (bigG's) pooled
+        output [B, 1280]). ``clip_skip`` k takes each encoder's output k - 1 blocks before its own."""
+        wants_pooled = self.unet.cfg.adm_in_channels is not None
+        hidden, pooled = [], None
+        for i, (encoder, tokenizer) in enumerate(self.encoders):
+            out = encoder(tokenizer(prompts).to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
+                          pooled=wants_pooled and i == len(self.encoders) - 1)
+            hidden.append(out[0] if isinstance(out, tuple) else out)
+            pooled = out[1] if isinstance(out, tuple) else pooled
+        context = torch.cat(hidden, dim=-1)
+        return (context, pooled) if wants_pooled else context
+
+    @torch.inference_mode()
+    def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
+                     negative: list[bool] | None = None):
         """What the UNet is conditioned on, one row per prompt: the hidden states [B, 77, C]; SDXL:
-        {"context": hidden states, "y": the pooled output and the size conditioning [B, adm_in_channels]}.
-        SDXL's size conditioning embeds (original height, width, crop top, left, target height, width) as
-        timesteps of 256 channels each: here the image was drawn whole at the size asked, uncropped."""
-        if self.text_encoder_2 is None:
+        {"context": hidden states, "y": the pooled output and the micro-conditioning [B, adm_in_channels]}.
+        SDXL base's micro-conditioning embeds (original height, width, crop top, left, target height, width)
+        as timesteps of 256 channels each: here the image was drawn whole at the size asked, uncropped. The
+        refiner's embeds (original height, width, crop top, left, aesthetic score), the score being
+        AESTHETIC_SCORES' for the rows ``negative`` marks as negative prompts, and the other one elsewhere."""
+        if self.unet.cfg.adm_in_channels is None:
             return self.encode_text(prompts, clip_skip)
         context, pooled = self.encode_text(prompts, clip_skip)
-        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
-        dim = (self.unet.cfg.adm_in_channels - pooled.shape[-1]) // len(ids)
-        sizes = timestep_embedding(ids, dim).reshape(1, -1).expand(len(prompts), -1)
+        negative = negative or [False] * len(prompts)
+        if self.family == REFINER:
+            ids = [[height, width, 0, 0, AESTHETIC_SCORES[neg]] for neg in negative]
+        else:
+            ids = [[height, width, 0, 0, height, width]] * len(prompts)
+        ids = torch.tensor(ids, dtype=torch.float32, device=self.device)
+        dim = (self.unet.cfg.adm_in_channels - pooled.shape[-1]) // ids.shape[1]
+        sizes = timestep_embedding(ids.flatten(), dim).reshape(len(prompts), -1)
         return {"context": context, "y": torch.cat([pooled, sizes.to(pooled.dtype)], dim=-1)}
 
     def __repr__(self):
@@ -132,6 +152,6 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
                             text_encoder_2=text_2)
-    if control_net:
+    if control_net and family != REFINER:      # a refiner finishes the image after the ControlNet's part
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model

@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 import samplers
 
 from .canny import canny
+from .formats.infer import REFINER
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
 
 log = logging.getLogger("sdcore.pipeline")
@@ -59,6 +60,10 @@ class GenerationParams:
     apply_canny_preprocessor: bool = False   # control_image is a photo: use its edges (sdcore.canny)
     clip_skip: int = 1
     inpaint_fill: str = "original"          # one of INPAINT_FILLS; applies where a mask repaints
+    # A second model (an SDXL refiner) that takes the last steps, from the fraction refiner_switch_at of
+    # them on: the "ensemble of experts" split of SDXL's paper
+    refiner: object | None = field(default=None, repr=False)
+    refiner_switch_at: float = 0.8          # A1111's default
 
 
 @dataclass
@@ -79,21 +84,26 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
     scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
     seed = p.seed if p.seed >= 0 else secrets.randbelow(RANDOM_SEEDS)
     with torch.inference_mode():
-        if p.cfg_scale != 1:     # one text-encoder batch for both prompts
-            both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, clip_skip=p.clip_skip)
-            cond, uncond = rows(both, 0), rows(both, 1)
-        else:
-            cond, uncond = model.conditioning([p.prompt], p.width, p.height, clip_skip=p.clip_skip), None
+        conds = [_conditionings(m, p) for m in (model, p.refiner) if m is not None]
         init = _prepare_init(model, p)
         guided_hint = _prepare_control(model, p)
         out = []
         for i in range(p.n):
             image_seed = (seed + i) % SEED_MOD
-            image = _generate_one(model, p, scheduler, image_seed, cond, uncond, init, progress, guided_hint)
+            image = _generate_one(model, p, scheduler, image_seed, conds, init, progress, guided_hint)
             params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
             text = infotext(params, model.name)
             out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
     return out
+
+
+def _conditionings(model, p: GenerationParams):
+    """(cond, uncond) of a request on ``model``; uncond None when cfg_scale 1 needs no unconditional pass."""
+    if p.cfg_scale == 1:
+        return model.conditioning([p.prompt], p.width, p.height, clip_skip=p.clip_skip), None
+    both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, clip_skip=p.clip_skip,
+                              negative=[False, True])     # one text-encoder batch for both prompts
+    return rows(both, 0), rows(both, 1)
 
 
 def rows(cond, i: int):
@@ -124,15 +134,26 @@ def _check(model, p: GenerationParams):
         raise PipelineError("a mask needs an image to edit", "mask")
     if p.inpaint_fill not in INPAINT_FILLS:
         raise PipelineError(f"inpaint_fill must be one of {', '.join(INPAINT_FILLS)}, got {p.inpaint_fill!r}", "inpaint_fill")
+    if model.family == REFINER and p.init_image is None:
+        raise PipelineError(f"{model.name!r} is an SDXL refiner: it finishes images rather than starting them. Name it "
+                            f"as the refiner of an SDXL base model, or send it an image to edit", "model")
+    if p.refiner is not None:
+        r = p.refiner
+        if (r.vae.cfg.scale_factor, r.unet.cfg.out_channels) != (model.vae.cfg.scale_factor, model.unet.cfg.out_channels):
+            raise PipelineError(f"the refiner {r.name!r} ({r.family}) works in another latent space than the model "
+                                f"{model.name!r} ({model.family})", "refiner")
+        if not 0 <= p.refiner_switch_at <= 1:
+            raise PipelineError(f"refiner_switch_at must be between 0 and 1, got {p.refiner_switch_at}", "refiner_switch_at")
     # the blocks up to each encoder's own output layer
-    most = min(e.cfg.output_layer % e.cfg.layers + 1 for e in (model.text_encoder, model.text_encoder_2) if e is not None)
+    most = min(e.cfg.output_layer % e.cfg.layers + 1 for m in (model, p.refiner) if m is not None for e, _ in m.encoders)
     if not 1 <= p.clip_skip <= most:
         raise PipelineError(f"clip_skip must be between 1 and {most} for this model's text encoder, got {p.clip_skip}",
                             "clip_skip")
 
 
 # ------------------------------------------------------------------------------------------------
-def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guided_hint=None):
+def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=None):
+    """One image. ``conds``: (cond, uncond) for the model and, with a refiner, for the refiner."""
     gen = torch.Generator("cpu").manual_seed(seed)
     shape = (1, model.unet.cfg.out_channels, p.height // 8, p.width // 8)
 
@@ -149,8 +170,34 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
     else:
         x = noise() * sigmas[0]
 
+    # The model takes the steps up to the switch, the refiner the rest, on the same noise stream; the
+    # ControlNet and an inpainting UNet's extra input belong to the model's part only.
+    total = len(sigmas) - 1
+    switch = round(p.refiner_switch_at * total) if p.refiner is not None else total
     extra = init["unet_extra"] if init is not None else _txt2img_unet_extra(model, shape)
+    parts = [(model, conds[0], extra, guided_hint, 0, sigmas[:switch + 1])]
+    if p.refiner is not None:
+        parts.append((p.refiner, conds[1], None, None, switch, sigmas[switch:]))
+    clock = [time.perf_counter()]
+    for part_model, (cond, uncond), part_extra, hint, first, part_sigmas in parts:
+        if len(part_sigmas) < 2:
+            continue
 
+        def callback(i, sigma, x_i, denoised, first=first):
+            now = time.perf_counter()
+            dt, clock[0] = now - clock[0], now
+            log.debug("step %d/%d %.3fs/step", first + i + 1, total, dt)
+            if progress:
+                progress(first + i, total, dt)
+
+        denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init)
+        x = samplers.SAMPLERS[p.sample_method](denoise, x, part_sigmas, noise=noise, callback=callback)
+    return tensor_to_image(decode_latent(model, x)[0])
+
+
+def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
+    """The guided denoiser D(x, σ) of one model: its UNet (+ an inpainting UNet's extra input, + the
+    ControlNet's residuals), classifier-free guidance, and the original latent kept outside a mask."""
     def unet_fn(x_in, t, ctx):
         x_in = x_in.to(model.dtype)
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
@@ -164,18 +211,7 @@ def _generate_one(model, p, scheduler, seed, cond, uncond, init, progress, guide
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)
     if init is not None and init["keep"] is not None and extra is None:
         denoise = _keep_outside_mask(denoise, init["original"], init["keep"])
-
-    clock = [time.perf_counter()]
-
-    def callback(i, sigma, x_i, denoised):
-        now = time.perf_counter()
-        dt, clock[0] = now - clock[0], now
-        log.debug("step %d/%d %.3fs/step", i + 1, len(sigmas) - 1, dt)
-        if progress:
-            progress(i, len(sigmas) - 1, dt)
-
-    x = samplers.SAMPLERS[p.sample_method](denoise, x, sigmas, noise=noise, callback=callback)
-    return tensor_to_image(decode_latent(model, x)[0])
+    return denoise
 
 
 def decode_latent(model, x):

@@ -23,7 +23,9 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)
     transformer_depth: tuple = (1, 1, 1, 0)   # per level (0 where the level has no attention)
-    transformer_depth_middle: int = 1
+    transformer_depth_middle: int = 1         # 0: the middle block is one ResBlock (SSD-1B, Vega)
+    # per output block (deepest first) where they differ from their level's transformer_depth (pruned SDXLs)
+    transformer_depth_output: tuple | None = None
     num_heads: int | None = 8                 # SD1: fixed head count ...
     head_dim: int | None = None               # ... SD2/SDXL: fixed head dim (64)
     context_dim: int = 768
@@ -32,6 +34,10 @@ class UNetConfig:
 
     def heads_for(self, channels: int) -> int:
         return self.num_heads if self.num_heads else channels // self.head_dim
+
+    def output_depth(self, block: int, level: int) -> int:
+        """Transformer blocks in output block ``block`` (of ``level``)."""
+        return self.transformer_depth_output[block] if self.transformer_depth_output else self.transformer_depth[level]
 
     def head_dims(self) -> set[int]:
         """The attention head dimensions of its transformer levels and middle block."""
@@ -226,9 +232,10 @@ class UNetEncoder(nn.Module):
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 self.skip_channels.append(ch)
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch),
-                                                    transformer(ch, cfg.transformer_depth_middle),
-                                                    ResBlock(ch, emb_ch, ch))
+        middle = [ResBlock(ch, emb_ch, ch)]
+        if cfg.transformer_depth_middle:
+            middle += [transformer(ch, cfg.transformer_depth_middle), ResBlock(ch, emb_ch, ch)]
+        self.middle_block = TimestepEmbedSequential(*middle)
         self.cfg, self.out_ch = cfg, ch
 
     def embed(self, t, y=None):
@@ -276,7 +283,7 @@ class UNet(UNetEncoder):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mc * mult)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth[level],
+                    layers.append(SpatialTransformer(ch, cfg.heads_for(ch), cfg.output_depth(len(self.output_blocks), level),
                                                      cfg.context_dim, cfg.use_linear_proj))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))

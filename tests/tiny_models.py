@@ -1,7 +1,8 @@
 """Small random networks the core tests share (each full-width model lives in its own test): an SD2-shaped
 configuration (OpenCLIP text tower, head dim 64, linear projections), an SDXL-shaped one (no attention at
 the first level, deeper transformers further down, two text encoders whose hidden states are concatenated,
-the pooled output and six size numbers in the label vector) and a ControlNet with deterministic weights."""
+the pooled output and six size numbers in the label vector), an SDXL-refiner-shaped one (four levels, bigG
+alone, five numbers with the aesthetic score) and a ControlNet with deterministic weights."""
 import torch
 
 from sdcore.clip import TextConfig
@@ -28,4 +29,8 @@ SDXL_TEXT_2 = TextConfig(width=128, layers=3, heads=2, act="gelu", output_layer=
 SDXL_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
                        transformer_depth=(0, 1, 2), transformer_depth_middle=2, num_heads=None, head_dim=64,
                        context_dim=64 + 128, use_linear_proj=True, adm_in_channels=128 + 6 * 256)
+# The refiner: bigG alone (context = its width), the pooled output and five numbers (size, crop, aesthetic score)
+SDXL_REFINER_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1, 2),
+                               transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2, num_heads=None, head_dim=64,
+                               context_dim=128, use_linear_proj=True, adm_in_channels=128 + 5 * 256)
 SDXL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scale_factor=0.13025)

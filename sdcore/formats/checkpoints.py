@@ -19,6 +19,7 @@ from .files import (CheckpointError, TensorFile, Tensors, component_weights, fro
 from .infer import (infer_controlnet_config, infer_text_config, infer_unet_config, infer_vae_config,
                     text_config_from_diffusers, unet_config_from_diffusers, vae_config_from_diffusers,
                     vae_config_from_diffusers_names)
+from .infer import REFINER, SDXL_FAMILIES
 
 
 @dataclasses.dataclass
@@ -31,23 +32,21 @@ class Part:
 
 @dataclasses.dataclass
 class ModelParts:
-    family: str                   # "sd1" | "sd2" | "sdxl"
+    family: str                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner" (infer.REFINER)
     unet: Part
     vae: Part
     text: Part
     prediction: str | None        # "eps" | "v" when the checkpoint says; None: unknown
     native_size: int | None       # when the checkpoint says
-    text_2: Part | None = None    # SDXL's second text encoder (OpenCLIP ViT-bigG)
+    text_2: Part | None = None    # SDXL base's second text encoder (OpenCLIP ViT-bigG)
 
 
 # What a family's files do not say, where it differs from SD1's: the VAE's latent scale and the native size
-FAMILY_DEFAULTS = {"sdxl": {"vae_scale": 0.13025, "native_size": 1024}}
-SUPPORTED = "supported: SD1.x, SD2.x, SDXL base and its fine-tunes"
+FAMILY_DEFAULTS = {family: {"vae_scale": 0.13025, "native_size": 1024} for family in SDXL_FAMILIES}
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base, its fine-tunes and its refiner"
 # Single files of other families, by a key prefix any of which marks them, checked before our own
 # layouts (an SDXL file also has model.diffusion_model.input_blocks.*).
 REFUSED_FILES = [
-    (("conditioner.embedders.0.model.",),       # bigG alone, with aesthetic-score conditioning
-     f"is an SDXL refiner; the refiner is not supported yet ({SUPPORTED})"),
     (("model.diffusion_model.double_blocks.", "double_blocks.", "model.diffusion_model.joint_blocks."),
      f"is a Flux/SD3 checkpoint ({SUPPORTED})"),
     (("control_model.", "input_hint_block.", "controlnet_cond_embedding."),
@@ -63,7 +62,11 @@ def read_model(path: str, vae: str | None = None) -> ModelParts:
     """A base model's three networks; ``vae``: a separate VAE file/folder replacing the checkpoint's."""
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path} (give a .safetensors/.ckpt checkpoint or a diffusers folder)")
-    parts = read_pipeline_folder(path) if os.path.isdir(path) else read_single_file(path)
+    try:
+        parts = read_pipeline_folder(path) if os.path.isdir(path) else read_single_file(path)
+    except (KeyError, IndexError) as e:           # a shape read from a tensor that is not there
+        raise CheckpointError(f"{path}: its tensors do not make up a whole network ({type(e).__name__} {e} while reading "
+                              "its configuration): is the file complete?") from None
     if vae:
         parts.vae = read_vae(vae)          # its configuration is its own, not the checkpoint's
     elif parts.vae.cfg is None:
@@ -95,6 +98,8 @@ def read_single_file(path: str) -> ModelParts:
         family = "sdxl"
         text = layouts.text_from_hf(t.sub("conditioner.embedders.0.transformer.text_model."))
         text_2 = t.sub("conditioner.embedders.1.model.")
+    elif t.has_prefix("conditioner.embedders.0.model."):     # the SDXL refiner: OpenCLIP bigG alone
+        family, text = REFINER, t.sub("conditioner.embedders.0.model.")
     elif t.has_prefix("cond_stage_model.model."):
         family, text = "sd2", t.sub("cond_stage_model.model.")
     else:
@@ -136,13 +141,20 @@ def read_pipeline_folder(path: str) -> ModelParts:
     unet_cfg = unet_config_from_diffusers(read_json(os.path.join(path, "unet", "config.json")))
     unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
                            layouts.unet_name_map(meta_keys(UNet, unet_cfg), unet_cfg))
-    tc = read_json(os.path.join(path, "text_encoder", "config.json"))
-    if "text_encoder_2" in index:
-        family = "sdxl"
-    else:      # OpenAI's CLIP-L (SD1) uses quick_gelu; the OpenCLIP towers of SD2 use exact gelu
-        family = "sd1" if tc.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
-    text = _text_from_folder(path, "text_encoder", "tokenizer", EOS if family == "sd1" else 0, family)
-    text_2 = _text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, family) if family == "sdxl" else None
+    text_2 = None
+    if "text_encoder_2" in index and not (index.get("text_encoder") or [None])[0]:
+        # the refiner's folder: "text_encoder": [null, null], its bigG in text_encoder_2/
+        family = REFINER
+        text = _text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, family)
+    else:
+        tc = read_json(os.path.join(path, "text_encoder", "config.json"))
+        if "text_encoder_2" in index:
+            family = "sdxl"
+        else:      # OpenAI's CLIP-L (SD1) uses quick_gelu; the OpenCLIP towers of SD2 use exact gelu
+            family = "sd1" if tc.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+        text = _text_from_folder(path, "text_encoder", "tokenizer", EOS if family == "sd1" else 0, family)
+        if family == "sdxl":
+            text_2 = _text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, family)
     sched = os.path.join(path, "scheduler", "scheduler_config.json")
     pt = read_json(sched).get("prediction_type") if os.path.exists(sched) else None
     return ModelParts(

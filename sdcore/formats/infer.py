@@ -13,6 +13,9 @@ from ..unet import UNet, UNetConfig
 from ..vae import VAEConfig
 from .files import Tensors
 
+REFINER = "sdxl_refiner"            # SDXL's refiner: OpenCLIP bigG alone, aesthetic-score conditioning
+SDXL_FAMILIES = ("sdxl", REFINER)   # SDXL's latent space, its VAE scale and its label-vector UNets
+
 
 # ------------------------------------------------------------------------------------------------
 # From our-named tensors
@@ -40,6 +43,11 @@ def infer_unet_config(t: Tensors) -> UNetConfig:
         if blocks:
             attn.append(level)
     mid_depth = len({k.split(".")[3] for k in t.keys() if k.startswith("middle_block.1.transformer_blocks.")})
+    out_depth = []                          # per output block, deepest level first: pruned SDXLs differ per block
+    for i in range(n_levels * (nrb + 1)):       # None: the block is missing (an incomplete file, named later)
+        out_depth.append(len({m.group(1) for k in t.keys()
+                              if (m := re.match(rf"output_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.", k))})
+                         if f"output_blocks.{i}.0.in_layers.2.weight" in t else None)
     to_k = next(k for k in t.keys() if k.endswith("attn2.to_k.weight"))
     context_dim = t.shape(to_k)[1]
     proj = next(k for k in t.keys() if k.endswith("proj_in.weight"))
@@ -47,9 +55,18 @@ def infer_unet_config(t: Tensors) -> UNetConfig:
     return UNetConfig(in_channels=conv_in[1], out_channels=t.shape("out.2.weight")[0], model_channels=mc,
                       channel_mult=tuple(mult), num_res_blocks=nrb, attention_levels=tuple(attn),
                       transformer_depth=tuple(depth), transformer_depth_middle=mid_depth,
+                      transformer_depth_output=_unless_per_level(out_depth, depth, nrb),
                       num_heads=8 if context_dim == 768 else None, head_dim=None if context_dim == 768 else 64,
                       context_dim=context_dim, use_linear_proj=len(t.shape(proj)) == 2,
                       adm_in_channels=t.shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in t else None)
+
+
+def _unless_per_level(out_depth: list, depth: list, nrb: int) -> tuple | None:
+    """Output-block depths, or None where they are the level depths (every file but a pruned one;
+    a ControlNet has no output blocks at all)."""
+    per_level = [depth[level] for level in reversed(range(len(depth))) for _ in range(nrb + 1)]
+    out_depth = [p if d is None else d for d, p in zip(out_depth, per_level)]
+    return None if out_depth == per_level or not any(out_depth) else tuple(out_depth)
 
 
 def infer_controlnet_config(t: Tensors) -> UNetConfig:
@@ -70,16 +87,17 @@ def infer_vae_config(t: Tensors) -> VAEConfig:
 def text_role(family: str, second: bool = False) -> dict:
     """What a family's text encoder is, beyond its shapes. SD1's OpenAI CLIP-L: the last block, quick_gelu,
     pads with EOS; SD2's OpenCLIP-H: the penultimate block, gelu, pads with 0; SDXL's CLIP-L (first) and
-    OpenCLIP bigG (second): each its penultimate block without the final LayerNorm, padded as SD1's and SD2's."""
+    OpenCLIP bigG (second; the refiner's only one): each its penultimate block without the final LayerNorm,
+    padded as SD1's and SD2's."""
     openai_clip = (family == "sd1") or (family == "sdxl" and not second)
     return dict(act="quick_gelu" if openai_clip else "gelu", pad_id=EOS if openai_clip else 0,
-                output_layer=-1 if family == "sd1" else -2, final_norm=family != "sdxl")
+                output_layer=-1 if family == "sd1" else -2, final_norm=family not in SDXL_FAMILIES)
 
 
 def infer_text_config(t: Tensors, family: str, second: bool = False) -> TextConfig:
     vocab, width = t.shape("token_embedding.weight")
     layers = len({k.split(".")[2] for k in t.keys() if k.startswith("transformer.resblocks.")})
-    projection = t.shape("text_projection")[1] if "text_projection" in t and family == "sdxl" else None
+    projection = t.shape("text_projection")[1] if "text_projection" in t and family in SDXL_FAMILIES else None
     return TextConfig(vocab_size=vocab, context_length=t.shape("positional_embedding")[0], width=width,
                       layers=layers, heads=max(1, width // 64), projection_dim=projection, **text_role(family, second))
 
@@ -94,13 +112,20 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
     attn = tuple(i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t)
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)   # diffusers' misnomer: SD1 "head_dim" 8 = 8 heads
     heads = heads if isinstance(heads, list) else [heads] * len(chans)
+    nrb = c.get("layers_per_block", 2)
     depth = c.get("transformer_layers_per_block", 1)
     depth = depth if isinstance(depth, list) else [depth] * len(chans)
+    depth = [d[0] if isinstance(d, list) else d for d in depth]   # per-layer lists: pruned encoders keep theirs equal
+    out = c.get("reverse_transformer_layers_per_block")          # up blocks, deepest first, a list per layer
+    out = [n for d in out for n in (d if isinstance(d, list) else [d] * (nrb + 1))] if out else None
     same_heads = len(set(heads)) == 1
     return UNetConfig(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
-                      channel_mult=tuple(ch // mc for ch in chans), num_res_blocks=c.get("layers_per_block", 2),
+                      channel_mult=tuple(ch // mc for ch in chans), num_res_blocks=nrb,
                       attention_levels=attn, transformer_depth=tuple(d if i in attn else 0 for i, d in enumerate(depth)),
-                      transformer_depth_middle=depth[-1],
+                      transformer_depth_middle=0 if c.get("mid_block_type") == "UNetMidBlock2D" else depth[-1],
+                      transformer_depth_output=out and _unless_per_level(
+                          [n if len(chans) - 1 - i // (nrb + 1) in attn else 0 for i, n in enumerate(out)],
+                          [d if i in attn else 0 for i, d in enumerate(depth)], nrb),
                       num_heads=heads[0] if same_heads else None, head_dim=None if same_heads else chans[0] // heads[0],
                       context_dim=c.get("cross_attention_dim", 768), use_linear_proj=bool(c.get("use_linear_projection")),
                       adm_in_channels=c.get("projection_class_embeddings_input_dim"))
@@ -129,7 +154,8 @@ def text_config_from_diffusers(c: dict, pad_id: int, family: str = "sd1", projec
     role = text_role(family)
     return TextConfig(vocab_size=c.get("vocab_size", 49408), context_length=c.get("max_position_embeddings", 77),
                       width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                      act=c.get("hidden_act", "quick_gelu"), output_layer=role["output_layer"] if family == "sdxl" else -1,
+                      act=c.get("hidden_act", "quick_gelu"),
+                      output_layer=role["output_layer"] if family in SDXL_FAMILIES else -1,
                       final_norm=role["final_norm"], pad_id=pad_id,
                       projection_dim=c.get("projection_dim", c["hidden_size"]) if projection else None)
 

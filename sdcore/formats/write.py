@@ -10,13 +10,14 @@ from ..clip import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL
 from .files import config_to_metadata
+from .infer import REFINER
 from .layouts import text_to_hf
 
 
 def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd1", dtype=None,
                    text_2: TextEncoder | None = None) -> dict[str, torch.Tensor]:
     """The single-file LDM layout (what ``v1-5-pruned-emaonly.safetensors`` holds; SDXL: what
-    ``sd_xl_base_1.0.safetensors`` holds, ``text_2`` being its OpenCLIP bigG)."""
+    ``sd_xl_base_1.0.safetensors`` holds, ``text_2`` being its OpenCLIP bigG; the refiner: ``text`` is its bigG)."""
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     sd |= {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
     if family == "sdxl":
@@ -24,6 +25,8 @@ def ldm_state_dict(unet: UNet, vae: AutoencoderKL, text: TextEncoder, family="sd
         sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = \
             torch.arange(text.cfg.context_length)[None]
         sd |= {f"conditioner.embedders.1.model.{k}": v for k, v in text_2.state_dict().items()}
+    elif family == REFINER:
+        sd |= {f"conditioner.embedders.0.model.{k}": v for k, v in text.state_dict().items()}
     elif family == "sd1":
         sd |= {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_to_hf(text).items()}
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(text.cfg.context_length)[None]

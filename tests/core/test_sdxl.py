@@ -7,6 +7,7 @@ AutoencoderKL on the same weights."""
 import io
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from sdcore.formats.write import random_init_, save_single_file
 from sdcore.pipeline import GenerationParams, generate
 from sdcore.unet import UNet
 from sdcore.vae import AutoencoderKL
-from tiny_models import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE, random_controlnet
+from tiny_models import SDXL_REFINER_UNET, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE, random_controlnet
 
 PROMPTS = ["a lighthouse on a cliff, oil painting", ""]
 
@@ -100,17 +101,22 @@ def test_unet_with_size_conditioning_equals_diffusers(model):
     assert not torch.equal(other, cond["y"]) and torch.equal(other[:, :128], cond["y"][:, :128])
 
 
-def test_the_diffusers_folder_is_the_same_model(model, nets, tmp_path):
-    folder = tmp_path / "sdxl-folder"
-    du, dv = refs.diffusers_unet_from_ours(model.unet), refs.diffusers_vae_from_ours(model.vae)
-    refs.save_diffusers_folder(folder, du, dv, refs.transformers_text_from_ours(model.text_encoder))
-    refs.transformers_text_from_ours(model.text_encoder_2).save_pretrained(folder / "text_encoder_2")
+def _save_sdxl_folder(folder, unet, vae, text, text_2):
+    """The diffusers folder of an SDXL model: our layout maps write every network in diffusers' names."""
+    du, dv = refs.diffusers_unet_from_ours(unet), refs.diffusers_vae_from_ours(vae)
+    refs.save_diffusers_folder(folder, du, dv, refs.transformers_text_from_ours(text))
+    refs.transformers_text_from_ours(text_2).save_pretrained(folder / "text_encoder_2")
     index = json.loads((folder / "model_index.json").read_text())
     index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                  tokenizer_2=["transformers", "CLIPTokenizer"])
     (folder / "model_index.json").write_text(json.dumps(index))
     os.makedirs(folder / "tokenizer_2")
     (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+
+
+def test_the_diffusers_folder_is_the_same_model(model, nets, tmp_path):
+    folder = tmp_path / "sdxl-folder"
+    _save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     twin = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
     assert twin.family == "sdxl" and twin.native_size == 1024 and twin.unet.cfg == model.unet.cfg
     assert twin.text_encoder.cfg == model.text_encoder.cfg and twin.text_encoder_2.cfg == model.text_encoder_2.cfg
@@ -179,11 +185,6 @@ def test_refused_files_say_why(nets, tmp_path, model):
     from safetensors.torch import save_file
     from sdcore.formats.write import ldm_state_dict
     sd = ldm_state_dict(nets["unet"], nets["vae"], nets["text"], "sdxl", torch.float16, nets["text_2"])
-    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in sd.items()
-               if not k.startswith("conditioner.embedders.0.")}
-    save_file(refiner, str(tmp_path / "refiner.safetensors"))
-    with pytest.raises(CheckpointError, match="SDXL refiner"):
-        sdcore.load_model(tmp_path / "refiner.safetensors", device="cpu")
     truncated = {k: v for k, v in sd.items() if ".output_blocks.5." not in k}
     save_file(truncated, str(tmp_path / "truncated.safetensors"))
     with pytest.raises(CheckpointError, match="lacks"):
@@ -269,3 +270,181 @@ def test_a_float16_vae_overflow_is_decoded_again_in_float32():
     img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16), z)
     assert torch.isfinite(img).all() and torch.allclose(img, torch.tanh(z))
     assert vae.scale.dtype == torch.float16                       # the VAE is back in its dtype
+
+
+@pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
+def test_pruned_shapes_load_and_match_diffusers(nets, tmp_path, layout):
+    """Segmind's SSD-1B and Vega prune SDXL unevenly: the middle block keeps one ResBlock and no transformer,
+    and decoder blocks of one level hold different numbers of transformer blocks. Nothing is assumed: the
+    depths are read off the file (or the folder's config) and the result equals diffusers' UNet built from the
+    same config (mid_block_type "UNetMidBlock2D", reverse_transformer_layers_per_block)."""
+    import dataclasses
+    cfg = dataclasses.replace(SDXL_UNET, transformer_depth_middle=0, transformer_depth_output=(3, 2, 1, 1, 2, 1, 0, 0, 0))
+    unet = random_init_(UNet(cfg), 13)
+    assert "middle_block.1.in_layers.0.weight" not in unet.state_dict()     # one ResBlock, no transformer
+    path = tmp_path / "pruned.safetensors"
+    if layout == "single file":
+        save_single_file(path, unet, nets["vae"], nets["text"], family="sdxl", text_2=nets["text_2"], with_config=False)
+    else:
+        path = tmp_path / "pruned"
+        _save_sdxl_folder(path, unet, nets["vae"], nets["text"], nets["text_2"])
+        assert json.loads((path / "unet" / "config.json").read_text())["mid_block_type"] == "UNetMidBlock2D"
+    m = sdcore.load_model(path, device="cpu", dtype=torch.float32)
+    assert m.family == "sdxl" and m.unet.cfg == cfg
+    cond = m.conditioning(PROMPTS, 64, 64)
+    ref_context, ref_pooled = _reference_conditioning(m)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([600.0, 600.0])
+    with torch.no_grad():
+        ours = m.unet(x, t, cond["context"], y=cond["y"])
+        ref = refs.diffusers_unet_from_ours(m.unet)(torch.cat([x, x]), t, encoder_hidden_states=ref_context, added_cond_kwargs={
+            "text_embeds": ref_pooled, "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# The refiner: bigG alone (conditioner.embedders.0.model.*), aesthetic-score conditioning
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refiner(nets, tmp_path_factory):
+    path = tmp_path_factory.mktemp("refiner") / "refiner-shaped.safetensors"
+    save_single_file(path, random_init_(UNet(SDXL_REFINER_UNET), 21), nets["vae"], nets["text_2"],
+                     family="sdxl_refiner", dtype=torch.float16, with_config=False)
+    return sdcore.load_model(path, device="cpu", dtype=torch.float32, name="refiner")
+
+
+def _reference_refiner_y(model, size, n_negative=1):
+    """The refiner's text and label inputs as diffusers' StableDiffusionXLImg2ImgPipeline builds them:
+    bigG's hidden_states[-2], its text_embeds, and time_ids (h, w, crop top, left, aesthetic score) with
+    its defaults aesthetic_score 6.0 / negative_aesthetic_score 2.5."""
+    _, ids_g = _tokens()
+    te = refs.transformers_text_from_ours(model.text_encoder)
+    with torch.no_grad():
+        out = te(ids_g, output_hidden_states=True)
+    time_ids = torch.tensor([[size, size, 0, 0, 6.0], [size, size, 0, 0, 2.5]], dtype=torch.float32)
+    return out.hidden_states[-2], out.text_embeds, time_ids
+
+
+def test_the_refiner_file_loads_and_its_unet_equals_diffusers(refiner):
+    assert refiner.family == "sdxl_refiner" and refiner.native_size == 1024 and refiner.text_encoder_2 is None
+    assert refiner.unet.cfg == SDXL_REFINER_UNET and refiner.text_encoder.cfg == SDXL_TEXT_2
+    assert refiner.vae.cfg.scale_factor == 0.13025
+    cond = refiner.conditioning(PROMPTS, 64, 64, negative=[False, True])
+    ctx, pooled, time_ids = _reference_refiner_y(refiner, 64)
+    assert refs.max_rel(cond["context"], ctx) <= 1e-5
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        ours = refiner.unet(x, t, cond["context"], y=cond["y"])
+        ref = refs.diffusers_unet_from_ours(refiner.unet)(torch.cat([x, x]), t, encoder_hidden_states=ctx,
+                                                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
+    # the aesthetic score is what tells the two rows' labels apart beyond the text
+    both_positive = refiner.conditioning(PROMPTS, 64, 64)["y"]
+    assert torch.equal(both_positive[0], cond["y"][0]) and not torch.equal(both_positive[1], cond["y"][1])
+
+
+def test_the_refiner_folder_is_the_same_model(refiner, tmp_path):
+    """diffusers' refiner folder: "text_encoder": [null, null], its bigG (with projection) in text_encoder_2/."""
+    folder = tmp_path / "refiner-folder"
+    refs.diffusers_unet_from_ours(refiner.unet).save_pretrained(folder / "unet")
+    refs.diffusers_vae_from_ours(refiner.vae).save_pretrained(folder / "vae")
+    refs.transformers_text_from_ours(refiner.text_encoder).save_pretrained(folder / "text_encoder_2")
+    os.makedirs(folder / "tokenizer_2")
+    (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+        "text_encoder": [None, None], "tokenizer": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+    twin = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
+    assert twin.family == "sdxl_refiner" and twin.unet.cfg == refiner.unet.cfg
+    assert twin.text_encoder.cfg == refiner.text_encoder.cfg
+    a = twin.conditioning(PROMPTS, 64, 64, negative=[False, True])
+    b = refiner.conditioning(PROMPTS, 64, 64, negative=[False, True])
+    assert torch.equal(a["context"], b["context"]) and torch.equal(a["y"], b["y"])
+
+
+def test_base_then_refiner_equals_a_reference_loop(model, refiner):
+    """The ensemble of experts: the base takes the first steps, the refiner the rest on the same noise
+    stream. Reference: k-diffusion's Euler ancestral run twice over the two slices of the schedule, each
+    slice driving its own diffusers UNet with the conditioning transformers' encoders give."""
+    from bench.kdiff import external, sampling
+    size, steps, cfg, seed, switch = 64, 5, 5.0, 12, 0.6
+    p = GenerationParams(PROMPTS[0], negative_prompt=PROMPTS[1], steps=steps, cfg_scale=cfg, width=size, height=size,
+                         seed=seed, sample_method="euler_a", scheduler="discrete", refiner=refiner, refiner_switch_at=switch)
+    got = generate(model, p)[0]
+    ours = refs.pixels(got.image)
+    assert "Refiner: refiner, Refiner switch at: 0.6" in got.parameters
+
+    def guided(unet, ctx, pooled, time_ids):
+        cond, uncond = ctx.chunk(2)
+        pool_c, pool_u = pooled.chunk(2)
+
+        class GuidedEps(torch.nn.Module):
+            def forward(self, x, t, **_):
+                out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]),
+                           added_cond_kwargs={"text_embeds": torch.cat([pool_u, pool_c]),
+                                              "time_ids": torch.cat([time_ids[1:], time_ids[:1]])}).sample
+                u, c = out.chunk(2)
+                return u + cfg * (c - u)
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        return external.DiscreteEpsDDPMDenoiser(GuidedEps(), torch.cumprod(1 - betas, 0).float(), quantize=False)
+    ctx, pooled = _reference_conditioning(model)
+    base = guided(refs.diffusers_unet_from_ours(model.unet), ctx, pooled,
+                  torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32))
+    finisher = guided(refs.diffusers_unet_from_ours(refiner.unet), *_reference_refiner_y(refiner, size))
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, 4, size // 8, size // 8)
+    with torch.no_grad():
+        sigmas = base.get_sigmas(steps)
+        k = round(switch * steps)
+        x = torch.randn(shape, generator=g) * sigmas[0]
+        for denoiser, part in ((base, sigmas[:k + 1]), (finisher, sigmas[k:])):
+            x = sampling.sample_euler_ancestral(denoiser, x, part, disable=True,
+                                                noise_sampler=lambda s, sn: torch.randn(shape, generator=g))
+        img = refs.diffusers_vae_from_ours(model.vae).decode(x / 0.13025).sample[0]
+    ref = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (ours.int() - ref.int()).abs().max() <= 1
+    alone = refs.pixels(generate(model, replace(p, refiner=None))[0].image)
+    assert (alone.int() - ours.int()).abs().max() > 3       # the refiner's (low-noise) steps changed the image
+
+
+def test_a_refiner_is_refused_as_the_model_of_txt2img(refiner, model):
+    from sdcore.pipeline import PipelineError
+    with pytest.raises(PipelineError, match="is an SDXL refiner"):
+        generate(refiner, GenerationParams("x", steps=1, width=64, height=64))
+    edited = generate(refiner, GenerationParams("x", steps=2, width=64, height=64, init_image=Image.new("RGB", (64, 64)),
+                                                strength=0.5))[0]
+    assert edited.image.size == (64, 64)                               # it refines an image it is given
+
+
+def test_the_refiner_over_http(model, refiner, tmp_path):
+    """Both APIs name the refiner by a served model's id (A1111: its checkpoint title); a base drawn
+    with it differs from one drawn without; an unknown refiner and a refiner as txt2img model are 400s."""
+    import base64
+
+    from app import create_app
+    client = create_app({"data_dir": str(tmp_path / "d"), "api_key": None, "max_pixels": 64 * 64},
+                        model={"base": model, "refiner": refiner}).test_client()
+    body = {"prompt": "a red circle", "steps": 3, "size": "64x64", "response_format": "b64_json", "seed": 4}
+
+    def b64(r):
+        assert r.status_code == 200, r.get_json()
+        return base64.b64decode(r.get_json()["data"][0]["b64_json"])
+    plain = b64(client.post("/v1/images/generations", json=body))
+    refined = b64(client.post("/v1/images/generations", json={**body, "refiner": "refiner", "refiner_switch_at": 0.5}))
+    direct = generate(model, GenerationParams("a red circle", steps=3, width=64, height=64, seed=4, refiner=refiner,
+                                              refiner_switch_at=0.5))[0]
+    assert refined == direct.png and plain != refined
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 4,
+                                                   "sampler_name": "Euler a", "refiner_checkpoint": "refiner",
+                                                   "refiner_switch_at": 0.5})
+    assert a1111.status_code == 200, a1111.get_json()
+    assert "Refiner: refiner, Refiner switch at: 0.5" in json.loads(a1111.get_json()["info"])["infotexts"][0]
+    r = client.post("/v1/images/generations", json={**body, "refiner": "nope"})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "refiner"
+    r = client.post("/v1/images/generations", json={**body, "refiner": "refiner", "refiner_switch_at": 1.5})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "refiner_switch_at"
+    r = client.post("/v1/images/generations", json={**body, "model": "refiner"})
+    assert r.status_code == 400 and "SDXL refiner" in r.get_json()["error"]["message"]
+    assert client.get("/health").status_code == 200
