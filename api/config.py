@@ -58,6 +58,10 @@ class Settings:
     model_alias: list = setting(factory=list, metavar="NAME=SERVED",
                                 help="another name for a served model (repeat the option, or separate entries "
                                      "with commas in the variable), e.g. dall-e-3=sd15")
+    native_size: list = setting(factory=list, metavar="NAME=SIDE",
+                                help="the default image side of a served model whose file does not record it "
+                                     "(repeat the option, or separate entries with commas in the variable), "
+                                     "e.g. turbo=512 for SDXL-Turbo")
     strict_models: bool = setting(False, "answer 404 model_not_found for a `model` the server does not serve "
                                          "(off: such a request gets the default model, as clients that send "
                                          "their own model name expect)")
@@ -166,6 +170,16 @@ class Settings:
             if not sep or not name.strip() or not served.strip():
                 raise ConfigError(f"bad model alias {entry!r}; expected NAME=SERVED")
             out[name.strip()] = served.strip()
+        return out
+
+    def native_sizes(self) -> dict[str, int]:
+        """Served model id -> default side (``--native-size NAME=SIDE``)."""
+        out = {}
+        for entry in self.native_size:
+            name, sep, side = str(entry).partition("=")
+            if not sep or not name.strip() or not side.strip().isdigit() or int(side) < 64 or int(side) % 8:
+                raise ConfigError(f"bad native size {entry!r}; expected NAME=SIDE, SIDE a multiple of 8 from 64")
+            out[name.strip()] = int(side)
         return out
 
     def api_auth_pairs(self) -> list[tuple[str, str]]:
@@ -321,9 +335,10 @@ def parse_args(argv=None, environ=None) -> tuple[Settings, argparse.Namespace]:
         changes = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Settings)
                    if getattr(ns, f.name) is not None}
         settings = base.replace(**changes)
-        unknown = set(settings.aliases().values()) - {n for n, _ in settings.model_specs()}
-        if unknown:
-            raise ConfigError(f"--model-alias names a model that is not served: {', '.join(sorted(unknown))}")
+        served = {n for n, _ in settings.model_specs()}
+        for option, names in (("--model-alias", settings.aliases().values()), ("--native-size", settings.native_sizes())):
+            if set(names) - served:
+                raise ConfigError(f"{option} names a model that is not served: {', '.join(sorted(set(names) - served))}")
     except ConfigError as e:
         parser.error(str(e))
     return settings, ns

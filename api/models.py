@@ -90,7 +90,7 @@ def load_models(settings) -> ModelRegistry:
         torch.set_num_threads(threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    models = {}
+    models, sizes = {}, settings.native_sizes()
     for name, path in settings.model_specs():
         if not Path(path).exists():
             hint = " (generate it with: python -m weights.make_default)" if path.endswith(
@@ -100,6 +100,7 @@ def load_models(settings) -> ModelRegistry:
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
                                          cuda_graphs=settings.cuda_graphs)
+        models[name].native_size = sizes.get(name, models[name].native_size)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
         if settings.compile:

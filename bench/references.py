@@ -33,7 +33,7 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
             [max(d, 1) for d in cfg.transformer_depth_output[i * n:(i + 1) * n]] for i in range(len(chans))]
     if not cfg.transformer_depth_middle:
         pruned["mid_block_type"] = "UNetMidBlock2D"
-    return dict(sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+    return dict(sample_size=None, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                 down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                 up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
                 block_out_channels=chans, layers_per_block=cfg.num_res_blocks,

@@ -138,7 +138,8 @@ def read_pipeline_folder(path: str) -> ModelParts:
     for component, why in REFUSED_PIPELINES:
         if component in index:
             raise CheckpointError(f"{path} {why}")
-    unet_cfg = unet_config_from_diffusers(read_json(os.path.join(path, "unet", "config.json")))
+    unet_json = read_json(os.path.join(path, "unet", "config.json"))
+    unet_cfg = unet_config_from_diffusers(unet_json)
     unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
                            layouts.unet_name_map(meta_keys(UNet, unet_cfg), unet_cfg))
     text_2 = None
@@ -160,7 +161,9 @@ def read_pipeline_folder(path: str) -> ModelParts:
     return ModelParts(
         family=family, unet=Part(unet, unet_cfg, path), vae=read_vae(os.path.join(path, "vae")), text=text,
         prediction={"v_prediction": "v", "epsilon": "eps"}.get(pt),
-        native_size=FAMILY_DEFAULTS.get(family, {}).get("native_size"), text_2=text_2)
+        # diffusers' default image side is the UNet's sample_size (in latent pixels) times the VAE's 8
+        native_size=unet_json["sample_size"] * 8 if isinstance(unet_json.get("sample_size"), int)
+        else FAMILY_DEFAULTS.get(family, {}).get("native_size"), text_2=text_2)
 
 
 def _text_from_folder(path: str, folder: str, tokenizer: str, pad: int, family: str) -> Part:

@@ -160,8 +160,8 @@ def component_weights(folder, stem) -> Tensors:
 # The sdcore.config metadata: what shapes cannot tell (a VAE's scale, a tower's output layer, ...)
 # ------------------------------------------------------------------------------------------------
 def read_metadata(tf: TensorFile) -> dict:
-    """The file's recorded configuration: our ``sdcore.config`` JSON, plus the prediction type of
-    the modelspec / kohya metadata keys when ours does not give it."""
+    """The file's recorded configuration: our ``sdcore.config`` JSON, plus the prediction type and the
+    native size of the modelspec / kohya metadata keys when ours does not give them."""
     raw = tf.metadata.get(METADATA_KEY)
     meta = {}
     if raw:
@@ -172,6 +172,10 @@ def read_metadata(tf: TensorFile) -> dict:
     pt = (tf.metadata.get("modelspec.prediction_type") or tf.metadata.get("prediction_type") or "").lower()
     if "prediction" not in meta and pt:
         meta["prediction"] = "v" if pt.startswith("v") else "eps"
+    res = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", tf.metadata.get("modelspec.resolution") or "")
+    if "native_size" not in meta and res:          # "512x512" in SDXL-Turbo's file, "1024x1024" in SDXL's
+        w, h = int(res.group(1)), int(res.group(2))
+        meta["native_size"] = max(64, round((w * h) ** 0.5 / 8) * 8)   # a side of the same area, for a non-square one
     return meta
 
 

@@ -1,6 +1,8 @@
 """The `model` names clients send: a name the server does not serve gets the default model (most clients
 send their own: dall-e-2, gpt-image-1, the seed document's "sd"), unless --strict-models; aliases route to
 a served model; GPT image model names always get b64_json, as from OpenAI."""
+import os
+
 import pytest
 
 from api.config import ConfigError, parse_args
@@ -56,3 +58,21 @@ def test_an_alias_of_a_model_that_is_not_served_stops_the_start(tmp_path):
     assert (s.aliases(), s.strict_models) == ({"dall-e-3": "a"}, True)
     s, _ = parse_args([], {"SD_MODEL": "/m/a.safetensors", "SD_MODEL_ALIAS": "x=a, y=a"})
     assert s.aliases() == {"x": "a", "y": "a"}
+
+
+def test_native_size_names_a_served_model_and_sets_its_default_side(default_model_path):
+    """--native-size: the default side of a model whose file does not record it (SDXL-Turbo's 512)."""
+    from api.config import Settings
+    from api.models import load_models
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "/m/a.safetensors", "--native-size", "b=512"], {})
+    for bad in ("a", "a=500", "a=32", "a=x"):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "/m/a.safetensors", "--native-size", bad], {})
+    s, _ = parse_args([], {"SD_MODEL": "/m/a.safetensors,t=/m/b.safetensors", "SD_NATIVE_SIZE": "t=512, a=768"})
+    assert s.native_sizes() == {"t": 512, "a": 768}
+    stem = os.path.splitext(os.path.basename(default_model_path))[0]
+    plain = load_models(Settings(models=[default_model_path], weights_cache="off", dtype="float32"))
+    sized = load_models(Settings(models=[default_model_path], native_size=[f"{stem}=128"], weights_cache="off",
+                                 dtype="float32"))
+    assert sized.models[stem].native_size == 128 != plain.models[stem].native_size

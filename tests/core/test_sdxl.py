@@ -127,6 +127,21 @@ def test_the_diffusers_folder_is_the_same_model(model, nets, tmp_path):
     assert generate(twin, p)[0].image.tobytes() == generate(model, p)[0].image.tobytes()
 
 
+def test_turbo_native_size_from_the_file(nets, model, tmp_path):
+    """SDXL-Turbo draws at 512: its single file says so in the model-spec metadata ("modelspec.resolution",
+    as Stability's files and kohya's trainers write it), a diffusers folder in the UNet's sample_size
+    (latent pixels: 64 * 8 = 512, what diffusers' pipeline defaults to); without either, SDXL's 1024."""
+    path = tmp_path / "turbo.safetensors"
+    save_single_file(path, nets["unet"], nets["vae"], nets["text"], family="sdxl", text_2=nets["text_2"], with_config=False,
+                     extra_metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.resolution": "512x512"})
+    assert sdcore.load_model(path, device="cpu").native_size == 512 and model.native_size == 1024
+    folder = tmp_path / "turbo-folder"
+    _save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
+    unet_json = folder / "unet" / "config.json"
+    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 64}))
+    assert sdcore.load_model(folder, device="cpu").native_size == 512
+
+
 def test_generation_equals_a_reference_loop(model):
     """txt2img with guidance, Euler on the discrete schedule, against k-diffusion's sampler driving diffusers'
     UNet (text_time conditioning) and VAE, with the conditioning from transformers' encoders."""
