@@ -58,6 +58,11 @@ UNSUPPORTED_FIELDS = ("alwayson_scripts", "script_name", "script_args", "styles"
                       "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                       "inpaint_full_res", "image_cfg_scale", "initial_noise_multiplier", "latent_mask", "eta")
 OPTIONS_MAX_BYTES = 64 * 1024
+# A1111's SDXL options (stored with POST /options, or per request in override_settings) and the request
+# fields of ours they set
+SDXL_OPTIONS = {"sdxl_crop_top": "crop_top", "sdxl_crop_left": "crop_left",
+                "sdxl_refiner_high_aesthetic_score": "aesthetic_score",
+                "sdxl_refiner_low_aesthetic_score": "negative_aesthetic_score"}
 
 
 def sampler_names() -> list[str]:
@@ -262,7 +267,8 @@ def options_view(stored: dict, ckpt: Checkpoint) -> dict:
     """GET /sdapi/v1/options: the keys clients read (the current checkpoint, clip skip), then whatever
     clients stored."""
     out = {"sd_model_checkpoint": ckpt.title, "sd_checkpoint_hash": ckpt.sha256, "CLIP_stop_at_last_layers": 1,
-           "sd_vae": "Automatic", "samples_format": "png", "sd_lora": "None"}
+           "sd_vae": "Automatic", "samples_format": "png", "sd_lora": "None",
+           **{option: P.defaults()[ours] for option, ours in SDXL_OPTIONS.items()}}
     out.update({k: v for k, v in stored.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
     return out
 
@@ -280,8 +286,21 @@ def check_options(body: dict, models, hashes: FileHashes) -> dict:
         changes["sd_model_checkpoint"] = ckpt.id
     if "CLIP_stop_at_last_layers" in changes:
         _get_int(_Fields.from_json(changes), "CLIP_stop_at_last_layers", 1, 1, MAX_CLIP_SKIP)
+    _sdxl_options(changes, None)
     changes.pop("sd_checkpoint_hash", None)
     return changes
+
+
+def _sdxl_options(options: dict, param: str | None) -> dict:
+    """The request fields A1111's SDXL options among ``options`` set (checked: a bad value is a 400 naming
+    ``param``, or the option)."""
+    sent = {ours: options[option] for option, ours in SDXL_OPTIONS.items() if options.get(option) is not None}
+    try:
+        out = P.get_micro_conditioning(_Fields.from_json(sent))
+    except APIError as e:
+        option = next(o for o, ours in SDXL_OPTIONS.items() if ours == e.param)
+        raise invalid(param or option, f"{option}: {e.message}") from None
+    return {k: v for k, v in out.items() if k in sent}
 
 
 # --- txt2img / img2img ------------------------------------------------------------------------------
@@ -351,7 +370,7 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
     if ckpt is None:
         ckpt = find_checkpoint(st.models, st.hashes, st.models.default_id)
     model = st.models.models[ckpt.id]
-    ignored = sorted(set(override) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers"})
+    ignored = sorted(set(override) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers", *SDXL_OPTIONS})
     if ignored:
         log.info("request %s: override_settings not applied: %s", rid, ", ".join(ignored))
 
@@ -378,7 +397,8 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
               cfg_scale=_get_float(f, "cfg_scale", defaults["cfg_scale"], *CFG_SCALE_RANGE), sample_method=method,
               scheduler=schedule,
               seed=seed, clip_skip=_get_int(f, "clip_skip", clip_skip, 1, MAX_CLIP_SKIP),
-              **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]))
+              **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]),
+              **{**_sdxl_options(stored, None), **_sdxl_options(override, "override_settings")})
     parameters = {**defaults, **{k: v for k, v in body.items() if k in defaults}}
     return f, kw, ckpt, parameters
 

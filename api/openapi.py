@@ -32,6 +32,22 @@ def _error_response(description: str, headers: dict | None = None) -> dict:
     return out
 
 
+def _micro_fields(defaults: dict) -> dict:
+    lo, hi = P.MICRO_SIDE_RANGE
+    size = {"type": "string", "maxLength": 64, "pattern": r"^\s*[0-9]{1,9}[xX][0-9]{1,9}\s*$", "nullable": True}
+    return {
+        "original_size": {**size, "description": "SDXL: WIDTHxHEIGHT the picture had before it was cropped and "
+                                                 "resized (micro-conditioning); default: the image size."},
+        "target_size": {**size, "description": "SDXL base: WIDTHxHEIGHT it was resized to; default: the image size."},
+        **{name: {"type": "integer", "minimum": lo, "maximum": hi, "default": defaults[name],
+                  "description": f"SDXL: the crop's {name.removeprefix('crop_')} offset in pixels."}
+           for name in ("crop_top", "crop_left")},
+        **{name: {"type": "number", "minimum": P.AESTHETIC_RANGE[0], "maximum": P.AESTHETIC_RANGE[1],
+                  "default": defaults[name], "description": f"SDXL refiner: the aesthetic score of the {what}."}
+           for name, what in (("aesthetic_score", "prompt"), ("negative_aesthetic_score", "negative prompt"))},
+    }
+
+
 def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
     lo_seed, hi_seed = P.SEED_RANGE
     defaults = P.defaults()
@@ -87,6 +103,7 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
         "refiner_switch_at": {"type": "number", "minimum": P.REFINER_SWITCH_RANGE[0],
                               "maximum": P.REFINER_SWITCH_RANGE[1], "default": defaults["refiner_switch_at"],
                               "description": "With refiner: the fraction of the steps drawn before it takes over."},
+        **_micro_fields(defaults),
         "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
                             "default": defaults["response_format"],
                             "description": "url: a download URL (GET /v1/files/download/...); "

@@ -55,6 +55,8 @@ CFG_SCALE_RANGE = (0.0, 30.0)
 CONTROL_STRENGTH_RANGE = (0.0, 2.0)
 STRENGTH_RANGE = (0.0, 1.0)
 REFINER_SWITCH_RANGE = (0.0, 1.0)        # the fraction of the steps drawn before the refiner takes over
+MICRO_SIDE_RANGE = (0, 16384)            # SDXL's micro-conditioning sizes and crop offsets, in pixels
+AESTHETIC_RANGE = (0.0, 10.0)            # the refiner's aesthetic scores (its raters' scale)
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 MIN_SIDE = 64
 SIDE_MULTIPLE = 8
@@ -392,6 +394,22 @@ def get_refiner(f: _Fields, name: str, find: Callable, default_switch: float) ->
     return {"refiner": refiner, "refiner_switch_at": switch}
 
 
+def get_micro_conditioning(f: _Fields) -> dict:
+    """SDXL's size/crop micro-conditioning and the refiner's aesthetic scores (defaults: GenerationParams')."""
+    d, lo, hi = defaults(), *MICRO_SIDE_RANGE
+    out = {name: _get_int(f, name, d[name], lo, hi) for name in ("crop_top", "crop_left")}
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        out[name] = _get_float(f, name, d[name], *AESTHETIC_RANGE)
+    for name in ("original_size", "target_size"):
+        text = _get_str(f, name, None, max_len=64) if f.has(name) and f.get(name) is not None else None
+        if text is not None:
+            m = _SIZE_RE.fullmatch(text.strip())
+            if not m or not all(lo < int(v) <= hi for v in m.groups()):
+                raise invalid(name, f"'{name}' must be WIDTHxHEIGHT, each from 1 to {hi}; got {text!r}.")
+            out[name] = (int(m.group(1)), int(m.group(2)))
+    return out
+
+
 def _parse_common(f: _Fields, limits: Limits, models) -> dict:
     model_id = None
     if f.has("model") and f.get("model") is not None:
@@ -429,6 +447,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
         apply_canny_preprocessor=_get_bool(f, "apply_canny_preprocessor",
                                            d["apply_canny_preprocessor"]),
         **get_refiner(f, "refiner", models.find, d["refiner_switch_at"]),
+        **get_micro_conditioning(f),
     )
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
     if model_id and model_id.lower().startswith(B64_ONLY_MODELS):

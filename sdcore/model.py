@@ -16,10 +16,10 @@ from .tokenizer import Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
 
-# The SDXL refiner's aesthetic score for a row that is (True) or is not (False) a negative prompt: it was
-# trained to draw what raters scored so, and the defaults of its authors' code, diffusers and AUTOMATIC1111
-# ask for a good image against a poor one.
-AESTHETIC_SCORES = {False: 6.0, True: 2.5}
+# The SDXL refiner's aesthetic scores for the prompt and for the negative prompt: it was trained to draw
+# what raters scored so, and the defaults of its authors' code, diffusers and AUTOMATIC1111 ask for a good
+# image against a poor one.
+AESTHETIC_SCORES = (6.0, 2.5)
 
 
 class StableDiffusion:
@@ -88,21 +88,25 @@ class StableDiffusion:
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
-                     negative: list[bool] | None = None):
+                     negative: list[bool] | None = None, original_size: tuple[int, int] | None = None,
+                     target_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
+                     aesthetic_scores: tuple[float, float] = AESTHETIC_SCORES):
         """What the UNet is conditioned on, one row per prompt: the hidden states [B, 77, C]; SDXL:
         {"context": hidden states, "y": the pooled output and the micro-conditioning [B, adm_in_channels]}.
         SDXL base's micro-conditioning embeds (original height, width, crop top, left, target height, width)
-        as timesteps of 256 channels each: here the image was drawn whole at the size asked, uncropped. The
-        refiner's embeds (original height, width, crop top, left, aesthetic score), the score being
-        AESTHETIC_SCORES' for the rows ``negative`` marks as negative prompts, and the other one elsewhere."""
+        as timesteps of 256 channels each; by default the image was drawn whole at the size asked, uncropped
+        (sizes are (width, height), None: width x height; ``crop``: (top, left)). The refiner's embeds
+        (original height, width, crop top, left, aesthetic score), the score being ``aesthetic_scores[1]``
+        for the rows ``negative`` marks as negative prompts and ``aesthetic_scores[0]`` elsewhere."""
         if self.unet.cfg.adm_in_channels is None:
             return self.encode_text(prompts, clip_skip)
         context, pooled = self.encode_text(prompts, clip_skip)
         negative = negative or [False] * len(prompts)
+        (ow, oh), (tw, th), (top, left) = original_size or (width, height), target_size or (width, height), crop
         if self.family == REFINER:
-            ids = [[height, width, 0, 0, AESTHETIC_SCORES[neg]] for neg in negative]
+            ids = [[oh, ow, top, left, aesthetic_scores[neg]] for neg in negative]
         else:
-            ids = [[height, width, 0, 0, height, width]] * len(prompts)
+            ids = [[oh, ow, top, left, th, tw]] * len(prompts)
         ids = torch.tensor(ids, dtype=torch.float32, device=self.device)
         dim = (self.unet.cfg.adm_in_channels - pooled.shape[-1]) // ids.shape[1]
         sizes = timestep_embedding(ids.flatten(), dim).reshape(len(prompts), -1)

@@ -21,6 +21,7 @@ import samplers
 from .canny import canny
 from .formats.infer import REFINER
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
+from .model import AESTHETIC_SCORES
 
 log = logging.getLogger("sdcore.pipeline")
 SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-bit
@@ -64,6 +65,15 @@ class GenerationParams:
     # them on: the "ensemble of experts" split of SDXL's paper
     refiner: object | None = field(default=None, repr=False)
     refiner_switch_at: float = 0.8          # A1111's default
+    # SDXL's micro-conditioning (other models ignore it): the size the picture "had" before it was cropped
+    # at (crop_top, crop_left) and resized to target_size, all (width, height), None: the image's size;
+    # the refiner's aesthetic scores for the prompt and the negative prompt
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crop_top: int = 0
+    crop_left: int = 0
+    aesthetic_score: float = AESTHETIC_SCORES[0]
+    negative_aesthetic_score: float = AESTHETIC_SCORES[1]
 
 
 @dataclass
@@ -99,10 +109,12 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
 
 def _conditionings(model, p: GenerationParams):
     """(cond, uncond) of a request on ``model``; uncond None when cfg_scale 1 needs no unconditional pass."""
+    kw = dict(clip_skip=p.clip_skip, original_size=p.original_size, target_size=p.target_size,
+              crop=(p.crop_top, p.crop_left), aesthetic_scores=(p.aesthetic_score, p.negative_aesthetic_score))
     if p.cfg_scale == 1:
-        return model.conditioning([p.prompt], p.width, p.height, clip_skip=p.clip_skip), None
-    both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, clip_skip=p.clip_skip,
-                              negative=[False, True])     # one text-encoder batch for both prompts
+        return model.conditioning([p.prompt], p.width, p.height, **kw), None
+    both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, negative=[False, True],
+                              **kw)     # one text-encoder batch for both prompts
     return rows(both, 0), rows(both, 1)
 
 

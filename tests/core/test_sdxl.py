@@ -101,6 +101,23 @@ def test_unet_with_size_conditioning_equals_diffusers(model):
     assert not torch.equal(other, cond["y"]) and torch.equal(other[:, :128], cond["y"][:, :128])
 
 
+def test_micro_conditioning_fields_equal_diffusers_time_ids(model):
+    """original_size / crop / target_size as diffusers' pipeline takes them ((height, width) tuples there,
+    (width, height) sizes here), put in the same order as its _get_add_time_ids; the UNet then agrees."""
+    cond = model.conditioning(PROMPTS, 64, 64, original_size=(96, 80), target_size=(64, 48), crop=(8, 16))
+    original_size, crops_coords_top_left, target_size = (80, 96), (8, 16), (48, 64)     # diffusers' arguments
+    time_ids = torch.tensor([list(original_size + crops_coords_top_left + target_size)] * 2, dtype=torch.float32)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0, 500.0])
+    ref_context, ref_pooled = _reference_conditioning(model)
+    with torch.no_grad():
+        ours = model.unet(x, t, cond["context"], y=cond["y"])
+        ref = refs.diffusers_unet_from_ours(model.unet)(torch.cat([x, x]), t, encoder_hidden_states=ref_context,
+                                                        added_cond_kwargs={"text_embeds": ref_pooled,
+                                                                           "time_ids": time_ids}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
+    assert not torch.equal(cond["y"], model.conditioning(PROMPTS, 64, 64)["y"])
+
+
 def _save_sdxl_folder(folder, unet, vae, text, text_2):
     """The diffusers folder of an SDXL model: our layout maps write every network in diffusers' names."""
     du, dv = refs.diffusers_unet_from_ours(unet), refs.diffusers_vae_from_ours(vae)
@@ -194,6 +211,30 @@ def test_over_http(model, tmp_path):
     im = Image.open(io.BytesIO(base64.b64decode(r.get_json()["data"][0]["b64_json"])))
     assert im.size == (64, 64)            # the native 1024 does not fit --max-pixels: the largest square that does
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64}).status_code == 200
+    micro = {"original_size": "96x80", "target_size": "64x48", "crop_top": 8, "crop_left": 16}
+    body = {"prompt": "a red circle", "steps": 2, "size": "64x64", "seed": 5, "response_format": "b64_json"}
+    r = client.post("/v1/images/generations", json={**body, **micro})
+    assert r.status_code == 200, r.get_json()
+    direct = generate(model, GenerationParams("a red circle", steps=2, width=64, height=64, seed=5, original_size=(96, 80),
+                                              target_size=(64, 48), crop_top=8, crop_left=16))[0]
+    plain = client.post("/v1/images/generations", json=body).get_json()["data"][0]["b64_json"]
+    assert base64.b64decode(r.get_json()["data"][0]["b64_json"]) == direct.png and plain != r.get_json()["data"][0]["b64_json"]
+    for field, bad in (("original_size", "96"), ("target_size", "0x64"), ("crop_top", -1), ("aesthetic_score", 11)):
+        r = client.post("/v1/images/generations", json={**body, field: bad})
+        assert r.status_code == 400 and r.get_json()["error"]["param"] == field, (field, r.get_json())
+    # A1111's options for the crop: stored with POST /options, or per request in override_settings
+    a1111 = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler a"}
+    cropped = generate(model, GenerationParams("a red circle", steps=2, width=64, height=64, seed=5, sample_method="euler_a",
+                                               crop_top=8, crop_left=16))[0]
+    over = client.post("/sdapi/v1/txt2img", json={**a1111, "override_settings": {"sdxl_crop_top": 8, "sdxl_crop_left": 16}})
+    assert base64.b64decode(over.get_json()["images"][0]) == cropped.png
+    assert client.get("/sdapi/v1/options").get_json()["sdxl_refiner_low_aesthetic_score"] == 2.5
+    assert client.post("/sdapi/v1/options", json={"sdxl_crop_top": "x"}).status_code == 422     # A1111: a 422
+    assert client.post("/sdapi/v1/options", json={"sdxl_crop_top": 8, "sdxl_crop_left": 16}).status_code == 200
+    assert base64.b64decode(client.post("/sdapi/v1/txt2img", json=a1111).get_json()["images"][0]) == cropped.png
+    bad = client.post("/sdapi/v1/txt2img", json={**a1111, "override_settings": {"sdxl_crop_left": -3}})
+    assert bad.status_code == 422, bad.get_json()
+    assert "sdxl_crop_left" in json.dumps(bad.get_json())
 
 
 def test_refused_files_say_why(nets, tmp_path, model):
@@ -355,6 +396,15 @@ def test_the_refiner_file_loads_and_its_unet_equals_diffusers(refiner):
     # the aesthetic score is what tells the two rows' labels apart beyond the text
     both_positive = refiner.conditioning(PROMPTS, 64, 64)["y"]
     assert torch.equal(both_positive[0], cond["y"][0]) and not torch.equal(both_positive[1], cond["y"][1])
+    # other scores, a crop and an original size, in diffusers' order (h, w, top, left, score)
+    cond = refiner.conditioning(PROMPTS, 64, 64, negative=[False, True], original_size=(96, 80), crop=(8, 16),
+                                aesthetic_scores=(7.5, 1.0))
+    time_ids = torch.tensor([[80, 96, 8, 16, 7.5], [80, 96, 8, 16, 1.0]], dtype=torch.float32)
+    with torch.no_grad():
+        ours = refiner.unet(x, t, cond["context"], y=cond["y"])
+        ref = refs.diffusers_unet_from_ours(refiner.unet)(torch.cat([x, x]), t, encoder_hidden_states=ctx,
+                                                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    assert refs.max_rel(ours, ref) <= 1e-4
 
 
 def test_the_refiner_folder_is_the_same_model(refiner, tmp_path):
