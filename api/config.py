@@ -28,6 +28,7 @@ DEFAULT_MODEL = TRAINED_MODEL if TRAINED_MODEL.exists() else WEIGHTS_DIR / "tiny
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+VAE_TILING_MODES = ("auto", "on", "off")          # sdcore.tiling.MODES (this module stays free of torch)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -70,6 +71,9 @@ class Settings:
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
     dtype: str = setting("auto", "weights dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX and on CUDA cards "
                                  "with bf16, float16 on other CUDA cards, else float32", choices=DTYPES)
+    vae_tiling: str = setting("auto", "decode and encode large images in overlapping tiles, blended (less memory, "
+                                      "a slightly different image); auto: when the whole image would not fit in "
+                                      "the free memory", choices=VAE_TILING_MODES)
     compile: bool = setting(False, "torch.compile the UNet (inductor, weights frozen; on CUDA replayed as CUDA "
                                    "graphs): faster steps, minutes of compiling at start and at each new size")
     cuda_graphs: bool = setting(True, "on CUDA, replay the UNet (and ControlNet) as one CUDA graph per image "

@@ -32,6 +32,7 @@ class StableDiffusion:
         self.tokenizer = Tokenizer(pad_id=text_encoder.cfg.pad_id)
         self.tokenizer_2 = Tokenizer(pad_id=text_encoder_2.cfg.pad_id) if text_encoder_2 is not None else None
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
+        self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
 
     @property

@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 
 import samplers
 
+from . import tiling
 from .canny import canny
 from .formats.infer import REFINER
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
@@ -229,15 +230,30 @@ def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
 def decode_latent(model, x):
     """The VAE decode of latent x, as float32. SDXL's original VAE overflows float16 (its activations pass
     65504): a float16 decode that comes out non-finite is done again in float32, never returned black."""
-    img = model.vae.decode(x.to(model.dtype)).float()
+    img = vae_decode(model, x.to(model.dtype))
     if model.dtype == torch.float16 and not torch.isfinite(img).all():
         log.warning("the VAE overflowed float16; decoding in float32 (an fp16-fixed VAE via --vae avoids this)")
         model.vae.to(torch.float32)
         try:
-            img = model.vae.decode(x.float()).float()
+            img = vae_decode(model, x.float())
         finally:
             model.vae.to(torch.float16)
     return img
+
+
+def vae_decode(model, z):
+    """The VAE's decode of z as float32, in tiles where ``model.vae_tiling`` asks (sdcore.tiling)."""
+    if tiling.should_tile(model.vae_tiling, *z.shape[-2:], z.dtype, z.device):
+        return tiling.decode(model.vae, z)
+    return model.vae.decode(z).float()
+
+
+def vae_encode(model, img):
+    """The VAE's encode of img [-1, 1] as float32, in tiles where ``model.vae_tiling`` asks."""
+    img = img.to(model.dtype)
+    if tiling.should_tile(model.vae_tiling, img.shape[-2] // 8, img.shape[-1] // 8, img.dtype, img.device):
+        return tiling.encode(model.vae, img)
+    return model.vae.encode(img).float()
 
 
 def _keep_outside_mask(denoise, latent, keep):
@@ -253,7 +269,7 @@ def _txt2img_unet_extra(model, shape):
     if not model.inpainting:
         return None
     # txt2img on an inpainting UNet: everything is to be painted; the masked image is blank (grey).
-    blank = model.vae.encode(torch.zeros(1, 3, shape[2] * 8, shape[3] * 8, device=model.device, dtype=model.dtype)).float()
+    blank = vae_encode(model, torch.zeros(1, 3, shape[2] * 8, shape[3] * 8, device=model.device))
     return torch.cat([torch.ones(1, 1, *shape[2:], device=model.device), blank], dim=1).to(model.dtype)
 
 
@@ -287,7 +303,7 @@ def _prepare_init(model, p):
         repaint_px = mask_to_repaint(cover_resize(p.mask, p.width, p.height)).to(model.device)   # [1,1,H,W], 1 = repaint
     fill = p.inpaint_fill if repaint_px is not None else "original"
     source = fill_masked(img, repaint_px) if fill == "fill" else img
-    latent = original = model.vae.encode(source.to(model.dtype)).float()
+    latent = original = vae_encode(model, source)
     keep = repaint = None
     if repaint_px is not None:
         repaint = F.interpolate(repaint_px, size=latent.shape[-2:], mode="area")
@@ -298,7 +314,7 @@ def _prepare_init(model, p):
     if model.inpainting:
         repaint_px = repaint_px if repaint_px is not None else torch.ones(1, 1, p.height, p.width, device=model.device)
         masked = img * (repaint_px < 0.5)        # the area to repaint is blanked (0 = grey in [-1, 1])
-        masked_latent = model.vae.encode(masked.to(model.dtype)).float()
+        masked_latent = vae_encode(model, masked)
         mask_latent = F.interpolate(repaint_px, size=latent.shape[-2:], mode="nearest")
         extra = torch.cat([mask_latent, masked_latent], dim=1).to(model.dtype)
     return {"latent": latent, "original": original, "keep": keep, "unet_extra": extra,

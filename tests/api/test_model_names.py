@@ -61,7 +61,8 @@ def test_an_alias_of_a_model_that_is_not_served_stops_the_start(tmp_path):
 
 
 def test_native_size_names_a_served_model_and_sets_its_default_side(default_model_path):
-    """--native-size: the default side of a model whose file does not record it (SDXL-Turbo's 512)."""
+    """--native-size: the default side of a model whose file does not record it (SDXL-Turbo's 512);
+    load_models also hands each model --vae-tiling."""
     from api.config import Settings
     from api.models import load_models
     with pytest.raises(SystemExit):
@@ -74,5 +75,14 @@ def test_native_size_names_a_served_model_and_sets_its_default_side(default_mode
     stem = os.path.splitext(os.path.basename(default_model_path))[0]
     plain = load_models(Settings(models=[default_model_path], weights_cache="off", dtype="float32"))
     sized = load_models(Settings(models=[default_model_path], native_size=[f"{stem}=128"], weights_cache="off",
-                                 dtype="float32"))
+                                 dtype="float32", vae_tiling="on"))
     assert sized.models[stem].native_size == 128 != plain.models[stem].native_size
+    assert (sized.models[stem].vae_tiling, plain.models[stem].vae_tiling) == ("on", "auto")   # --vae-tiling too
+
+
+def test_vae_tiling_modes_are_the_cores():
+    from api.config import VAE_TILING_MODES
+    from sdcore.tiling import MODES
+    assert VAE_TILING_MODES == MODES
+    with pytest.raises(SystemExit):
+        parse_args(["--vae-tiling", "sometimes"], {})

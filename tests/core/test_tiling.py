@@ -1,0 +1,95 @@
+"""Tiled VAE passes (sdcore.tiling): the tiles and their blend cover the image exactly (checked with
+tile-local functions, whose untiled output is the reference), a real VAE's tiled decode stays close to
+its untiled one, the auto mode tiles only when the decode would not fit, and the pipeline and the server
+use it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdcore
+from sdcore import tiling
+from sdcore.pipeline import GenerationParams, generate
+from bench.harness import ROOT
+
+MODEL = ROOT / "weights" / "shapes-sd1.safetensors"
+
+
+def _up(t):                   # a decoder-shaped local map: 4 latent channels -> 3 at 8x the size
+    return F.interpolate(t, scale_factor=8, mode="nearest")[:, :3] * 0.5 + 0.1
+
+
+def _down(t):                 # an encoder-shaped one: 3 channels -> 4 at 1/8 the size
+    pooled = F.avg_pool2d(t, 8)
+    return torch.cat([pooled, pooled[:, :1] * -2], dim=1)
+
+
+@pytest.mark.parametrize("h, w", [(64, 64), (100, 80), (65, 130), (200, 49)])
+def test_tiles_and_blend_reproduce_a_local_map_exactly(h, w):
+    g = torch.Generator().manual_seed(h * w)
+    z = torch.randn(1, 4, h, w, generator=g)
+    assert torch.allclose(tiling.tiled(_up, z, tiling.DECODE_TILE, tiling.DECODE_OVERLAP, 8), _up(z), atol=1e-6)
+    img = torch.randn(1, 3, h * 8, w * 8, generator=g)
+    out = tiling.tiled(_down, img, tiling.ENCODE_TILE, tiling.ENCODE_OVERLAP, 1 / 8)
+    assert out.shape == (1, 4, h, w) and torch.allclose(out, _down(img), atol=1e-6)
+
+
+def test_blend_weights_ramp_across_overlaps_only():
+    w = tiling._ramp(10, 4, rise=True, fall=True, device="cpu")
+    assert torch.allclose(w, torch.tensor([0.2, 0.4, 0.6, 0.8, 1, 1, 0.8, 0.6, 0.4, 0.2]))
+    assert torch.equal(tiling._ramp(6, 4, rise=False, fall=False, device="cpu"), torch.ones(6))
+    assert tiling._starts(100, 64, 16) == [0, 36] and tiling._starts(64, 64, 16) == [0]
+    assert tiling._starts(128, 64, 16) == [0, 32, 64] and tiling._starts(200, 64, 16) == [0, 45, 91, 136]
+    assert tiling._starts(1040, 512, 128, align=8) == [0, 264, 528]                 # whole latent pixels
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sdcore.load_model(MODEL, device="cpu", dtype=torch.float32)
+
+
+def test_a_real_vae_decodes_and_encodes_close_to_untiled(model):
+    """The default model's VAE (trained) on a smooth 560x528 picture (2 x 2 tiles): each tile's GroupNorm sees only its
+    tile, so tiled and untiled differ, but a misplaced or unblended tile would differ by far more."""
+    g = torch.Generator().manual_seed(0)
+    img = F.interpolate(torch.rand(1, 3, 12, 10, generator=g) * 2 - 1, size=(560, 528), mode="bicubic").clamp(-1, 1)
+    with torch.inference_mode():
+        z = model.vae.encode(img)
+        z_tiled = tiling.encode(model.vae, img)
+        assert ((z_tiled - z).abs().mean() / z.abs().mean()).item() <= 0.025          # about twice what was measured
+        px = lambda a: (a.float().clamp(-1, 1) + 1) * 127.5
+        assert (px(tiling.decode(model.vae, z)) - px(model.vae.decode(z))).abs().mean().item() <= 1.5   # ≈ 2x measured
+
+
+def test_auto_tiles_only_when_the_decode_would_not_fit(monkeypatch):
+    big, small = (128, 128), (32, 32)
+    assert not tiling.should_tile("on", *small, torch.float32, torch.device("cpu"))       # one tile: nothing to split
+    assert tiling.should_tile("on", *big, torch.float32, torch.device("cpu"))
+    assert not tiling.should_tile("off", *big, torch.float32, torch.device("cpu"))
+    need = tiling.decode_bytes(*big, 4)
+    monkeypatch.setattr(tiling, "available_bytes", lambda device: need - 1)
+    assert tiling.should_tile("auto", *big, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(tiling, "available_bytes", lambda device: need)
+    assert not tiling.should_tile("auto", *big, torch.float32, torch.device("cpu"))
+    assert tiling.decode_bytes(*big, 2) < need < tiling.decode_bytes(256, 256, 4)
+
+
+def test_the_pipeline_tiles_when_asked(model, monkeypatch):
+    calls = []
+    real = tiling.tiled
+    monkeypatch.setattr(tiling, "tiled", lambda fn, x, *a: (calls.append(fn.__name__), real(fn, x, *a))[1])
+    p = GenerationParams("a red circle", steps=1, width=528, height=64, seed=1)       # two tiles side by side
+    model.vae_tiling = "on"
+    try:
+        tiled_image = generate(model, p)[0].image
+    finally:
+        model.vae_tiling = "auto"
+    assert calls == ["decode"] and tiled_image.size == (528, 64)
+    from PIL import Image
+    edit = GenerationParams("a red circle", steps=2, width=528, height=64, seed=1, strength=0.5,
+                            init_image=Image.new("RGB", (528, 64), (200, 30, 30)))
+    model.vae_tiling, calls[:] = "on", []
+    try:
+        generate(model, edit)
+    finally:
+        model.vae_tiling = "auto"
+    assert calls == ["encode", "decode"]
