@@ -67,11 +67,27 @@ def read_model(path: str, vae: str | None = None) -> ModelParts:
     except (KeyError, IndexError) as e:           # a shape read from a tensor that is not there
         raise CheckpointError(f"{path}: its tensors do not make up a whole network ({type(e).__name__} {e} while reading "
                               "its configuration): is the file complete?") from None
+    _check_parts_agree(path, parts)
     if vae:
         parts.vae = read_vae(vae)          # its configuration is its own, not the checkpoint's
     elif parts.vae.cfg is None:
         raise CheckpointError(f"{path} has no VAE (first_stage_model.* tensors): pass one with --vae")
     return parts
+
+
+def _check_parts_agree(path: str, parts: ModelParts) -> None:
+    """The UNet reads what the text encoders give: their hidden states side by side (its context width),
+    and for SDXL the pooled output in its label vector. A file whose parts come from different families
+    would load and fail at its first request."""
+    texts = [p.cfg for p in (parts.text, parts.text_2) if p is not None]
+    width, u = sum(c.width for c in texts), parts.unet.cfg
+    label = parts.family in SDXL_FAMILIES
+    if u.context_dim != width or (u.adm_in_channels is not None) != label:
+        raise CheckpointError(
+            f"{path}: its parts do not fit together: the UNet takes text {u.context_dim} wide"
+            f"{' and a label vector' if u.adm_in_channels else ''}, the text encoder(s) read as {parts.family} give "
+            f"{' + '.join(str(c.width) for c in texts)}{' and a pooled output' if label else ''}. Is it a mix of "
+            "an SD1/SD2 and an SDXL checkpoint?")
 
 
 def read_single_file(path: str) -> ModelParts:
@@ -82,6 +98,9 @@ def read_single_file(path: str) -> ModelParts:
     for prefixes, why in REFUSED_FILES:
         if t.has_prefix(*prefixes):
             raise CheckpointError(f"{path} {why}")
+    if t.has_prefix("cond_stage_model.") and t.has_prefix("conditioner."):
+        raise CheckpointError(f"{path} mixes SD1/SD2 text-encoder tensors (cond_stage_model.*) with SDXL ones "
+                              "(conditioner.*): it is not one checkpoint")
     if not t.has_prefix("model.diffusion_model.input_blocks."):
         if t.has_prefix("encoder.down.", "first_stage_model.", "encoder.down_blocks."):
             raise CheckpointError(f"{path} holds only a VAE: pass it with --vae next to a full checkpoint")

@@ -15,6 +15,7 @@ from PIL import Image
 
 import sdcore
 from bench import references as refs
+from bench.harness import ROOT
 from sdcore.clip import TextEncoder
 from sdcore.formats import CheckpointError
 from sdcore.formats.write import random_init_, save_single_file
@@ -249,6 +250,16 @@ def test_refused_files_say_why(nets, tmp_path, model):
     from weights.make_default import UNET as SD1_UNET
     with pytest.raises(CheckpointError, match="context_dim 32.*context_dim 192"):
         attach_controlnet(model, random_controlnet(SD1_UNET))
+    # files mixing an SD1 and an SDXL checkpoint: an SDXL UNet beside an SD1 text encoder, or both encoders' keys
+    from safetensors.torch import load_file
+    sd1_text = {k: v for k, v in load_file(ROOT / "weights" / "shapes-sd1.safetensors").items()
+                if k.startswith("cond_stage_model.")}
+    sdxl_only = {k: v for k, v in sd.items() if not k.startswith("conditioner.")}
+    for name, tensors, words in (("unet-of-sdxl", sdxl_only | sd1_text, "do not fit together"),
+                                 ("both-encoders", sd | sd1_text, "mixes SD1/SD2 text-encoder tensors")):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(CheckpointError, match=words):
+            sdcore.load_model(tmp_path / f"{name}.safetensors", device="cpu")
 
 
 def test_sdxl_controlnet_equals_diffusers(model, tmp_path):
@@ -323,7 +334,7 @@ def test_a_float16_vae_overflow_is_decoded_again_in_float32():
             return torch.tanh(z * self.scale / 1e3) + big * 0  # inf*0 = nan in float16, 0 in float32
     vae = OverflowingVAE().half()
     z = torch.full((1, 3, 2, 2), 0.5)
-    img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16), z)
+    img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16, vae_tiling="off"), z)
     assert torch.isfinite(img).all() and torch.allclose(img, torch.tanh(z))
     assert vae.scale.dtype == torch.float16                       # the VAE is back in its dtype
 
