@@ -99,9 +99,8 @@ def load_models(settings) -> ModelRegistry:
         t0 = time.monotonic()
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
-                                         cuda_graphs=settings.cuda_graphs)
-        models[name].native_size = sizes.get(name, models[name].native_size)
-        models[name].vae_tiling = settings.vae_tiling
+                                         cuda_graphs=settings.cuda_graphs, native_size=sizes.get(name),
+                                         vae_tiling=settings.vae_tiling)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
         if settings.compile:

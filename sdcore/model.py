@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import cpu_attention
+from . import cpu_attention, tiling
 from .clip import TextEncoder
 from .controlnet import attach_controlnet, load_controlnet
 from .cuda_graphs import CUDAGraphed, unwrapped
@@ -120,7 +120,8 @@ class StableDiffusion:
 
 def load_model(path: str, device="auto", dtype="auto", prediction: str | None = None,
                vae: str | None = None, name: str | None = None, control_net: str | None = None,
-               cache_dir: str | None = None, cuda_graphs: bool = True) -> StableDiffusion:
+               cache_dir: str | None = None, cuda_graphs: bool = True, native_size: int | None = None,
+               vae_tiling: str = "auto") -> StableDiffusion:
     """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder: SD1.x, SD2.x, SDXL.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
@@ -132,10 +133,13 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     ``dtype`` on the CPU (``sdcore.weights_cache``): later loads memory-map them, and processes loading
     the same model share their memory. None: convert in memory on every load. ``cuda_graphs``: on
     CUDA, replay the UNet and ControlNet as CUDA graphs (``StableDiffusion.use_cuda_graphs``).
+    ``native_size``: the default side, overriding the file's. ``vae_tiling``: one of sdcore.tiling.MODES.
     """
     path = os.fspath(path)
     if prediction not in (None, "eps", "v"):
         raise CheckpointError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    if vae_tiling not in tiling.MODES:
+        raise CheckpointError(f"vae_tiling must be one of {', '.join(tiling.MODES)}, not {vae_tiling!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     parts = read_model(path, vae=os.fspath(vae) if vae else None)
@@ -152,11 +156,12 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     prediction = prediction or parts.prediction
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"
-    native = parts.native_size or (768 if family == "sd2" and prediction == "v" else 512)
+    native = native_size or parts.native_size or (768 if family == "sd2" and prediction == "v" else 512)
     default_name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
                             text_encoder_2=text_2)
+    model.vae_tiling = vae_tiling
     if control_net and family != REFINER:      # a refiner finishes the image after the ControlNet's part
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model
