@@ -3,10 +3,10 @@ peak memory is a tile's, not the image's.
 
 Each tile is run on its own (with its overlap as context), and where tiles overlap their outputs are
 blended with weights that ramp linearly across the overlap, so no seam shows. A tile's GroupNorm sees
-only that tile's statistics, which is why the result differs slightly from the untiled one (the
-benchmark page gives the measured difference); where tiles agree, the blend returns exactly what they
-agree on. The same routine serves the decoder (latent in, 8x larger image out) and the encoder (image in,
-8x smaller latent out).
+only that tile's statistics and its middle attention only that tile, which is why the result differs
+from the untiled one, by an amount that depends on the VAE and the picture (the benchmark page gives
+measured figures); where tiles agree, the blend returns exactly what they agree on. The same routine
+serves the decoder (latent in, 8x larger image out) and the encoder (image in, 8x smaller latent out).
 """
 from __future__ import annotations
 
