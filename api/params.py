@@ -256,6 +256,11 @@ def _get_str(f: _Fields, name: str, default: str | None, max_len: int | None = N
     return v
 
 
+def _get_optional_str(f: _Fields, name: str, max_len: int) -> str | None:
+    """A string field that may be left out or sent as null (None then)."""
+    return _get_str(f, name, None, max_len) if f.has(name) and f.get(name) is not None else None
+
+
 def _get_choice(f: _Fields, name: str, default, choices) -> str | None:
     v = _get_str(f, name, default, max_len=64)
     if v is default:
@@ -384,7 +389,7 @@ def get_refiner(f: _Fields, name: str, find: Callable, default_switch: float) ->
     """The refiner fields of a request: {} when it names none, else the loaded model ``find(name)``
     returns (None: not served, a 400) and ``refiner_switch_at``."""
     switch = _get_float(f, "refiner_switch_at", default_switch, *REFINER_SWITCH_RANGE)   # checked even unused
-    ref = _get_str(f, name, None, max_len=256) if f.has(name) and f.get(name) is not None else None
+    ref = _get_optional_str(f, name, 256)
     if ref is None or not ref.strip() or ref.strip() == "None":      # A1111 clients send "None" for none
         return {}
     refiner = find(ref.strip())
@@ -401,7 +406,7 @@ def get_micro_conditioning(f: _Fields) -> dict:
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         out[name] = _get_float(f, name, d[name], *AESTHETIC_RANGE)
     for name in ("original_size", "target_size"):
-        text = _get_str(f, name, None, max_len=64) if f.has(name) and f.get(name) is not None else None
+        text = _get_optional_str(f, name, 64)
         if text is not None:
             m = _SIZE_RE.fullmatch(text.strip())
             if not m or not all(lo < int(v) <= hi for v in m.groups()):
@@ -411,9 +416,7 @@ def get_micro_conditioning(f: _Fields) -> dict:
 
 
 def _parse_common(f: _Fields, limits: Limits, models) -> dict:
-    model_id = None
-    if f.has("model") and f.get("model") is not None:
-        model_id = _get_str(f, "model", None, max_len=256).strip() or None
+    model_id = (_get_optional_str(f, "model", 256) or "").strip() or None
     model = models.resolve(model_id)      # first: the default size is the model's
 
     if not f.has("prompt"):
@@ -422,8 +425,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
     if not prompt.strip():
         raise invalid("prompt", "'prompt' must not be empty.")
     for name in IGNORED_FIELDS:
-        if f.has(name) and f.get(name) is not None:
-            _get_str(f, name, None, max_len=256)
+        _get_optional_str(f, name, 256)
     d = defaults()
     n = _get_int(f, "n", d["n"], 1, limits.max_n)
     seed = _get_int(f, "seed", d["seed"], *SEED_RANGE)
