@@ -5,7 +5,7 @@
     denoise = samplers.make_denoiser(unet_fn, "eps", cond, uncond, cfg_scale)
     x = samplers.SAMPLERS["dpm++2m"](denoise, noise() * sigmas[0], sigmas, noise=noise, callback=cb)
 """
-from .denoiser import PREDICTIONS, get_scalings, make_denoiser
+from .denoiser import GUIDANCE_OFF, PREDICTIONS, get_scalings, make_denoiser, uses_guidance
 from .sampling import (
     ANCESTRAL,
     NFE_PER_STEP,
@@ -41,8 +41,8 @@ def check_scheduler(name):
 
 
 __all__ = [
-    "ANCESTRAL", "NFE_PER_STEP", "PREDICTIONS", "SAMPLERS", "SCHEDULERS", "SIGMA_MAX", "SIGMA_MIN",
+    "ANCESTRAL", "GUIDANCE_OFF", "NFE_PER_STEP", "PREDICTIONS", "SAMPLERS", "SCHEDULERS", "SIGMA_MAX", "SIGMA_MIN",
     "TIMESTEPS", "UnknownNameError", "alphas_cumprod", "check_sampler", "check_scheduler",
     "default_scheduler", "get_ancestral_step", "get_sampler", "get_scalings", "get_sigmas",
-    "img2img_sigmas", "make_denoiser", "model_sigmas", "sigma_to_t", "t_to_sigma", "to_d",
+    "img2img_sigmas", "make_denoiser", "model_sigmas", "sigma_to_t", "t_to_sigma", "to_d", "uses_guidance",
 ]

@@ -27,20 +27,30 @@ def _cat(a, b):
     return a
 
 
+GUIDANCE_OFF = (0, 1)
+
+
+def uses_guidance(cfg_scale) -> bool:
+    """Whether a guidance scale needs the unconditional pass. At 1 the formula is the conditional output
+    alone; 0 is read as diffusers and SDXL-Turbo's model card use it, "guidance off" (the conditional
+    output), not as the unconditional image the formula would give."""
+    return cfg_scale not in GUIDANCE_OFF
+
+
 def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0, share_latent=False):
     """Wrap `unet_fn(x_in, t, ctx) -> F` (eps or v) as `denoise(x, sigma) -> D`.
 
     - x_in = c_in·x; t = sigma_to_t(σ) as a [B] tensor on x's device, float32 (float64 when x
       is float64); ctx = cond (or the batched [uncond, cond]).
     - Guidance mixes the raw outputs, F = F_u + cfg·(F_c - F_u). Cond and uncond run as ONE call
-      on a batch of 2B ordered [uncond, cond]; with cfg_scale == 1 or no uncond the
-      unconditional pass is skipped (one call on B).
+      on a batch of 2B ordered [uncond, cond]; with cfg_scale 0 or 1 (uses_guidance) or no uncond
+      the unconditional pass is skipped (one call on B).
     - share_latent: under guidance unet_fn gets x_in once, [B] against t and ctx of 2B rows, instead of
       [x_in, x_in] (sdcore's UNet then runs its layers before the text enters once, not twice).
     - sigma: python float, 0-dim tensor, or a [B] tensor of per-sample levels.
     """
     check_name("prediction type", prediction, PREDICTIONS)
-    guided = uncond is not None and cfg_scale != 1
+    guided = uncond is not None and uses_guidance(cfg_scale)
 
     def denoise(x, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64 if not torch.is_tensor(sigma) else None)

@@ -109,10 +109,10 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
 
 
 def _conditionings(model, p: GenerationParams):
-    """(cond, uncond) of a request on ``model``; uncond None when cfg_scale 1 needs no unconditional pass."""
+    """(cond, uncond) of a request on ``model``; uncond None when the scale needs no unconditional pass."""
     kw = dict(clip_skip=p.clip_skip, original_size=p.original_size, target_size=p.target_size,
               crop=(p.crop_top, p.crop_left), aesthetic_scores=(p.aesthetic_score, p.negative_aesthetic_score))
-    if p.cfg_scale == 1:
+    if not samplers.uses_guidance(p.cfg_scale):
         return model.conditioning([p.prompt], p.width, p.height, **kw), None
     both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, negative=[False, True],
                               **kw)     # one text-encoder batch for both prompts

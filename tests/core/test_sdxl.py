@@ -192,15 +192,21 @@ def test_generation_equals_a_reference_loop(model):
     assert ours.float().std() > 1                                # not a flat image
 
 
-def test_cfg_1_runs_without_the_unconditional_pass(model):
+@pytest.mark.parametrize("cfg", [0.0, 1.0])
+def test_cfg_0_and_1_run_without_the_unconditional_pass(model, cfg):
+    """SDXL-Turbo is run at guidance 0 (its model card; diffusers turns guidance off for any scale <= 1):
+    the conditional prediction alone, one UNet row per step, the same image as at 1."""
     calls = []
     forward = model.unet.forward
     model.unet.forward = lambda x, t, c, **kw: (calls.append(c.shape[0]), forward(x, t, c, **kw))[1]
+    p = GenerationParams("x", negative_prompt="blurry", steps=2, width=64, height=64, cfg_scale=cfg)
     try:
-        generate(model, GenerationParams("x", steps=2, width=64, height=64, cfg_scale=1.0))
+        image = generate(model, p)[0].image
     finally:
         del model.unet.forward
     assert calls == [1, 1]
+    assert image.tobytes() == generate(model, replace(p, cfg_scale=1.0))[0].image.tobytes()
+    assert image.tobytes() != generate(model, replace(p, cfg_scale=0.5))[0].image.tobytes()   # the formula
 
 
 def test_over_http(model, tmp_path):
