@@ -66,11 +66,13 @@ def _meta_build(cls, sd, **kwargs):
     return model.eval().requires_grad_(False)
 
 
-def diffusers_unet_from_ours(unet) -> UNet2DConditionModel:
-    """The diffusers UNet holding our UNet's weights, renamed by our own layout map."""
+def diffusers_unet_from_ours(unet, dtype=torch.float32) -> UNet2DConditionModel:
+    """The diffusers UNet holding our UNet's weights, renamed by our own layout map (shared where the
+    dtype is already ``dtype``; None keeps it)."""
     sd = unet.state_dict()
     name_map = layouts.unet_name_map(sd.keys(), unet.cfg)
-    return _meta_build(UNet2DConditionModel, {name_map[k]: v.float() for k, v in sd.items()}, **diffusers_unet_kwargs(unet.cfg))
+    return _meta_build(UNet2DConditionModel, {name_map[k]: v.to(dtype or v.dtype) for k, v in sd.items()},
+                       **diffusers_unet_kwargs(unet.cfg))
 
 
 def diffusers_controlnet_kwargs(cfg: UNetConfig) -> dict:
@@ -80,17 +82,19 @@ def diffusers_controlnet_kwargs(cfg: UNetConfig) -> dict:
     return kw
 
 
-def diffusers_controlnet_from_ours(cn) -> ControlNetModel:
+def diffusers_controlnet_from_ours(cn, dtype=torch.float32) -> ControlNetModel:
     """The diffusers ControlNetModel holding our ControlNet's weights, renamed by our own layout map."""
     sd = cn.state_dict()
     name_map = layouts.controlnet_name_map(sd.keys(), cn.cfg)
-    return _meta_build(ControlNetModel, {name_map[k]: v.float() for k, v in sd.items()}, **diffusers_controlnet_kwargs(cn.cfg))
+    return _meta_build(ControlNetModel, {name_map[k]: v.to(dtype or v.dtype) for k, v in sd.items()},
+                       **diffusers_controlnet_kwargs(cn.cfg))
 
 
-def diffusers_vae_from_ours(vae) -> AutoencoderKL:
+def diffusers_vae_from_ours(vae, dtype=torch.float32) -> AutoencoderKL:
     sd = vae.state_dict()
     name_map = layouts.vae_name_map(sd.keys(), len(vae.cfg.ch_mult))
-    theirs = {name_map[k]: (v[:, :, 0, 0] if layouts.vae_is_linear_attn(name_map[k]) else v).float() for k, v in sd.items()}
+    theirs = {name_map[k]: (v[:, :, 0, 0] if layouts.vae_is_linear_attn(name_map[k]) else v).to(dtype or v.dtype)
+              for k, v in sd.items()}
     return _meta_build(AutoencoderKL, theirs, **diffusers_vae_kwargs(vae.cfg))
 
 
@@ -127,6 +131,43 @@ def save_diffusers_folder(folder, unet, vae, text, *, prediction="epsilon", pad_
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     json.dump({"pad_token": pad_token}, open(os.path.join(folder, "tokenizer", "special_tokens_map.json"), "w"))
     return folder
+
+
+def save_sdxl_folder(folder, unet, vae, text, text_2, dtype=torch.float32):
+    """The diffusers folder of an SDXL base model (our networks written in diffusers' names by our layout
+    maps; float16: the *.fp16.safetensors variant), one network converted at a time."""
+    save_diffusers_folder(folder, diffusers_unet_from_ours(unet, dtype), diffusers_vae_from_ours(vae, dtype),
+                          transformers_text_from_ours(text), dtype=dtype)
+    transformers_text_from_ours(text_2).to(dtype).save_pretrained(
+        os.path.join(folder, "text_encoder_2"), variant="fp16" if dtype == torch.float16 else None)
+    index_path = os.path.join(folder, "model_index.json")
+    index = json.load(open(index_path))
+    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"])
+    json.dump(index, open(index_path, "w"))
+    os.makedirs(os.path.join(folder, "tokenizer_2"), exist_ok=True)
+    json.dump({"pad_token": "!"}, open(os.path.join(folder, "tokenizer_2", "special_tokens_map.json"), "w"))
+    return folder
+
+
+def sdxl_tokens(prompts):
+    """Token ids of both SDXL tokenizers: OpenCLIP's (bigG) pads with 0, CLIP ViT-L's with its end token."""
+    from open_clip.tokenizer import SimpleTokenizer
+    ids = SimpleTokenizer()(prompts)
+    ids_l = ids.clone()
+    ids_l[ids_l == 0] = 49407
+    return ids_l, ids
+
+
+def sdxl_encode_prompt(text, text_2, prompts):
+    """diffusers' StableDiffusionXLPipeline.encode_prompt, written out with transformers' models holding our
+    encoders' weights: each encoder's hidden_states[-2], concatenated; the pooled output is
+    CLIPTextModelWithProjection's text_embeds."""
+    ids_l, ids_g = sdxl_tokens(prompts)
+    with torch.no_grad():
+        out_l = transformers_text_from_ours(text)(ids_l, output_hidden_states=True)
+        out_g = transformers_text_from_ours(text_2)(ids_g, output_hidden_states=True)
+    return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -47,23 +47,8 @@ def model(single_file):
     return sdcore.load_model(single_file, device="cpu", dtype=torch.float32)
 
 
-def _tokens():
-    from open_clip.tokenizer import SimpleTokenizer
-    ids = SimpleTokenizer()(PROMPTS)                  # padded with 0, as OpenCLIP (bigG) pads
-    ids_l = ids.clone()
-    ids_l[ids_l == 0] = 49407                         # CLIP ViT-L pads with its end-of-text token
-    return ids_l, ids
-
-
 def _reference_conditioning(model):
-    """diffusers' StableDiffusionXLPipeline.encode_prompt, written out: each encoder's hidden_states[-2],
-    concatenated; the pooled output is CLIPTextModelWithProjection's text_embeds."""
-    ids_l, ids_g = _tokens()
-    te, te2 = refs.transformers_text_from_ours(model.text_encoder), refs.transformers_text_from_ours(model.text_encoder_2)
-    with torch.no_grad():
-        out_l = te(ids_l, output_hidden_states=True)
-        out_g = te2(ids_g, output_hidden_states=True)
-    return torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1), out_g.text_embeds
+    return refs.sdxl_encode_prompt(model.text_encoder, model.text_encoder_2, PROMPTS)
 
 
 def test_the_single_file_is_read_as_sdxl(model, nets):
@@ -119,22 +104,9 @@ def test_micro_conditioning_fields_equal_diffusers_time_ids(model):
     assert not torch.equal(cond["y"], model.conditioning(PROMPTS, 64, 64)["y"])
 
 
-def _save_sdxl_folder(folder, unet, vae, text, text_2):
-    """The diffusers folder of an SDXL model: our layout maps write every network in diffusers' names."""
-    du, dv = refs.diffusers_unet_from_ours(unet), refs.diffusers_vae_from_ours(vae)
-    refs.save_diffusers_folder(folder, du, dv, refs.transformers_text_from_ours(text))
-    refs.transformers_text_from_ours(text_2).save_pretrained(folder / "text_encoder_2")
-    index = json.loads((folder / "model_index.json").read_text())
-    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                 tokenizer_2=["transformers", "CLIPTokenizer"])
-    (folder / "model_index.json").write_text(json.dumps(index))
-    os.makedirs(folder / "tokenizer_2")
-    (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
-
-
 def test_the_diffusers_folder_is_the_same_model(model, nets, tmp_path):
     folder = tmp_path / "sdxl-folder"
-    _save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
+    refs.save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     twin = sdcore.load_model(folder, device="cpu", dtype=torch.float32)
     assert twin.family == "sdxl" and twin.native_size == 1024 and twin.unet.cfg == model.unet.cfg
     assert twin.text_encoder.cfg == model.text_encoder.cfg and twin.text_encoder_2.cfg == model.text_encoder_2.cfg
@@ -154,7 +126,7 @@ def test_turbo_native_size_from_the_file(nets, model, tmp_path):
                      extra_metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.resolution": "512x512"})
     assert sdcore.load_model(path, device="cpu").native_size == 512 and model.native_size == 1024
     folder = tmp_path / "turbo-folder"
-    _save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
+    refs.save_sdxl_folder(folder, model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     unet_json = folder / "unet" / "config.json"
     unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "sample_size": 64}))
     assert sdcore.load_model(folder, device="cpu").native_size == 512
@@ -360,7 +332,7 @@ def test_pruned_shapes_load_and_match_diffusers(nets, tmp_path, layout):
         save_single_file(path, unet, nets["vae"], nets["text"], family="sdxl", text_2=nets["text_2"], with_config=False)
     else:
         path = tmp_path / "pruned"
-        _save_sdxl_folder(path, unet, nets["vae"], nets["text"], nets["text_2"])
+        refs.save_sdxl_folder(path, unet, nets["vae"], nets["text"], nets["text_2"])
         assert json.loads((path / "unet" / "config.json").read_text())["mid_block_type"] == "UNetMidBlock2D"
     m = sdcore.load_model(path, device="cpu", dtype=torch.float32)
     assert m.family == "sdxl" and m.unet.cfg == cfg
@@ -389,7 +361,7 @@ def _reference_refiner_y(model, size, n_negative=1):
     """The refiner's text and label inputs as diffusers' StableDiffusionXLImg2ImgPipeline builds them:
     bigG's hidden_states[-2], its text_embeds, and time_ids (h, w, crop top, left, aesthetic score) with
     its defaults aesthetic_score 6.0 / negative_aesthetic_score 2.5."""
-    _, ids_g = _tokens()
+    _, ids_g = refs.sdxl_tokens(PROMPTS)
     te = refs.transformers_text_from_ours(model.text_encoder)
     with torch.no_grad():
         out = te(ids_g, output_hidden_states=True)
