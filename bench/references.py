@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sdcore.clip import TextConfig
 from sdcore.formats import layouts
 from sdcore.formats.layouts import text_to_hf
 from sdcore.unet import UNetConfig
@@ -17,6 +18,18 @@ from sdcore.vae import VAEConfig
 
 
 SDXL_TIME_EMBED_DIM = 256          # diffusers' addition_time_embed_dim of SDXL's size conditioning
+# The released SDXL shapes (sd_xl_base_1.0, sd_xl_refiner_1.0), which the full-size tests and the benchmark build
+SDXL_BASE_UNET = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+                            transformer_depth=(0, 2, 10), transformer_depth_middle=10, num_heads=None, head_dim=64,
+                            context_dim=768 + 1280, use_linear_proj=True, adm_in_channels=1280 + 6 * 256)
+SDXL_CLIP_L = TextConfig(width=768, layers=12, heads=12, act="quick_gelu", output_layer=-2, final_norm=False)
+SDXL_BIGG = TextConfig(width=1280, layers=32, heads=20, act="gelu", output_layer=-2, final_norm=False, pad_id=0,
+                       projection_dim=1280)
+SDXL_BASE_VAE = VAEConfig(scale_factor=0.13025)
+SDXL_REFINER_FULL_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                    attention_levels=(1, 2), transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
+                                    num_heads=None, head_dim=64, context_dim=1280, use_linear_proj=True,
+                                    adm_in_channels=1280 + 5 * 256)
 
 
 def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:

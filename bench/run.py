@@ -8,6 +8,8 @@ keeps the current figures.
     python -m bench --sizes 256,512 --dtypes float32,bfloat16
     python -m bench --only unet --sizes 512 --dtypes float32
     python -m bench --only pipelines --pipelines 256:4 --sdcpp
+    python -m bench --model sdxl --only unet,vae --sizes 768 --dtypes float32
+    python -m bench --model sdxl --only pipelines --pipelines 512:1:0      # SDXL-Turbo's use: 1 step, no guidance
 """
 import argparse
 import copy
@@ -23,23 +25,31 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench.util import (CACHE, NEGATIVE, PROMPT, ROOT, Stats, cfg_step_inputs, diffusers_folder, drop_page_cache, fmt, log,
-                        loadavg, machine_info, paired_ratios, run_worker, sd15_checkpoint)
+from bench.util import (CACHE, NEGATIVE, PROMPT, ROOT, Stats, cfg_step_inputs, drop_page_cache, fmt, log,
+                        loadavg, machine_info, paired_ratios, run_worker, sd15_files, sdxl_checkpoint)
 
 SECTIONS = ("load", "rss", "http", "unet", "vae", "text", "pipelines")
+# The weights measured on (--model): a full-size random checkpoint and its diffusers-folder twin, the sizes
+# measured by default, and the budget of a generation's memory above the loaded model (MiB)
+MODELS = {"sd15": dict(files=sd15_files, sizes="256,512",
+                       pipelines="256:4,512:20", rss_budget=1536, rss_steps=2, peer="StableDiffusionPipeline"),
+          "sdxl": dict(files=sdxl_checkpoint, sizes="768", pipelines="512:4,512:1:0", rss_budget=2560, rss_steps=1,
+                       peer="StableDiffusionXLPipeline")}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, default="sd15",
+                   help="sd15 (default): SD1.5's shapes; sdxl: SDXL base's (sd_xl_base_1.0), 6.9 GB, built once")
     p.add_argument("--quick", action="store_true", help="256² only (unless --sizes), no whole pipelines")
     p.add_argument("--sizes", help="image sizes for the UNet step and VAE decode (default 256,512; --quick: 256)")
     p.add_argument("--dtypes", help="network dtypes (default CPU: float32,bfloat16; CUDA: float16,bfloat16)")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each after the warm-up (default 3)")
     p.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all but "
                                   "pipelines; pipelines also when --pipelines is given)")
-    p.add_argument("--pipelines", nargs="?", const="default", metavar="SIZE:STEPS,...",
-                   help="whole txt2img (euler_a) vs diffusers' StableDiffusionPipeline (default 256:4, and 512:20 "
-                        "without --quick)")
+    p.add_argument("--pipelines", nargs="?", const="default", metavar="SIZE:STEPS[:CFG],...",
+                   help="whole txt2img (euler_a, CFG 7 unless given) vs diffusers' pipeline (sd15: default 256:4, and "
+                        "512:20 without --quick; sdxl: 512:4,512:1:0)")
     p.add_argument("--sdcpp", action="store_true",
                    help="also stable-diffusion.cpp in the whole-pipeline section, beside ours in the server's default "
                         "dtype (installs stable-diffusion-cpp-python into .cache/bench/sdcpp-venv on first use; "
@@ -61,15 +71,17 @@ def parse_args(argv):
     args.compile = args.compile.split(",") if args.compile else []
     if not set(args.compile) <= set(COMPILE_MODES):
         p.error(f"--compile: unknown mode(s) {sorted(set(args.compile) - set(COMPILE_MODES))}")
-    args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "256,512")).split(",")]
+    model = MODELS[args.model]
+    args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else model["sizes"])).split(",")]
     if args.sdcpp and args.pipelines is None:
         args.pipelines = "default"
     dtypes = (args.dtypes or ("float32,bfloat16" if cpu else "float16,bfloat16")).split(",")
     args.dtypes = sorted(dtypes, key=lambda d: d != "float32")  # float32 first: the reference for the others
     args.only = set((args.only or ",".join(s for s in SECTIONS if s != "pipelines" or args.pipelines)).split(","))
     if args.pipelines in (None, "default"):
-        args.pipelines = "256:4" if args.quick else "256:4,512:20"
-    args.pipelines = [tuple(int(v) for v in spec.split(":")) for spec in args.pipelines.split(",")]
+        args.pipelines = model["pipelines"].split(",")[0] if args.quick else model["pipelines"]
+    args.pipelines = [(*(int(v) for v in spec.split(":")[:2]), float((spec.split(":") + ["", "7"])[2] or 7))
+                      for spec in args.pipelines.split(",")]
     if not args.only <= set(SECTIONS):
         p.error(f"--only: unknown section(s) {sorted(args.only - set(SECTIONS))}")
     return args
@@ -186,15 +198,16 @@ def bench_load(rep, args, ckpt, folder):
 
 
 def bench_rss(rep, args, ckpt, folder):
-    """Peak RSS of a whole generation (2 steps, the largest size) in a fresh process, ours vs diffusers: of
-    the process (load included), and of the generation alone against the issue's budget (the loaded
-    model + 1.5 GiB)."""
+    """Peak RSS of a whole generation (the model's rss_steps, the largest size) in a fresh process, ours vs diffusers: of
+    the process (load included), and of the generation alone against the budget (the loaded model + the
+    model's rss_budget)."""
     dtype, size = memory_dtype(args), max(args.sizes)
-    res = {"ours": run_worker("gen-ours", ckpt, dtype, args.device, size, 2),
-           "diffusers": run_worker("gen-diffusers", folder, dtype, args.device, size, 2)}
+    steps = MODELS[args.model]["rss_steps"]
+    res = {"ours": run_worker("gen-ours", ckpt, dtype, args.device, size, steps),
+           "diffusers": run_worker("gen-diffusers", folder, dtype, args.device, size, steps)}
     loaded = {n: r["base"] + r["weights_rss"] for n, r in res.items()}
-    rep.add("memory", f"peak RSS, load + {size}² txt2img (2 steps, {dtype})", Stats([res["ours"]["peak"]], "MiB"),
-            Stats([res["diffusers"]["peak"]], "MiB"), "diffusers",
+    rep.add("memory", f"peak RSS, load + {size}² txt2img ({steps} step{'s' * (steps > 1)}, {dtype})",
+            Stats([res["ours"]["peak"]], "MiB"), Stats([res["diffusers"]["peak"]], "MiB"), "diffusers",
             f"the peak is the load's (ours {fmt(res['ours']['load_peak'], 'MiB')}, diffusers "
             f"{fmt(res['diffusers']['load_peak'], 'MiB')}), mapped file pages counted; RSS after the load, above the "
             f"imports: ours {fmt(res['ours']['weights_rss'], 'MiB')} (of it mapped file pages "
@@ -203,7 +216,8 @@ def bench_rss(rep, args, ckpt, folder):
     above = {n: Stats([r["gen_peak"] - loaded[n]], "MiB") for n, r in res.items()}
     rep.add("memory", f"peak RSS of the {size}² txt2img alone, above the loaded model ({dtype})", above["ours"],
             above["diffusers"], "diffusers",
-            f"budget 1536 MiB (1.5 GiB); VmHWM reset after the load: ours peaks at {fmt(res['ours']['gen_peak'], 'MiB')}, "
+            f"budget {MODELS[args.model]['rss_budget']} MiB; VmHWM reset after the load: ours peaks at "
+            f"{fmt(res['ours']['gen_peak'], 'MiB')}, "
             f"diffusers {fmt(res['diffusers']['gen_peak'], 'MiB')}")
 
 
@@ -353,21 +367,22 @@ def compiled_unet(model, mode, x, t, ctx):
 def bench_networks(rep, args, model, refs, dtype, fp32_out):
     from sdcore.unet import UNet
     from sdcore.vae import AutoencoderKL
-    du, dv, dt = refs
+    du, dv, dt, _ = refs
     dev, dt_ = args.device, getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     for size in args.sizes if "unet" in args.only else ():
-        x, x_pair, t, ctx = cfg_step_inputs(size, dt_, dev)
+        x, x_pair, t, ctx, kw, peer_kw = cfg_step_inputs(size, dt_, dev, cfg=model.unet.cfg)
         # the FLOPs of the whole batch-2 step (diffusers' work; ours skips the shared part's second copy)
-        n = flops(lambda: UNet(model.unet.cfg)(x_pair.to("meta", torch.float32), t.to("meta"), ctx.to("meta", torch.float32)))
+        meta = lambda v: v.to("meta", torch.float32)
+        n = flops(lambda: UNet(model.unet.cfg)(meta(x_pair), t.to("meta"), meta(ctx), **{k: meta(v) for k, v in kw.items()}))
         extra, compile_notes = {}, {}
         for mode in args.compile:
             extra[f"compiled {mode}"], compile_notes[mode] = compiled_unet(model, mode, x, t, ctx)
         eager = without_cuda_graphs(model)
         if eager is not None:
-            extra["no graphs"] = lambda: eager.unet(x, t, ctx)
-        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx), lambda: du(x_pair, t, encoder_hidden_states=ctx).sample,
-                                    extra=extra)
+            extra["no graphs"] = lambda: eager.unet(x, t, ctx, **kw)
+        (o, p, *c), st = timed_pair(args, lambda: model.unet(x, t, ctx, **kw),
+                                    lambda: du(x_pair, t, encoder_hidden_states=ctx, **peer_kw).sample, extra=extra)
         outs = dict(zip(extra, c))
         for mode in args.compile:
             rep.add("unet", f"UNet step, batch 2 (CFG), {size}², {dtype}, ours under {COMPILE_MODES[mode]}",
@@ -401,7 +416,9 @@ def bench_networks(rep, args, model, refs, dtype, fp32_out):
             px = ((o.float().cpu().clamp(-1, 1) - fp32_out[("vae", size)].clamp(-1, 1)).abs().mean() * 127.5).item()
             note += f"; vs ours float32: mean abs pixel diff {px:.2f}/255"
         rep.add("vae", f"VAE decode, {size}², {dtype}", st["ours"], st["peer"], "diffusers AutoencoderKL", note)
-    if "text" in args.only:
+    if "text" in args.only and args.model != "sd15":
+        rep.notes.append("Text encoding is timed on SD1.5's encoder only (SDXL's two are measured by the pipelines).")
+    elif "text" in args.only:
         from bench.util import clip_tokenizer
         tok = clip_tokenizer()
         prompts = [PROMPT, NEGATIVE]
@@ -421,9 +438,11 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
     from bench.peers import pipeline, run_pipeline
     from sdcore.pipeline import GenerationParams, generate
     pipe = pipeline(*refs)
+    peer_name = MODELS[args.model]["peer"]
     compiled = copy.copy(model).compile() if "ours" in args.compile else None
-    for size, steps in args.pipelines:
-        params = GenerationParams(PROMPT, NEGATIVE, width=size, height=size, steps=steps, seed=1, sample_method="euler_a")
+    for size, steps, cfg in args.pipelines:
+        params = GenerationParams(PROMPT, NEGATIVE, width=size, height=size, steps=steps, seed=1, sample_method="euler_a",
+                                  cfg_scale=cfg)
         extra = {"sdcpp": lambda: sdcpp.generate(size, steps)} if sdcpp is not None else {}
         if compiled is not None:
             t0 = time.perf_counter()
@@ -433,29 +452,29 @@ def bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp=None):
         eager = without_cuda_graphs(model)
         if eager is not None:
             extra["no graphs"] = lambda: generate(eager, params)[0].image
-        (o, p, *c), st = timed_pair(args, lambda: generate(model, params)[0].image, lambda: run_pipeline(pipe, size, steps),
-                                    extra=extra)
+        (o, p, *c), st = timed_pair(args, lambda: generate(model, params)[0].image,
+                                    lambda: run_pipeline(pipe, size, steps, cfg=cfg), extra=extra)
         px = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
         outs = dict(zip(extra, c))
         note = f"mean abs pixel diff ours vs diffusers {px(o, p):.2f}/255"
         if dtype == "float32":
-            fp32_images[(size, steps)] = (o, p)
-        elif (size, steps) in fp32_images:
-            o32, p32 = fp32_images[(size, steps)]
+            fp32_images[(size, steps, cfg)] = (o, p)
+        elif (size, steps, cfg) in fp32_images:
+            o32, p32 = fp32_images[(size, steps, cfg)]
             note += f"; vs float32: ours {px(o, o32):.2f}/255, diffusers {px(p, p32):.2f}/255"
-        rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}", st["ours"], st["peer"],
-                "diffusers StableDiffusionPipeline", note)
+        what = f"txt2img {size}², {steps} steps euler_a, CFG {cfg:g}"
+        rep.add("pipelines", f"{what}, {dtype}", st["ours"], st["peer"], f"diffusers {peer_name}", note)
         if compiled is not None:
-            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours with --compile", st["compiled"],
-                    st["peer"], "diffusers StableDiffusionPipeline",
+            rep.add("pipelines", f"{what}, {dtype}, ours with --compile", st["compiled"],
+                    st["peer"], f"diffusers {peer_name}",
                     f"mean abs pixel diff vs ours eager {px(outs['compiled'], o):.2f}/255; "
                     f"compile + capture (a 1-step image) {fmt(compile_s)}")
         if eager is not None:
-            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a, {dtype}, ours without CUDA graphs", st["no graphs"],
-                    st["peer"], "diffusers StableDiffusionPipeline",
+            rep.add("pipelines", f"{what}, {dtype}, ours without CUDA graphs", st["no graphs"],
+                    st["peer"], f"diffusers {peer_name}",
                     f"mean abs pixel diff vs ours (CUDA graphs) {px(outs['no graphs'], o):.2f}/255")
         if sdcpp is not None:
-            rep.add("pipelines", f"txt2img {size}², {steps} steps euler_a: ours {dtype} vs stable-diffusion.cpp",
+            rep.add("pipelines", f"{what}: ours {dtype} vs stable-diffusion.cpp",
                     st["ours"], st["sdcpp"], f"stable-diffusion.cpp ({args.sdcpp_wtype} weights)",
                     f"sd.cpp load {fmt(sdcpp.load_s)}, peak RSS {fmt(sdcpp.peak, 'MiB')}")
 
@@ -473,14 +492,15 @@ def main(argv=None) -> int:
     started, load_start = time.time(), loadavg()
     info = machine_info(args.device)
     log(f"{command}\n{info}")
-    ckpt = sd15_checkpoint()
-    folder = diffusers_folder(ckpt) if args.only & {"load", "rss"} else None
+    ckpt, folder = MODELS[args.model]["files"]()
     rep = Report()
+    if args.model != "sd15":
+        rep.notes.append(f"Weights: {ckpt.name} ({args.model} base shapes), its diffusers twin {folder.name}.")
     if "load" in args.only:
         bench_load(rep, args, ckpt, folder)
     if "rss" in args.only:
         bench_rss(rep, args, ckpt, folder)
-        if args.device == "cpu":                            # the cache is a CPU load's
+        if args.device == "cpu" and args.model == "sd15":   # the cache is a CPU load's; two SDXL copies do not fit
             bench_workers(rep, args, ckpt)
     if "http" in args.only:
         bench_http(rep, args)
@@ -499,7 +519,7 @@ def main(argv=None) -> int:
         for dtype in args.dtypes:
             log(f"loading ours and the references in {dtype}")
             model = sdcore.load_model(str(ckpt), device=args.device, dtype=getattr(torch, dtype))
-            refs = tuple(m.to(args.device, getattr(torch, dtype)) for m in reference_modules(model))
+            refs = tuple(m if m is None else m.to(args.device, getattr(torch, dtype)) for m in reference_modules(model))
             bench_networks(rep, args, model, refs, dtype, fp32_out)
             if "pipelines" in args.only:
                 bench_pipelines(rep, args, model, refs, dtype, fp32_images, sdcpp if dtype == sdcpp_dtype else None)

@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 GENERATOR_VERSION = 1          # the recipe of tests/core/test_full_size.py (same file name, so its cache is reused)
+SDXL_GENERATOR_VERSION = 1     # bump when sdxl_checkpoint's recipe changes, so caches are rebuilt
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
 
@@ -70,16 +71,29 @@ def interleave(fns: dict, runs: int, warmup: int = 1, sync=lambda: None) -> dict
     return out
 
 
-def cfg_step_inputs(size: int, dtype, device="cpu", seed=0):
-    """One classifier-free-guidance UNet step at size² px: (x once [1, 4, h, w], the same x repeated
-    [2, ...], t [2], context [2, 77, 768] = [uncond, cond]). Ours takes the latent once, as the pipeline
-    hands it (the UNet shares it up to the first cross-attention); diffusers the repeated batch, as its
-    pipeline does."""
+def cfg_step_inputs(size: int, dtype, device="cpu", seed=0, cfg=None):
+    """One classifier-free-guidance UNet step at size² px for a UNet of configuration ``cfg`` (default SD1.5's):
+    (x once [1, 4, h, w], the same x repeated [2, ...], t [2], context [2, 77, C] = [uncond, cond], and the
+    keywords of SDXL's label vector: ours {"y": pooled + embedded size numbers}, diffusers'
+    {"added_cond_kwargs": {"text_embeds", "time_ids"}}, empty without one). Ours takes the latent once, as
+    the pipeline hands it (the UNet shares it up to the first cross-attention); diffusers the repeated
+    batch, as its pipeline does."""
     import torch
+
+    from sdcore.unet import UNetConfig, timestep_embedding
+    cfg = cfg or UNetConfig()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device, dtype)
-    ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-    return x, x.repeat(2, 1, 1, 1), torch.tensor([500.0, 500.0], device=device), ctx
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(device, dtype)
+    ours_kw, peer_kw = {}, {}
+    if cfg.adm_in_channels:
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+        from bench.references import SDXL_TIME_EMBED_DIM as dim
+        pooled = torch.randn(2, cfg.adm_in_channels - 6 * dim, generator=g)
+        y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), dim).reshape(2, -1)], dim=-1)
+        ours_kw = {"y": y.to(device, dtype)}
+        peer_kw = {"added_cond_kwargs": {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids.to(device, dtype)}}
+    return x, x.repeat(2, 1, 1, 1), torch.tensor([500.0, 500.0], device=device), ctx, ours_kw, peer_kw
 
 
 def paired_ratios(a: Stats, b: Stats) -> list:
@@ -188,6 +202,11 @@ def sd15_checkpoint() -> Path:
     return path
 
 
+def sd15_files() -> tuple[Path, Path]:
+    ckpt = sd15_checkpoint()
+    return ckpt, diffusers_folder(ckpt)
+
+
 def clip_tokenizer_files() -> Path:
     """vocab.json + merges.txt for transformers' CLIPTokenizer, written from the BPE vocabulary our
     tokenizer reads (open_clip's copy), so diffusers' pipeline can be built offline."""
@@ -202,10 +221,10 @@ def clip_tokenizer_files() -> Path:
     return folder
 
 
-def clip_tokenizer():
+def clip_tokenizer(pad_token="<|endoftext|>"):
     from transformers import CLIPTokenizer
     folder = clip_tokenizer_files()
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
                          model_max_length=77)
 
 
@@ -220,7 +239,7 @@ def diffusers_folder(ckpt: Path) -> Path:
         import torch
 
         import sdcore
-        from tests import refs
+        from bench import references as refs
         log(f"building {folder} (once)")
         m = sdcore.load_model(str(ckpt), device="cpu", dtype=torch.float32)
         refs.save_diffusers_folder(str(folder) + ".tmp", refs.diffusers_unet_from_ours(m.unet),
@@ -228,3 +247,43 @@ def diffusers_folder(ckpt: Path) -> Path:
                                    dtype=torch.float16)
         os.replace(str(folder) + ".tmp", folder)
     return folder
+
+
+def random_float16(cls, cfg, seed):
+    """A network in float16 (as released files hold it) with deterministic random weights, built without
+    a float32 copy."""
+    import torch
+
+    from sdcore.formats.write import random_init_
+    with torch.device("meta"):
+        module = cls(cfg).to(torch.float16)
+    return random_init_(module.to_empty(device="cpu"), seed)
+
+
+def sdxl_checkpoint() -> tuple[Path, Path]:
+    """A full-size SDXL base checkpoint in sd_xl_base_1.0's layout (random weights, fp16, no config inside,
+    6.9 GB) and its diffusers-folder twin (the fp16 variant), built once under .cache/ (shared with
+    tests/core/test_sdxl_full_size.py)."""
+    path = ROOT / ".cache" / f"sdxl-random-v{SDXL_GENERATOR_VERSION}.safetensors"
+    folder = path.with_name(path.name.removesuffix(".safetensors") + "-diffusers")
+    if not (path.exists() and (folder / "model_index.json").exists()):
+        import shutil
+
+        import torch
+
+        from bench import references as refs
+        from sdcore.clip import TextEncoder
+        from sdcore.formats.write import save_single_file
+        from sdcore.unet import UNet
+        from sdcore.vae import AutoencoderKL
+        log(f"building {path} and {folder} (once)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(f"{folder}.tmp", ignore_errors=True)
+        nets = (random_float16(UNet, refs.SDXL_BASE_UNET, 1), random_float16(AutoencoderKL, refs.SDXL_BASE_VAE, 2),
+                random_float16(TextEncoder, refs.SDXL_CLIP_L, 3), random_float16(TextEncoder, refs.SDXL_BIGG, 4))
+        save_single_file(f"{path}.tmp", *nets[:3], family="sdxl", text_2=nets[3], with_config=False)
+        refs.save_sdxl_folder(f"{folder}.tmp", *nets, dtype=torch.float16)
+        os.replace(f"{path}.tmp", path)
+        shutil.rmtree(folder, ignore_errors=True)          # a folder left without its file is rebuilt
+        os.replace(f"{folder}.tmp", folder)
+    return path, folder

@@ -2,8 +2,7 @@
 configuration (OpenCLIP text tower, head dim 64, linear projections), an SDXL-shaped one (no attention at
 the first level, deeper transformers further down, two text encoders whose hidden states are concatenated,
 the pooled output and six size numbers in the label vector), an SDXL-refiner-shaped one (four levels, bigG
-alone, five numbers with the aesthetic score) and a ControlNet with deterministic weights; then the shapes of
-SDXL's released files, which the full-size tests build."""
+alone, five numbers with the aesthetic score) and a ControlNet with deterministic weights."""
 import torch
 
 from sdcore.clip import TextConfig
@@ -35,16 +34,3 @@ SDXL_REFINER_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), num
                                transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2, num_heads=None, head_dim=64,
                                context_dim=128, use_linear_proj=True, adm_in_channels=128 + 5 * 256)
 SDXL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scale_factor=0.13025)
-
-# The released SDXL shapes (sd_xl_base_1.0, sd_xl_refiner_1.0), as the full-size tests build them
-SDXL_BASE_UNET = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
-                            transformer_depth=(0, 2, 10), transformer_depth_middle=10, num_heads=None, head_dim=64,
-                            context_dim=768 + 1280, use_linear_proj=True, adm_in_channels=1280 + 6 * 256)
-SDXL_CLIP_L = TextConfig(width=768, layers=12, heads=12, act="quick_gelu", output_layer=-2, final_norm=False)
-SDXL_BIGG = TextConfig(width=1280, layers=32, heads=20, act="gelu", output_layer=-2, final_norm=False, pad_id=0,
-                       projection_dim=1280)
-SDXL_BASE_VAE = VAEConfig(scale_factor=0.13025)
-SDXL_REFINER_FULL_UNET = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                                    attention_levels=(1, 2), transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4,
-                                    num_heads=None, head_dim=64, context_dim=1280, use_linear_proj=True,
-                                    adm_in_channels=1280 + 5 * 256)

@@ -12,7 +12,8 @@ from sdcore.controlnet import ControlNet
 from sdcore.formats.write import random_init_, save_controlnet
 from sdcore.unet import UNetConfig
 from bench import references as refs
-from tiny_models import SDXL_BASE_UNET
+from bench.references import SDXL_BASE_UNET
+from bench.util import random_float16
 
 pytestmark = pytest.mark.slow
 GENERATOR_VERSION = 1          # bump when the recipe below changes, so the cache is rebuilt
@@ -54,9 +55,7 @@ def test_sdxl_controlnet_in_the_diffusers_layout_matches_diffusers(cache_dir):
     vector of pooled text and size numbers) equal diffusers' ControlNetModel's on the same weights."""
     folder = os.path.join(cache_dir, f"controlnet-sdxl-random-v{GENERATOR_VERSION}")
     if not os.path.exists(os.path.join(folder, "config.json")):
-        with torch.device("meta"):
-            cn = ControlNet(SDXL_BASE_UNET).to(torch.float16)
-        random_init_(cn.to_empty(device="cpu"), 6)
+        cn = random_float16(ControlNet, SDXL_BASE_UNET, 6)
         refs.diffusers_controlnet_from_ours(cn, dtype=None).save_pretrained(folder + ".tmp", variant="fp16")
         del cn
         os.replace(folder + ".tmp", folder)

@@ -4,8 +4,6 @@ agree with transformers' CLIPTextModel / CLIPTextModelWithProjection and diffuse
 AutoencoderKL on the loaded weights. Both are built once and cached under .cache/ (≈7 GB each); the refiner is
 checked at its full width with fewer transformer blocks. One model sits in memory at a time: the folder is
 compared with the file tensor by tensor, straight from disk."""
-import os
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -13,25 +11,17 @@ import torch
 
 import sdcore
 from bench import references as refs
+from bench.references import SDXL_BASE_UNET, SDXL_BASE_VAE, SDXL_BIGG, SDXL_CLIP_L, SDXL_REFINER_FULL_UNET
+from bench.util import random_float16, sdxl_checkpoint
 from sdcore.clip import TextEncoder
 from sdcore.formats import read_model
-from sdcore.formats.write import random_init_, save_single_file
+from sdcore.formats.write import save_single_file
 from sdcore.unet import UNet
 from sdcore.vae import AutoencoderKL
-from tiny_models import SDXL_BASE_UNET, SDXL_BASE_VAE, SDXL_BIGG, SDXL_CLIP_L, SDXL_REFINER_FULL_UNET
 
 pytestmark = pytest.mark.slow
-GENERATOR_VERSION = 1          # bump when the recipe below changes, so caches are rebuilt
 SDXL_PARAMS = {"unet": 2_567_463_684, "vae": 83_653_863, "text": 123_060_480, "text_2": 694_659_840}
 PROMPTS = ["a lighthouse on a cliff, oil painting", ""]
-
-
-def _random(cls, cfg, seed):
-    """A network in float16 (as the released files hold it) with deterministic random weights, built
-    without a float32 copy."""
-    with torch.device("meta"):
-        module = cls(cfg).to(torch.float16)
-    return random_init_(module.to_empty(device="cpu"), seed)
 
 
 def _count(module) -> int:
@@ -39,19 +29,8 @@ def _count(module) -> int:
 
 
 @pytest.fixture(scope="module")
-def sdxl_paths(cache_dir):
-    path = os.path.join(cache_dir, f"sdxl-random-v{GENERATOR_VERSION}.safetensors")
-    folder = os.path.join(cache_dir, f"sdxl-random-v{GENERATOR_VERSION}-diffusers")
-    if not (os.path.exists(path) and os.path.exists(os.path.join(folder, "model_index.json"))):
-        shutil.rmtree(folder + ".tmp", ignore_errors=True)
-        nets = (_random(UNet, SDXL_BASE_UNET, 1), _random(AutoencoderKL, SDXL_BASE_VAE, 2),
-                _random(TextEncoder, SDXL_CLIP_L, 3), _random(TextEncoder, SDXL_BIGG, 4))
-        save_single_file(path + ".tmp", *nets[:3], family="sdxl", text_2=nets[3], with_config=False)
-        refs.save_sdxl_folder(folder + ".tmp", *nets, dtype=torch.float16)
-        os.replace(path + ".tmp", path)
-        shutil.rmtree(folder, ignore_errors=True)          # a folder left without its file is rebuilt
-        os.replace(folder + ".tmp", folder)
-    return path, folder
+def sdxl_paths():
+    return sdxl_checkpoint()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +44,8 @@ def test_a_refiner_at_full_width_loads_and_equals_diffusers(tmp_path):
     unet_cfg = replace(SDXL_REFINER_FULL_UNET, transformer_depth=(0, 1, 1, 0), transformer_depth_middle=1)
     text_cfg = replace(SDXL_BIGG, layers=4)
     path = tmp_path / "refiner.safetensors"
-    save_single_file(path, _random(UNet, unet_cfg, 11), _random(AutoencoderKL, SDXL_BASE_VAE, 12),
-                     _random(TextEncoder, text_cfg, 13), family="sdxl_refiner", with_config=False)
+    save_single_file(path, random_float16(UNet, unet_cfg, 11), random_float16(AutoencoderKL, SDXL_BASE_VAE, 12),
+                     random_float16(TextEncoder, text_cfg, 13), family="sdxl_refiner", with_config=False)
     m = sdcore.load_model(path, device="cpu", dtype=torch.float32)
     assert (m.family, m.native_size, m.unet.cfg, m.text_encoder.cfg) == ("sdxl_refiner", 1024, unet_cfg, text_cfg)
     cond = m.conditioning(PROMPTS, 64, 64, negative=[False, True])
