@@ -71,9 +71,10 @@ class Settings:
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
     dtype: str = setting("auto", "weights dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX and on CUDA cards "
                                  "with bf16, float16 on other CUDA cards, else float32", choices=DTYPES)
-    vae_tiling: str = setting("auto", "decode and encode large images in overlapping tiles, blended (less memory, "
-                                      "but each tile is normalised alone, so the image differs); auto: only when "
-                                      "the whole image would not fit in the free memory", choices=VAE_TILING_MODES)
+    vae_tiling: str = setting("auto", "decode and encode large images in overlapping tiles, blended (less memory; "
+                                      "the normalisation statistics are estimated from the shrunk image, so it "
+                                      "differs slightly); auto: only when the whole image would not fit in the free "
+                                      "memory", choices=VAE_TILING_MODES)
     compile: bool = setting(False, "torch.compile the UNet (inductor, weights frozen; on CUDA replayed as CUDA "
                                    "graphs): faster steps, minutes of compiling at start and at each new size")
     cuda_graphs: bool = setting(True, "on CUDA, replay the UNet (and ControlNet) as one CUDA graph per image "

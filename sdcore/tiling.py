@@ -1,12 +1,19 @@
 """Tiled VAE decode and encode: a large image goes through the autoencoder in overlapping tiles, so its
 peak memory is a tile's, not the image's.
 
+Only the full-resolution part is tiled: the decoder's upsampling half and the encoder's downsampling
+half, convolutions and GroupNorms. The middle block, whose attention relates every latent pixel to every
+other, runs whole at the latent's resolution (8x smaller each way, so it fits where the image does not).
 Each tile is run on its own (with its overlap as context), and where tiles overlap their outputs are
-blended with weights that ramp linearly across the overlap, so no seam shows. A tile's GroupNorm sees
-only that tile's statistics and its middle attention only that tile, which is why the result differs
-from the untiled one, by an amount that depends on the VAE and the picture (the benchmark page gives
-measured figures); where tiles agree, the blend returns exactly what they agree on. The same routine
-serves the decoder (latent in, 8x larger image out) and the encoder (image in, 8x smaller latent out).
+blended with weights that ramp linearly across the overlap, so no seam shows.
+
+A GroupNorm normalises with its input's mean and variance over the whole picture; a tile alone would
+see only its own, and tiles of a sky and of a forest would come out differently exposed. So the part
+is first run once on the whole input shrunk to a tile's size, each GroupNorm keeping the statistics
+it saw there (sdcore.vae.shared_norm_statistics), and every tile is then normalised with those. They
+are an estimate (from a smaller picture), which is why the result still differs slightly from the
+untiled one (the benchmark page gives measured figures). The same routine serves the decoder (features
+in, 8x larger image out) and the encoder (image in, 8x smaller features out).
 """
 from __future__ import annotations
 
@@ -14,6 +21,9 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
+
+from .vae import shared_norm_statistics
 
 MODES = ("auto", "on", "off")
 DECODE_TILE, DECODE_OVERLAP = 64, 16           # latent pixels: 512-pixel tiles overlapping by 128 pixels
@@ -67,14 +77,27 @@ def tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.T
     return out / weight
 
 
+def tiled_shared_norms(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, align: int = 1) -> torch.Tensor:
+    """``tiled``, every tile normalised with the GroupNorm statistics of ``fn`` run on the whole of x shrunk
+    (by area averaging) to fit one tile, its sides multiples of ``align``."""
+    h, w = x.shape[-2:]
+    shrink = max(h, w) / tile
+    with shared_norm_statistics():
+        if shrink > 1:                                 # else the one tile is the whole: its own statistics
+            size = [max(align, round(s / shrink / align) * align) for s in (h, w)]
+            fn(F.interpolate(x, size=size, mode="area"))
+        return tiled(fn, x, tile, overlap, scale)
+
+
 def decode(vae, latent: torch.Tensor) -> torch.Tensor:
-    """``vae.decode`` in tiles of DECODE_TILE latent pixels (float32 out)."""
-    return tiled(vae.decode, latent, DECODE_TILE, DECODE_OVERLAP, DOWNSCALE)
+    """``vae.decode``, its upsampling half in tiles of DECODE_TILE latent pixels (float32 out)."""
+    return tiled_shared_norms(vae.decoder.upsample, vae.decode_middle(latent), DECODE_TILE, DECODE_OVERLAP, DOWNSCALE)
 
 
 def encode(vae, img: torch.Tensor) -> torch.Tensor:
-    """``vae.encode`` in tiles of ENCODE_TILE image pixels (float32 out)."""
-    return tiled(vae.encode, img, ENCODE_TILE, ENCODE_OVERLAP, 1 / DOWNSCALE)
+    """``vae.encode``, its downsampling half in tiles of ENCODE_TILE image pixels (float32 out)."""
+    features = tiled_shared_norms(vae.encoder.downsample, img, ENCODE_TILE, ENCODE_OVERLAP, 1 / DOWNSCALE, DOWNSCALE)
+    return vae.encode_middle(features.to(img.dtype)).float()
 
 
 def decode_bytes(latent_h: int, latent_w: int, itemsize: int) -> int:

@@ -3,6 +3,8 @@
 ``encode``/``decode`` work in *scaled* latent space (× scale_factor, 0.18215 for SD1/SD2), which is
 where the UNet lives. Parameter names are the LDM ``first_stage_model.`` names.
 """
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,40 @@ class VAEConfig:
     norm_groups: int = 32          # SD's; a 32-channel level would be normalised channel by channel
 
 
+# Inside shared_norm_statistics(): {layer: (mean, var) [B, groups]} each GroupNorm records on first use and
+# normalises with afterwards. A context variable, so that two threads decoding at once do not mix.
+_NORM_STATS: ContextVar[dict | None] = ContextVar("vae_norm_stats", default=None)
+
+
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm, whose statistics can be taken from another input (see shared_norm_statistics)."""
+
+    def forward(self, x):
+        stats = _NORM_STATS.get()
+        if stats is None:
+            return super().forward(x)
+        groups = x.float().reshape(x.shape[0], self.num_groups, -1)
+        if self not in stats:
+            stats[self] = (groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True))
+        mean, var = stats[self]
+        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape).to(x.dtype)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+@contextmanager
+def shared_norm_statistics():
+    """Within it, every GroupNorm of the autoencoder normalises with the mean and variance of the first
+    input it saw there, instead of each input's own: run a whole (smaller) picture first, then its
+    tiles, and every tile is normalised alike, as the whole picture is (sdcore.tiling)."""
+    token = _NORM_STATS.set({})
+    try:
+        yield
+    finally:
+        _NORM_STATS.reset(token)
+
+
 def Norm(channels, groups):
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -116,11 +150,17 @@ class Encoder(nn.Module):
         self.mid = Mid(c_in, cfg.norm_groups)
         self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x):                              # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean, logvar)
+    def downsample(self, x):                           # [B, 3, H, W] -> [B, C, H/8, W/8]: convolutions and norms
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
+        return h
+
+    def middle(self, h):                               # -> [B, 2z, H/8, W/8] (mean, logvar); attention over all of h
         return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+    def forward(self, x):
+        return self.middle(self.downsample(x))
 
 
 class Decoder(nn.Module):
@@ -138,11 +178,16 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
 
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
+    def middle(self, z):                               # [B, z, h, w] -> [B, C, h, w]; attention over all of z
+        return self.mid(self.conv_in(z))
+
+    def upsample(self, h):                             # -> [B, 3, 8h, 8w]: convolutions and norms
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z):
+        return self.upsample(self.middle(z))
 
 
 class AutoencoderKL(nn.Module):
@@ -155,9 +200,17 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:
         """img [B, 3, H, W] in [-1, 1] -> scaled latent (the posterior mean) [B, z, H/8, W/8]."""
-        mean, _logvar = self.quant_conv(self.encoder(img)).chunk(2, dim=1)
+        return self.encode_middle(self.encoder.downsample(img))
+
+    def encode_middle(self, h: torch.Tensor) -> torch.Tensor:
+        """The encoder's end, at the latent's resolution: its features h -> scaled latent."""
+        mean, _logvar = self.quant_conv(self.encoder.middle(h)).chunk(2, dim=1)
         return mean * self.cfg.scale_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """scaled latent -> image in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(latent / self.cfg.scale_factor))
+        return self.decoder.upsample(self.decode_middle(latent))
+
+    def decode_middle(self, latent: torch.Tensor) -> torch.Tensor:
+        """The decoder's start, at the latent's resolution: scaled latent -> the features it upsamples."""
+        return self.decoder.middle(self.post_quant_conv(latent / self.cfg.scale_factor))
