@@ -5,6 +5,7 @@ import os
 import torch
 
 from . import cpu_attention, tiling
+from . import prompts as prompt_language
 from .clip import TextEncoder
 from .controlnet import attach_controlnet, load_controlnet
 from .cuda_graphs import CUDAGraphed, unwrapped
@@ -12,7 +13,7 @@ from .device import resolve_device, resolve_dtype
 from .formats import CheckpointError, read_model
 from .formats.build import build
 from .formats.infer import REFINER, detect_v_prediction
-from .tokenizer import Tokenizer
+from .tokenizer import BOS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
 
@@ -74,16 +75,24 @@ class StableDiffusion:
 
     @torch.inference_mode()
     def encode_text(self, prompts: list[str], clip_skip: int = 1):
-        """prompts -> hidden states [B, 77, context_dim]; SDXL: (the encoders' hidden states concatenated,
-        [B, 77, 768 + 1280] for the base, [B, 77, 1280] for the refiner; the last encoder's (bigG's) pooled
-        output [B, 1280]). ``clip_skip`` k takes each encoder's output k - 1 blocks before its own."""
+        """prompts (in A1111's prompt language: sdcore.prompts) -> hidden states [B, 77·k, context_dim], k the
+        most 75-token chunks any prompt needs (the others padded with empty chunks); SDXL: (the encoders'
+        hidden states concatenated, [B, 77·k, 768 + 1280] for the base, [B, 77·k, 1280] for the refiner; the
+        last encoder's (bigG's) pooled output of each prompt's first chunk [B, 1280]). ``clip_skip`` k takes
+        each encoder's output k - 1 blocks before its own."""
         wants_pooled = self.unet.cfg.adm_in_channels is not None
+        parsed = [prompt_language.parse(p) for p in prompts]
         hidden, pooled = [], None
         for i, (encoder, tokenizer) in enumerate(self.encoders):
-            out = encoder(tokenizer(prompts).to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
+            per_prompt = [prompt_language.chunks(p, tokenizer.encode, tokenizer.comma) for p in parsed]
+            count = max(map(len, per_prompt))
+            rows = [prompt_language.token_rows(c, BOS, EOS, tokenizer.pad_id, count) for c in per_prompt]
+            ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])     # [B·k, 77]
+            out = encoder(ids.to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
                           pooled=wants_pooled and i == len(self.encoders) - 1)
-            hidden.append(out[0] if isinstance(out, tuple) else out)
-            pooled = out[1] if isinstance(out, tuple) else pooled
+            h = prompt_language.apply_weights(out[0] if isinstance(out, tuple) else out, weights)
+            hidden.append(h.reshape(len(prompts), -1, h.shape[-1]))
+            pooled = out[1].reshape(len(prompts), count, -1)[:, 0] if isinstance(out, tuple) else pooled
         context = torch.cat(hidden, dim=-1)
         return (context, pooled) if wants_pooled else context
 

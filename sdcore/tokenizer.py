@@ -63,6 +63,7 @@ class Tokenizer:
         self.cache = {t: t for t in SPECIAL}
         self.pattern = regex.compile("|".join(SPECIAL) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                                      regex.IGNORECASE)
+        self.comma = self.encode(",")[0]           # where a long prompt prefers to break (sdcore.prompts)
 
     def bpe(self, token: str) -> list[str]:
         if token in self.cache:
