@@ -64,11 +64,11 @@ def main(task, *args):
         sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]), cache_dir=(args[3:] or [None])[0])
     elif task == "load-diffusers":
         pipeline_from_folder(Path(args[0]), getattr(torch, args[1]), args[2])
-    elif task == "gen-ours":                    # PATH DTYPE DEVICE SIZE STEPS
+    elif task == "gen-ours":                    # PATH DTYPE DEVICE SIZE STEPS [VAE_TILING]
         import sdcore
         from sdcore.pipeline import GenerationParams, generate
         from bench.util import NEGATIVE, PROMPT
-        model = sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]))
+        model = sdcore.load_model(args[0], device=args[2], dtype=getattr(torch, args[1]), vae_tiling=(args[5:] or ["auto"])[0])
         t0 = loaded(out, base, t0)
         generate(model, GenerationParams(PROMPT, NEGATIVE, width=int(args[3]), height=int(args[3]), steps=int(args[4]), seed=1))
     elif task == "gen-diffusers":               # FOLDER DTYPE DEVICE SIZE STEPS

@@ -58,8 +58,9 @@ REFUSED_PIPELINES = [
 ]
 
 
-def read_model(path: str, vae: str | None = None) -> ModelParts:
+def read_model(path: str | os.PathLike, vae: str | None = None) -> ModelParts:
     """A base model's three networks; ``vae``: a separate VAE file/folder replacing the checkpoint's."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path} (give a .safetensors/.ckpt checkpoint or a diffusers folder)")
     try:

@@ -28,7 +28,8 @@ class CheckpointError(Exception):
 class TensorFile:
     """Name -> tensor on demand, from one safetensors file or a pickled state dict."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
         self.path, self.metadata = path, {}
         if path.endswith(".safetensors"):
             check_safetensors(path)
