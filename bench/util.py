@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
-GENERATOR_VERSION = 1          # the recipe of tests/core/test_full_size.py (same file name, so its cache is reused)
+GENERATOR_VERSION = 1          # bump when sd15_checkpoint's recipe changes, so caches are rebuilt
 SDXL_GENERATOR_VERSION = 1     # bump when sdxl_checkpoint's recipe changes, so caches are rebuilt
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -174,31 +174,22 @@ def run_worker(*args, python=sys.executable, timeout=1800) -> dict:
 # Cached inputs
 # ------------------------------------------------------------------------------------------------
 def sd15_checkpoint() -> Path:
-    """The full-size SD1.5-shaped random checkpoint, single-file LDM layout, fp16 on disk.
-    Reuses the copy tests/core/test_full_size.py caches (same recipe, same seeds), else builds one."""
-    shared = ROOT / ".cache" / f"sd15-random-v{GENERATOR_VERSION}.safetensors"
-    if shared.exists():
-        return shared
-    path = CACHE / shared.name
+    """The full-size SD1.5-shaped random checkpoint, single-file LDM layout, fp16 on disk, built once under
+    .cache/ (shared with tests/core/test_full_size.py)."""
+    path = ROOT / ".cache" / f"sd15-random-v{GENERATOR_VERSION}.safetensors"
     if not path.exists():
-        import torch
         from safetensors.torch import save_file
 
         from sdcore.clip import TextConfig, TextEncoder
-        from sdcore.formats.write import ldm_state_dict, random_init_
+        from sdcore.formats.write import ldm_state_dict
         from sdcore.unet import UNet, UNetConfig
         from sdcore.vae import AutoencoderKL, VAEConfig
-
-        def random(cls, cfg, seed):
-            with torch.device("meta"):
-                module = cls(cfg)
-            return random_init_(module.to_empty(device="cpu"), seed)
-
         log(f"building {path} (once)")
-        CACHE.mkdir(parents=True, exist_ok=True)
-        parts = (random(UNet, UNetConfig(), 1), random(AutoencoderKL, VAEConfig(), 2), random(TextEncoder, TextConfig(), 3))
-        save_file(ldm_state_dict(*parts, family="sd1", dtype=torch.float16), str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = (random_float16(UNet, UNetConfig(), 1), random_float16(AutoencoderKL, VAEConfig(), 2),
+                 random_float16(TextEncoder, TextConfig(), 3))
+        save_file(ldm_state_dict(*parts, family="sd1"), f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
     return path
 
 

@@ -168,5 +168,5 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return hidden                                # bit for bit what an unweighted prompt gives
     w = weights.to(hidden.device, hidden.dtype)[..., None]
     mean = hidden.float().mean(dim=(1, 2), keepdim=True)
-    scaled = hidden * w
-    return (scaled.float() * (mean / scaled.float().mean(dim=(1, 2), keepdim=True))).to(hidden.dtype)
+    scaled = (hidden * w).float()
+    return (scaled * (mean / scaled.mean(dim=(1, 2), keepdim=True))).to(hidden.dtype)

@@ -5,34 +5,21 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import sdcore
-from sdcore.clip import TextConfig, TextEncoder
-from sdcore.formats.write import ldm_state_dict, random_init_
-from sdcore.unet import UNet, UNetConfig
-from sdcore.vae import AutoencoderKL, VAEConfig
+from sdcore.clip import TextConfig
+from sdcore.unet import UNetConfig
+from sdcore.vae import VAEConfig
 from bench import references as refs
+from bench.util import sd15_checkpoint
 
 pytestmark = pytest.mark.slow
-GENERATOR_VERSION = 1          # bump when the recipe below changes, so caches are rebuilt
 SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text": 123_060_480}
 
 
-def _random(cls, cfg, seed):
-    with torch.device("meta"):
-        module = cls(cfg)
-    return random_init_(module.to_empty(device="cpu"), seed)
-
-
 @pytest.fixture(scope="module")
-def sd15_file(cache_dir):
-    path = os.path.join(cache_dir, f"sd15-random-v{GENERATOR_VERSION}.safetensors")
-    if not os.path.exists(path):
-        parts = (_random(UNet, UNetConfig(), 1), _random(AutoencoderKL, VAEConfig(), 2), _random(TextEncoder, TextConfig(), 3))
-        save_file(ldm_state_dict(*parts, family="sd1", dtype=torch.float16), path + ".tmp")
-        os.replace(path + ".tmp", path)
-    return path
+def sd15_file():
+    return str(sd15_checkpoint())
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +53,8 @@ def test_forward_parity(sd15, references):
         assert refs.max_rel(sd15.encode_text(prompts), dt(ids).last_hidden_state) <= 1e-4
 
 
-def test_diffusers_folder_of_the_same_weights(sd15, references, cache_dir):
-    folder = os.path.join(cache_dir, f"sd15-random-v{GENERATOR_VERSION}-diffusers")
+def test_diffusers_folder_of_the_same_weights(sd15, references, sd15_file):
+    folder = sd15_file.removesuffix(".safetensors") + "-diffusers"
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         du, dv, dt = references
         refs.save_diffusers_folder(folder + ".tmp", du, dv, dt, dtype=torch.float16)   # *.fp16.safetensors variant
