@@ -35,6 +35,9 @@ class StableDiffusion:
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
         self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
+        self.compiled = False             # the UNet runs as torch.compile'd code (``compile``)
+        # the adapters merged into the weights (sdcore.lora): their set's key, files, the changed weights' originals
+        self.lora_key, self.lora_files, self.lora_originals = (), [], {}
 
     @property
     def inpainting(self) -> bool:
@@ -52,7 +55,7 @@ class StableDiffusion:
         compiled = torch.compile(unet)
         if self.device.type == "cuda":        # launches, not arithmetic, bound a compiled step there
             compiled = CUDAGraphed(compiled, unet)
-        self.unet = compiled
+        self.unet, self.compiled = compiled, True
         return self
 
     def use_cuda_graphs(self):
