@@ -102,13 +102,17 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     if model is None:
         models = load_models(settings)
     elif isinstance(model, dict):
-        models = ModelRegistry(model, settings.aliases(), settings.strict_models)
+        models = ModelRegistry(model, settings.aliases(), settings.strict_models, settings.lora_model_dir)
     else:  # one injected model: its id is --model-name / NAME=, else its own .name
         configured = settings.models or settings.model_name
         name = settings.model_specs()[0][0]
         if not configured and getattr(model, "name", None):
             name = model.name
-        models = ModelRegistry({name: model}, settings.aliases(), settings.strict_models)
+        models = ModelRegistry({name: model}, settings.aliases(), settings.strict_models, settings.lora_model_dir)
+    if settings.embd_dir:
+        from sdcore.embeddings import EmbeddingDir
+        for served in models.models.values():
+            served.embeddings = EmbeddingDir(settings.embd_dir)
     if generate is None:
         from sdcore.pipeline import generate
     if not settings.api_key and not settings.api_auth:

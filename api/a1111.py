@@ -399,6 +399,7 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
               seed=seed, clip_skip=_get_int(f, "clip_skip", clip_skip, 1, MAX_CLIP_SKIP),
               **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]),
               **{**_sdxl_options(stored, None), **_sdxl_options(override, "override_settings")})
+    kw["loras"] = P.get_loras(f, prompt, negative, st.models.lora_dir)
     parameters = {**defaults, **{k: v for k, v in body.items() if k in defaults}}
     return f, kw, ckpt, parameters
 

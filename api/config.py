@@ -66,6 +66,12 @@ class Settings:
     strict_models: bool = setting(False, "answer 404 model_not_found for a `model` the server does not serve "
                                          "(off: such a request gets the default model, as clients that send "
                                          "their own model name expect)")
+    lora_model_dir: str | None = setting(None, "directory of LoRA/LyCORIS files: <lora:NAME:WEIGHT> in a prompt, or "
+                                               "the `lora` field, applies NAME.safetensors (.ckpt, .pt) from it",
+                                         metavar="DIR", shown="none (LoRAs refused)")
+    embd_dir: str | None = setting(None, "directory of textual-inversion embeddings: a prompt naming one (its file "
+                                         "name without extension) gets its learned vectors", metavar="DIR",
+                                   shown="none")
     vae: str | None = setting(None, "VAE weights replacing the checkpoint's own")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image)")
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
@@ -231,6 +237,9 @@ class Settings:
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.download_url_prefix is not None and not self.download_url_prefix.startswith(("http://", "https://")):
             raise ConfigError("download_url_prefix must start with http:// or https://")
+        for name in ("lora_model_dir", "embd_dir"):
+            if getattr(self, name) and not os.path.isdir(getattr(self, name)):
+                raise ConfigError(f"{name}: {getattr(self, name)} is not a directory")
         self.api_auth_pairs()
         if self.max_pixels < 64 * 64:
             raise ConfigError(f"max_pixels must be at least 4096 (64x64), got {self.max_pixels}")

@@ -17,9 +17,10 @@ class ModelRegistry:
 
     A generation naming a model the server does not serve gets the default model: most clients send a
     name of their own (``dall-e-2``, ``gpt-image-1``, the seed document's ``sd``). ``strict`` answers
-    404 instead. Looking a model up by id (``GET /v1/models/{id}``) is always strict."""
+    404 instead. Looking a model up by id (``GET /v1/models/{id}``) is always strict. ``lora_dir``: where
+    the adapters requests name live (sdcore.lora), None: none are served."""
 
-    def __init__(self, models: dict, aliases: dict | None = None, strict: bool = False):
+    def __init__(self, models: dict, aliases: dict | None = None, strict: bool = False, lora_dir: str | None = None):
         if not models:
             raise ValueError("no model")
         self.models = dict(models)
@@ -28,7 +29,7 @@ class ModelRegistry:
         if unknown:
             raise ConfigError(f"model alias for a model that is not served: {', '.join(unknown)} "
                               f"(served: {', '.join(self.models)})")
-        self.strict = strict
+        self.strict, self.lora_dir = strict, lora_dir
         self.default_id = next(iter(self.models))
         self.created = int(time.time())
 
@@ -108,4 +109,4 @@ def load_models(settings) -> ModelRegistry:
             compile_and_warm_up(models[name])
             log.info("compiled model %r's UNet at %d×%d in %.1f s", name, models[name].native_size,
                      models[name].native_size, time.monotonic() - t0)
-    return ModelRegistry(models, settings.aliases(), settings.strict_models)
+    return ModelRegistry(models, settings.aliases(), settings.strict_models, settings.lora_model_dir)

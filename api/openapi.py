@@ -32,6 +32,18 @@ def _error_response(description: str, headers: dict | None = None) -> dict:
     return out
 
 
+def _lora_field() -> dict:
+    """The adapters field, the same on every route (api.params.get_loras)."""
+    lo, hi = P.LORA_MULTIPLIER_RANGE
+    return {"type": "array", "maxItems": P.MAX_LORAS, "nullable": True,
+            "items": {"type": "object", "required": ["name"],
+                      "properties": {"name": {"type": "string", "maxLength": 256},
+                                     "multiplier": {"type": "number", "minimum": lo, "maximum": hi, "default": 1.0}}},
+            "description": "LoRAs from the server's --lora-model-dir, by file name without extension, each with its "
+                           "multiplier; the same as <lora:NAME:MULTIPLIER> tags in the prompt (both may be used; "
+                           "a name given twice adds its multipliers). In a multipart form: this list as JSON text."}
+
+
 def _micro_fields(defaults: dict) -> dict:
     lo, hi = P.MICRO_SIDE_RANGE
     size = {"type": "string", "maxLength": 64, "pattern": r"^\s*[0-9]{1,9}[xX][0-9]{1,9}\s*$", "nullable": True}
@@ -104,6 +116,7 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
                               "maximum": P.REFINER_SWITCH_RANGE[1], "default": defaults["refiner_switch_at"],
                               "description": "With refiner: the fraction of the steps drawn before it takes over."},
         **_micro_fields(defaults),
+        "lora": _lora_field(),
         "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
                             "default": defaults["response_format"],
                             "description": "url: a download URL (GET /v1/files/download/...); "
@@ -262,6 +275,7 @@ def _a1111_request(limits: P.Limits, img2img: bool) -> dict:
         "refiner_switch_at": f({"type": "number", "minimum": P.REFINER_SWITCH_RANGE[0],
                                 "maximum": P.REFINER_SWITCH_RANGE[1], "default": P.defaults()["refiner_switch_at"]},
                                "The fraction of the steps drawn before the refiner takes over."),
+        "lora": _lora_field(),
         "send_images": f(flag, "Return the images (default true)."),
         "save_images": f(flag, "Also store them in /v1/files (default false)."),
     }

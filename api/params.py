@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ from typing import Any, Callable
 from PIL import Image
 
 import samplers
+from sdcore.lora import LoraError, resolve_loras
 from sdcore.pipeline import GenerationParams
+from sdcore.prompts import extract_loras
 
 from .errors import APIError, invalid
 
@@ -58,12 +61,14 @@ REFINER_SWITCH_RANGE = (0.0, 1.0)        # the fraction of the steps drawn befor
 MICRO_SIDE_RANGE = (0, 16384)            # SDXL's micro-conditioning sizes and crop offsets, in pixels
 AESTHETIC_RANGE = (0.0, 10.0)            # the refiner's aesthetic scores (its raters' scale)
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+LORA_MULTIPLIER_RANGE = (-10.0, 10.0)     # trained adapters are used within ±2; beyond ±10 only noise remains
+MAX_LORAS = 16                           # adapters one request may apply
 MIN_SIDE = 64
 SIDE_MULTIPLE = 8
 MIN_INPUT_SIDE = 8        # an uploaded image smaller than one autoencoder block carries nothing
 
 # GenerationParams fields whose HTTP name differs (edits upload the init image as "image")
-HTTP_PARAMS = {"init_image": "image"}
+HTTP_PARAMS = {"init_image": "image", "loras": "lora"}
 
 
 def sample_methods() -> tuple[str, ...]:
@@ -399,6 +404,42 @@ def get_refiner(f: _Fields, name: str, find: Callable, default_switch: float) ->
     return {"refiner": refiner, "refiner_switch_at": switch}
 
 
+def get_loras(f: _Fields, prompt: str, negative: str, lora_dir: str | None) -> list[tuple[str, float]]:
+    """The adapters a request applies, as (file, multiplier): the prompts' <lora:NAME:W> tags and the ``lora``
+    field's [{"name": NAME, "multiplier": W}] entries (the sd.cpp server's), found in ``lora_dir``."""
+    named = []
+    for param, text in (("prompt", prompt), ("negative_prompt", negative)):
+        try:
+            named += extract_loras(text)[1]
+        except ValueError as e:
+            raise invalid(param, str(e)) from None
+    entries = f.get("lora") if f.has("lora") else None
+    if isinstance(entries, str) and f.is_form:           # a form sends the list as JSON text
+        try:
+            entries = json.loads(entries)
+        except ValueError:
+            raise invalid("lora", "'lora' must be a JSON list of {\"name\": ..., \"multiplier\": ...}.") from None
+    if entries is not None:
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise invalid("lora", "'lora' must be a list of {\"name\": ..., \"multiplier\": ...} objects.")
+        for e in entries:
+            entry = _Fields.from_json(e)
+            name = _get_str(entry, "name", None, max_len=256)
+            if not name or not name.strip():
+                raise invalid("lora", "each 'lora' entry needs a 'name': a file name in the LoRA directory.")
+            named.append((name.strip(), _get_float(entry, "multiplier", 1.0, *LORA_MULTIPLIER_RANGE)))
+    if len(named) > MAX_LORAS:
+        raise invalid("lora", f"at most {MAX_LORAS} LoRAs per request, got {len(named)}.")
+    for name, multiplier in named:
+        if not LORA_MULTIPLIER_RANGE[0] <= multiplier <= LORA_MULTIPLIER_RANGE[1]:
+            raise invalid("lora", f"LoRA {name!r}: the multiplier must be within {LORA_MULTIPLIER_RANGE}, "
+                                  f"got {multiplier}.")
+    try:
+        return resolve_loras(lora_dir, named)
+    except LoraError as e:
+        raise invalid("lora", str(e)) from None
+
+
 def get_micro_conditioning(f: _Fields) -> dict:
     """SDXL's size/crop micro-conditioning and the refiner's aesthetic scores (defaults: GenerationParams')."""
     d, lo, hi = defaults(), *MICRO_SIDE_RANGE
@@ -451,6 +492,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
         **get_refiner(f, "refiner", models.find, d["refiner_switch_at"]),
         **get_micro_conditioning(f),
     )
+    kw["loras"] = get_loras(f, kw["prompt"], kw["negative_prompt"], models.lora_dir)
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)
     if model_id and model_id.lower().startswith(B64_ONLY_MODELS):
         response_format = "b64_json"

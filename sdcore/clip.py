@@ -95,15 +95,23 @@ class TextEncoder(nn.Module):
         if cfg.projection_dim:
             self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
 
-    def forward(self, tokens: torch.Tensor, output_layer: int | None = None, pooled: bool = False):
+    def forward(self, tokens: torch.Tensor, output_layer: int | None = None, pooled: bool = False,
+                extra: torch.Tensor | None = None):
         """tokens [B, 77] -> hidden states [B, 77, width] of the chosen block (ln_final applied if configured).
         Blocks after the chosen one are not run, unless ``pooled``: then all run, and the result is
-        (hidden states, pooled [B, projection_dim]).
+        (hidden states, pooled [B, projection_dim]). ``extra`` [E, width]: the token vectors of ids from
+        vocab_size on (textual-inversion embeddings, sdcore.embeddings).
         """
         blocks = self.transformer.resblocks
         layer = self.cfg.output_layer if output_layer is None else output_layer
         n_run = len(blocks) if pooled else layer % len(blocks) + 1
-        x = self.token_embedding(tokens) + self.positional_embedding
+        vocab = self.cfg.vocab_size
+        x = self.token_embedding(tokens.clamp(max=vocab - 1))
+        if extra is not None:
+            learned = extra.to(x)[(tokens - vocab).clamp(min=0, max=len(extra) - 1)]
+            x = torch.where((tokens >= vocab)[..., None], learned, x)
+            tokens = tokens.masked_fill(tokens >= vocab, 0)         # never taken for the end-of-text token below
+        x = x + self.positional_embedding
         for i, block in enumerate(blocks[:n_run]):
             x = block(x)
             if i == layer % len(blocks):

@@ -62,8 +62,11 @@ def format_infotext(prompt: str, negative_prompt: str, fields: list[tuple[str, o
     return f"{prompt}{negative}\n{line}"
 
 
-def generation_fields(p, model_name: str) -> list[tuple[str, object]]:
-    """The (key, value) pairs of a ``GenerationParams`` whose seed and scheduler are the image's own."""
+def generation_fields(p, model_name: str, loras=(), embeddings=()) -> list[tuple[str, object]]:
+    """The (key, value) pairs of a ``GenerationParams`` whose seed and scheduler are the image's own;
+    ``loras``: the adapter files applied (sdcore.formats.lora.LoraFile), ``embeddings``: the (name, short hash)
+    of the textual-inversion embeddings the prompts name, listed with their short hashes as A1111 lists them
+    (the multipliers and the names are in the prompts)."""
     fields = [("Steps", p.steps), ("Sampler", sampler_label(p.sample_method)),
               ("Schedule type", scheduler_label(p.scheduler)), ("CFG scale", p.cfg_scale), ("Seed", p.seed),
               ("Size", f"{p.width}x{p.height}"), ("Model", model_name)]
@@ -77,11 +80,15 @@ def generation_fields(p, model_name: str) -> list[tuple[str, object]]:
             fields.append(("Control preprocessor", "canny"))
     if p.refiner is not None:
         fields += [("Refiner", p.refiner.name), ("Refiner switch at", p.refiner_switch_at)]
+    if loras:
+        fields.append(("Lora hashes", ", ".join(f"{f.name}: {f.short_hash}" for f in loras)))
+    if embeddings:
+        fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in embeddings)))
     return fields
 
 
-def infotext(p, model_name: str) -> str:
-    return format_infotext(p.prompt, p.negative_prompt, generation_fields(p, model_name))
+def infotext(p, model_name: str, loras=(), embeddings=()) -> str:
+    return format_infotext(p.prompt, p.negative_prompt, generation_fields(p, model_name, loras, embeddings))
 
 
 # "Key: value," pairs of the last line; a value is a JSON string or runs to the next comma
@@ -121,4 +128,7 @@ def parse_infotext(text: str) -> dict:
         out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
     if "Refiner" in values:              # a model name, as "model" is
         out["refiner"], out["refiner_switch_at"] = values["Refiner"], float(values["Refiner switch at"])
+    for key, field in (("Lora hashes", "lora_hashes"), ("TI hashes", "embedding_hashes")):
+        if key in values:                # name -> short hash; the prompts name them (and the LoRAs' multipliers)
+            out[field] = dict(pair.split(": ", 1) for pair in values[key].split(", "))
     return out

@@ -19,7 +19,8 @@ import torch
 from .cuda_graphs import unwrapped
 from .formats.lora import EXTENSIONS, LoraError, LoraFile, read_lora, target_shape
 
-__all__ = ["EXTENSIONS", "LoraError", "apply_loras", "find_lora", "networks", "remove_loras"]
+__all__ = ["EXTENSIONS", "LoraError", "apply_loras", "available", "find_lora", "networks", "remove_loras",
+           "resolve_loras"]
 
 
 def networks(model) -> dict:
@@ -40,6 +41,18 @@ def find_lora(directory: str, name: str) -> str:
         if os.path.isfile(path) and path.endswith(EXTENSIONS):
             return path
     raise LoraError(f"no LoRA named {name!r}; available: {', '.join(available(directory)) or 'none'}")
+
+
+def resolve_loras(directory: str | None, named: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """(name, multiplier) pairs -> (file, multiplier) pairs, the multipliers of a file named twice added (as the
+    sd.cpp server does). LoraError for a name not in ``directory``, or any name when there is no directory."""
+    if named and not directory:
+        raise LoraError(f"LoRA {named[0][0]!r} asked for, but no LoRA directory is configured (--lora-model-dir)")
+    total: dict[str, float] = {}
+    for name, multiplier in named:
+        path = find_lora(directory, name)
+        total[path] = total.get(path, 0.0) + multiplier
+    return list(total.items())
 
 
 def available(directory: str) -> list[str]:
@@ -66,7 +79,10 @@ def _set_key(loras) -> tuple:
 def apply_loras(model, loras: list[tuple[str, float]]) -> list[LoraFile]:
     """Make ``loras`` ((file, multiplier) pairs) the adapters applied to ``model``: nothing when they are
     already, else the previous set is taken off and these merged. Every file is read and checked before
-    any weight changes (LoraError: none changed). -> the files read (for their names and hashes)."""
+    any weight changes (LoraError: none changed). The order of ``loras`` does not matter: they are merged in
+    the order of their paths, so a set gives the same weights however it is listed. -> the files read (for
+    their names and hashes)."""
+    loras = sorted(loras)
     key = _set_key(loras)
     if key == model.lora_key:
         return model.lora_files

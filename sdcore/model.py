@@ -35,6 +35,7 @@ class StableDiffusion:
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
         self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
+        self.embeddings = None            # a sdcore.embeddings.EmbeddingDir whose names prompts may use
         self.compiled = False             # the UNet runs as torch.compile'd code (``compile``)
         # the adapters merged into the weights (sdcore.lora): their set's key, files, the changed weights' originals
         self.lora_key, self.lora_files, self.lora_originals = (), [], {}
@@ -87,17 +88,39 @@ class StableDiffusion:
         parsed = [prompt_language.parse(p) for p in prompts]
         hidden, pooled = [], None
         for i, (encoder, tokenizer) in enumerate(self.encoders):
-            per_prompt = [prompt_language.chunks(p, tokenizer.encode, tokenizer.comma) for p in parsed]
+            extra = []                                  # embeddings' vectors, addressed by ids from vocab_size on
+            encode = self._tokens(tokenizer, encoder.cfg, extra)
+            per_prompt = [prompt_language.chunks(p, encode, tokenizer.comma) for p in parsed]
             count = max(map(len, per_prompt))
             rows = [prompt_language.token_rows(c, BOS, EOS, tokenizer.pad_id, count) for c in per_prompt]
             ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])     # [B·k, 77]
             out = encoder(ids.to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
-                          pooled=wants_pooled and i == len(self.encoders) - 1)
+                          pooled=wants_pooled and i == len(self.encoders) - 1,
+                          extra=torch.cat(extra).to(self.device) if extra else None)
             h = prompt_language.apply_weights(out[0] if isinstance(out, tuple) else out, weights)
             hidden.append(h.reshape(len(prompts), -1, h.shape[-1]))
             pooled = out[1].reshape(len(prompts), count, -1)[:, 0] if isinstance(out, tuple) else pooled
         context = torch.cat(hidden, dim=-1)
         return (context, pooled) if wants_pooled else context
+
+    def _tokens(self, tokenizer, cfg, extra: list):
+        """text -> token ids, each textual-inversion embedding the text names (``self.embeddings``) as a tuple of
+        new ids from ``cfg.vocab_size`` on, its vectors appended to ``extra``."""
+        if self.embeddings is None:
+            return tokenizer.encode
+
+        def encode(text):
+            out = []
+            for part in self.embeddings.split(text):
+                if isinstance(part, tuple):
+                    vectors = self.embeddings.vectors(part[0], cfg.width)
+                    start = cfg.vocab_size + sum(len(e) for e in extra)
+                    extra.append(vectors)
+                    out.append(tuple(range(start, start + len(vectors))))
+                elif part:
+                    out += tokenizer.encode(part)
+            return out
+        return encode
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,

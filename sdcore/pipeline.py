@@ -21,7 +21,9 @@ import samplers
 from . import tiling
 from .canny import canny
 from .formats.infer import REFINER
+from .formats import CheckpointError
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
+from .lora import LoraError, apply_loras
 from .model import AESTHETIC_SCORES
 
 log = logging.getLogger("sdcore.pipeline")
@@ -75,6 +77,9 @@ class GenerationParams:
     crop_left: int = 0
     aesthetic_score: float = AESTHETIC_SCORES[0]
     negative_aesthetic_score: float = AESTHETIC_SCORES[1]
+    # Adapters merged into the model for this request (sdcore.lora): (file, multiplier) pairs, e.g. those the
+    # prompt's <lora:NAME:W> tags name (sdcore.lora.resolve_loras); the tags themselves are not encoded
+    loras: list = field(default_factory=list)
 
 
 @dataclass
@@ -92,10 +97,18 @@ class GeneratedImage:
 def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
     """``progress(step_index, total_steps, seconds_per_step)`` is called after every sampler step."""
     _check(model, p)
+    try:
+        adapters = apply_loras(model, p.loras)
+    except LoraError as e:
+        raise PipelineError(str(e), "loras") from None
     scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
     seed = p.seed if p.seed >= 0 else secrets.randbelow(RANDOM_SEEDS)
+    embeddings = model.embeddings.used(p.prompt, p.negative_prompt) if model.embeddings else []
     with torch.inference_mode():
-        conds = [_conditionings(m, p) for m in (model, p.refiner) if m is not None]
+        try:
+            conds = [_conditionings(m, p) for m in (model, p.refiner) if m is not None]
+        except CheckpointError as e:        # an embedding the prompt names that this model cannot take
+            raise PipelineError(str(e), "prompt") from None
         init = _prepare_init(model, p)
         guided_hint = _prepare_control(model, p)
         out = []
@@ -103,7 +116,7 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
             image_seed = (seed + i) % SEED_MOD
             image = _generate_one(model, p, scheduler, image_seed, conds, init, progress, guided_hint)
             params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
-            text = infotext(params, model.name)
+            text = infotext(params, model.name, adapters, embeddings)
             out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
     return out
 

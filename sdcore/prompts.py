@@ -3,7 +3,9 @@
 Emphasis: ``(text)`` multiplies the weight of its tokens by 1.1, ``[text]`` divides it by 1.1, ``(text:w)``
 sets the factor to w; brackets nest (``((text))`` is 1.21), ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are the
 characters themselves, and a bracket left open applies to the end of the prompt while a closing one with
-nothing open is dropped. ``BREAK`` (the word, in capitals) ends the current 75-token chunk.
+nothing open is dropped. ``BREAK`` (the word, in capitals) ends the current 75-token chunk. Adapter tags,
+``<lora:NAME>`` and ``<lora:NAME:MULTIPLIER>`` (``<lyco:...>`` alike, as the older LyCORIS extension wrote
+them), are taken out of the text (``extract_loras``; sdcore.lora applies what they name).
 
 A prompt becomes chunks of 75 tokens, each encoded alone between its start and end tokens and the results
 concatenated (so the length is unlimited). A chunk that fills up in the middle of a phrase moves the words
@@ -23,10 +25,34 @@ BREAK = object()                # marks a forced chunk end in the parsed list
 ESCAPABLE = ("(", ")", "[", "]", "\\")
 _NUMBER = re.compile(r"\s*([+-]?[.\d]+)\s*$")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
+
+
+def extract_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """``text`` without its adapter tags, and the (name, multiplier) of each tag in order (multiplier 1 when
+    the tag gives none). ValueError for a tag whose multiplier is not a number or that has more parts."""
+    found = []
+
+    def take(m):
+        name, *rest = m.group(1).split(":")
+        if len(rest) > 1 or not name.strip():
+            raise ValueError(f"{m.group(0)}: an adapter tag is <lora:NAME> or <lora:NAME:MULTIPLIER>")
+        try:
+            multiplier = float(rest[0]) if rest and rest[0].strip() else 1.0
+        except ValueError:
+            raise ValueError(f"{m.group(0)}: the multiplier must be a number") from None
+        if multiplier != multiplier or abs(multiplier) == float("inf"):
+            raise ValueError(f"{m.group(0)}: the multiplier must be a finite number")
+        found.append((name.strip(), multiplier))
+        return ""
+    return LORA_TAG.sub(take, text), found
 
 
 def parse(text: str) -> list[tuple[str, float] | object]:
-    """``text`` -> [(fragment, weight) or BREAK, ...], runs of equal weight merged; never empty."""
+    """``text`` -> [(fragment, weight) or BREAK, ...], runs of equal weight merged; never empty. Adapter tags
+    are left out."""
+    if "<" in text:
+        text = LORA_TAG.sub("", text)
     out: list = []                                   # [text, weight] pairs (lists, so weights can be scaled)
     opened: list[tuple[str, int]] = []               # open brackets: (kind, index in ``out`` where they start)
 
@@ -118,7 +144,8 @@ class Chunk:
 def chunks(parsed: list, encode, comma: int) -> list[Chunk]:
     """Parsed fragments -> chunks of at most CHUNK (token, weight) pairs, split as A1111 splits them:
     at CHUNK tokens, moving the words after a comma at most COMMA_BACKTRACK tokens back to the next chunk,
-    and at BREAK. ``encode``: text -> token ids (no start/end tokens); ``comma``: the id of ','."""
+    and at BREAK. ``encode``: text -> token ids (no start/end tokens), a textual-inversion embedding as one
+    tuple of ids (it moves whole to the next chunk where it does not fit); ``comma``: the id of ','."""
     done: list[Chunk] = []
     current, last_comma = Chunk(), -1
 
@@ -133,6 +160,12 @@ def chunks(parsed: list, encode, comma: int) -> list[Chunk]:
             continue
         text, weight = item
         for token in encode(text):
+            if isinstance(token, tuple):                 # an embedding's vectors: never split across chunks
+                if len(current.tokens) + len(token) > CHUNK:
+                    close()
+                current.tokens += token
+                current.weights += [weight] * len(token)
+                continue
             if token == comma:
                 last_comma = len(current.tokens)
             elif len(current.tokens) == CHUNK and last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -181,13 +182,16 @@ def target_shape(network, target: Target) -> torch.Size:
 
 
 def short_hash(path: str) -> str:
-    """A1111's short hash of an adapter: sha256 of a safetensors file's tensor data (after its header,
-    so editing the metadata keeps the hash), of a pickle's whole file; the first 12 hex digits."""
+    """A1111's short hash of an adapter: the ``sshs_model_hash`` its trainer wrote into a safetensors file's
+    metadata, else sha256 of the file's tensor data (after its header, so editing the metadata keeps the
+    hash; a pickle: the whole file); the first 12 hex digits."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if path.endswith(".safetensors"):
             (n,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + n)
+            written = json.loads(f.read(n)).get("__metadata__", {}).get("sshs_model_hash")
+            if isinstance(written, str) and re.fullmatch(r"[0-9a-fA-F]{12,64}", written):
+                return written[:12].lower()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:12]

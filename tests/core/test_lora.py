@@ -7,6 +7,7 @@ unfused run-time layers) on a diffusers UNet and transformers text encoders hold
 LoHa/LoKr: the weight change computed here from LyCORIS' definition.
 """
 import copy
+import hashlib
 import re
 
 import pytest
@@ -270,3 +271,19 @@ def test_names_resolve_inside_the_directory_only(tmp_path):
             find_lora(str(loras), name)
     with pytest.raises(LoraError, match="available: style"):
         find_lora(str(loras), "nope")
+
+
+def test_short_hash_is_a1111s(tmp_path):
+    """A1111 (networks.NetworkOnDisk): the sshs_model_hash metadata when the trainer wrote one, else its addnet
+    hash: sha256 of what follows a safetensors file's header."""
+    from safetensors.torch import save_file
+    from sdcore.formats.lora import short_hash
+    t = {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}
+    save_file(t, str(tmp_path / "a.safetensors"), metadata={"ss_note": "one"})
+    save_file(t, str(tmp_path / "b.safetensors"), metadata={"ss_note": "another, longer note"})
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    data = raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert short_hash(str(tmp_path / "a.safetensors")) == hashlib.sha256(data).hexdigest()[:12]
+    assert short_hash(str(tmp_path / "b.safetensors")) == short_hash(str(tmp_path / "a.safetensors"))
+    save_file(t, str(tmp_path / "c.safetensors"), metadata={"sshs_model_hash": "ABCDEF0123456789" * 4})
+    assert short_hash(str(tmp_path / "c.safetensors")) == "abcdef012345"
