@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image, ImageFilter, ImageOps
 
 import samplers
+from sdcore.formats import CheckpointError
 from sdcore.infotext import sampler_label, scheduler_label, split_infotext
 from sdcore.pipeline import INPAINT_FILLS, GenerationParams, cover_resize
 
@@ -552,3 +553,37 @@ def progress_idle(queue) -> dict:
             "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queue.waiting + int(busy),
                       "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
             "current_image": None, "textinfo": None}
+
+
+def loras(lora_dir: str | None) -> list[dict]:
+    """GET /sdapi/v1/loras: the adapters prompts may name, with their safetensors metadata (A1111's shape)."""
+    from sdcore.formats.files import TensorFile
+    from sdcore.lora import available, find_lora
+    out = []
+    for name in available(lora_dir) if lora_dir else []:
+        path = find_lora(lora_dir, name)
+        try:
+            metadata = dict(TensorFile(path).metadata) if path.endswith(".safetensors") else {}
+        except CheckpointError:          # listed all the same: a request naming it gets the reason
+            metadata = {}
+        out.append({"name": name, "alias": name, "path": path, "metadata": metadata})
+    return out
+
+
+def embeddings(model) -> dict:
+    """GET /sdapi/v1/embeddings: the embeddings of --embd-dir this model's text encoder can take ("loaded") and
+    those made for another width ("skipped"), in A1111's shape."""
+    found = {"loaded": {}, "skipped": {}}
+    directory = getattr(model, "embeddings", None)
+    if directory is None:
+        return found
+    width = model.text_encoder.cfg.width
+    for name in directory.names():
+        try:
+            vectors = directory.vectors(name, width)
+            found["loaded"][name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                     "shape": width, "vectors": len(vectors)}
+        except CheckpointError:          # made for another text-encoder width, or unreadable
+            found["skipped"][name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                      "shape": None, "vectors": None}
+    return found

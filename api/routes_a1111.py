@@ -111,7 +111,7 @@ def sd_vae():
 
 @bp.get("/loras")
 def loras():
-    return jsonify([])
+    return jsonify(a1111.loras(state().models.lora_dir))
 
 
 @bp.get("/prompt-styles")
@@ -121,7 +121,8 @@ def prompt_styles():
 
 @bp.get("/embeddings")
 def embeddings():
-    return jsonify({"loaded": {}, "skipped": {}})
+    st = state()
+    return jsonify(a1111.embeddings(st.models.models[_current_checkpoint(st).id]))
 
 
 @bp.get("/progress")

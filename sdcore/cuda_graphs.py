@@ -26,8 +26,9 @@ MAX_GRAPHS = 32
 
 
 def unwrapped(net):
-    """The network itself, whether or not it is replayed as CUDA graphs."""
-    return net.module if isinstance(net, CUDAGraphed) else net
+    """The network itself, whether or not it is replayed as CUDA graphs or runs as torch.compile'd code."""
+    net = net.module if isinstance(net, CUDAGraphed) else net
+    return getattr(net, "_orig_mod", net)
 
 
 class CUDAGraphed:

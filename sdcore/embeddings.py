@@ -45,6 +45,11 @@ class EmbeddingDir:
         self._pattern = (re.compile(r"(?<!\w)(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
                          if names else None)
 
+    def names(self) -> list[str]:
+        with self._lock:
+            self._list()
+            return sorted(self._files)
+
     def split(self, text: str) -> list[str | tuple[str]]:
         """``text`` cut around the embeddings it names: plain strings, and (name,) for each embedding."""
         with self._lock:

@@ -154,3 +154,18 @@ def test_embeddings_from_embd_dir_change_the_image_and_other_widths_are_400s(mod
     err = error_of(client.post("/v1/images/generations", json={**BODY, "prompt": "a barn, xl_only"}), 400)
     assert err["param"] == "prompt" and "another model family" in err["message"]
     _image(client.post("/v1/images/generations", json={**BODY, "prompt": "still up"}))
+
+
+def test_a1111_lists_the_loras_and_embeddings(model, lora_dir, tmp_path):
+    d = tmp_path / "embeddings"
+    d.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(3, model.text_encoder.cfg.width)}}, d / "style.pt")
+    torch.save({"string_to_param": {"*": torch.zeros(1, 1024)}}, d / "sd2style.pt")
+    app, _ = make_app(tmp_path / "srv", stub=generate, model=model, lora_model_dir=str(lora_dir), embd_dir=str(d))
+    client = app.test_client()
+    listed = client.get("/sdapi/v1/loras").get_json()
+    assert [(x["name"], x["alias"]) for x in listed] == [("film_grain", "film_grain"), ("ink", "ink")]
+    assert listed[0]["path"] == str((lora_dir / "film_grain.safetensors").resolve())
+    got = client.get("/sdapi/v1/embeddings").get_json()
+    assert got["loaded"]["style"]["vectors"] == 3 and got["loaded"]["style"]["shape"] == model.text_encoder.cfg.width
+    assert list(got["skipped"]) == ["sd2style"]

@@ -9,6 +9,7 @@ LoHa/LoKr: the weight change computed here from LyCORIS' definition.
 import copy
 import hashlib
 import re
+import shutil
 
 import pytest
 import torch
@@ -21,9 +22,10 @@ from bench.lora_files import write_lora
 from sdcore.formats import layouts
 from sdcore.formats.write import random_init_, save_single_file
 from sdcore.lora import LoraError, apply_loras, find_lora, remove_loras
-from sdcore.unet import UNet, timestep_embedding
+from sdcore.model import StableDiffusion
+from sdcore.unet import UNet, UNetConfig, timestep_embedding
 from sdcore.vae import AutoencoderKL
-from sdcore.clip import TextEncoder
+from sdcore.clip import TextConfig, TextEncoder
 from tests.tiny_models import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
 TOL = 1e-4
@@ -122,10 +124,11 @@ def _changed(before, after, what):
         assert refs.max_rel(before[k], after[k]) > 1e-3, f"{what}: the adapter did not change {k}"
 
 
-# (family, layout, LoCon): older diffusers files exist for SD1 only (diffusers reads no SDXL ones)
+# (family, layout, LoCon): older diffusers files exist for SD1 only (diffusers reads no SDXL ones);
+# "kohya-diffusers-names": an SDXL file whose lora_unet_ keys follow diffusers' paths, as LCM-LoRA SDXL's do
 CASES = [(family, layout, conv) for family in ("sd1", "sdxl")
          for layout, conv in (("kohya", False), ("kohya", True), ("peft", False), ("diffusers_old", False))
-         if not (family == "sdxl" and layout == "diffusers_old")]
+         if not (family == "sdxl" and layout == "diffusers_old")] + [("sdxl", "kohya-diffusers-names", True)]
 
 
 @pytest.mark.parametrize("family,layout,convolutions", CASES,
@@ -133,7 +136,8 @@ CASES = [(family, layout, conv) for family in ("sd1", "sdxl")
 def test_merged_adapter_equals_diffusers_fused_and_run_time(family, layout, convolutions, sd1, sdxl, tmp_path):
     model = sd1 if family == "sd1" else sdxl
     path = tmp_path / "adapter.safetensors"
-    write_lora(path, model, layout=layout, convolutions=convolutions, seed=11)
+    ldm = False if layout == "kohya-diffusers-names" else None
+    write_lora(path, model, layout=layout.split("-")[0], convolutions=convolutions, seed=11, sdxl_ldm_names=ldm)
     ref = (DiffusersLoras if family == "sd1" else DiffusersXLLoras)(model)
     plain = _theirs(model, ref)
     _close(_ours(model), plain, "without adapters")
@@ -287,3 +291,55 @@ def test_short_hash_is_a1111s(tmp_path):
     assert short_hash(str(tmp_path / "b.safetensors")) == short_hash(str(tmp_path / "a.safetensors"))
     save_file(t, str(tmp_path / "c.safetensors"), metadata={"sshs_model_hash": "ABCDEF0123456789" * 4})
     assert short_hash(str(tmp_path / "c.safetensors")) == "abcdef012345"
+
+
+def test_half_precision_weights_from_the_cache_merge_restore_and_leave_the_cache_as_it_was(
+        default_model_path, sd1, tmp_path):
+    cache = tmp_path / "cache"
+    half = sdcore.load_model(default_model_path, device="cpu", dtype=torch.bfloat16, cache_dir=str(cache))
+    files = sorted(cache.glob("*.safetensors"))
+    assert files                                               # the weights are mapped from the converted cache
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    loaded = {k: v.clone() for k, v in half.unet.state_dict().items()}
+    path = tmp_path / "a.safetensors"
+    write_lora(path, sd1, convolutions=True, seed=4)
+    try:
+        apply_loras(sd1, [(str(path), 1.0)])
+        want = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
+    finally:
+        remove_loras(sd1)
+    apply_loras(half, [(str(path), 1.0)])
+    got = half.unet.state_dict()
+    changed = [k for k in got if not torch.equal(got[k], loaded[k])]
+    assert len(changed) > 20
+    for k in changed:           # bf16 weight + float32 change, rounded once: within a bf16 step of the fp32 merge
+        assert refs.max_abs(got[k].float(), want[k]) <= 2 ** -7 * want[k].abs().max().item() + 1e-6, k
+    remove_loras(half)
+    assert all(torch.equal(half.unet.state_dict()[k], v) for k, v in loaded.items())
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == digests
+    assert sorted(cache.glob("*.safetensors")) == files
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_a_compiled_unet_runs_with_the_adapter_after_a_change(tmp_path):
+    """torch.compile freezes the weights into its code: a change of adapters compiles again (sdcore.lora). A
+    one-level UNet keeps the two compilations short."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,),
+                     transformer_depth=(1,), transformer_depth_middle=1, num_heads=2, context_dim=32)
+    text = random_init_(TextEncoder(TextConfig(width=32, layers=1, heads=1)), 2)
+
+    def tiny():
+        return StableDiffusion(family="sd1", prediction="eps", unet=random_init_(UNet(cfg), 1), vae=None,
+                               text_encoder=text, name="tiny", native_size=64, device="cpu", dtype=torch.float32,
+                               source="")
+    compiled, eager = tiny().compile(), tiny()
+    path = tmp_path / "a.safetensors"
+    write_lora(path, eager, convolutions=True, seed=6)
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        plain = compiled.unet(x, t, ctx)                         # compiled with the loaded weights
+        apply_loras(compiled, [(str(path), 1.0)])
+        apply_loras(eager, [(str(path), 1.0)])
+        assert refs.max_rel(compiled.unet(x, t, ctx), eager.unet(x, t, ctx)) < 1e-4
+        assert refs.max_rel(plain, eager.unet(x, t, ctx)) > 1e-2
