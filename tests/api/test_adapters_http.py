@@ -169,3 +169,14 @@ def test_a1111_lists_the_loras_and_embeddings(model, lora_dir, tmp_path):
     got = client.get("/sdapi/v1/embeddings").get_json()
     assert got["loaded"]["style"]["vectors"] == 3 and got["loaded"]["style"]["shape"] == model.text_encoder.cfg.width
     assert list(got["skipped"]) == ["sd2style"]
+
+
+def test_a_150_token_prompt_draws_differently_from_its_first_75_tokens(client, model):
+    """Past 77 positions the prompt goes on in a second chunk, instead of being cut (the original server's
+    behaviour, which would draw the first 75 tokens' image)."""
+    first = " ".join(["red", "circle", "blue", "square"] * 19)[:-len(" square")]      # 75 one-token words
+    rest = " ".join(["green", "triangle", "yellow", "background"] * 19)[:-len(" background")]
+    assert len(model.tokenizer.encode(first)) == 75 and len(model.tokenizer.encode(first + " " + rest)) == 150
+    short, _ = _image(client.post("/v1/images/generations", json={**BODY, "prompt": first}))
+    long, _ = _image(client.post("/v1/images/generations", json={**BODY, "prompt": first + " " + rest}))
+    assert (long - short).abs().float().mean() > 1.0

@@ -26,7 +26,7 @@ from sdcore.model import StableDiffusion
 from sdcore.unet import UNet, UNetConfig, timestep_embedding
 from sdcore.vae import AutoencoderKL
 from sdcore.clip import TextConfig, TextEncoder
-from tests.tiny_models import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
+from tests.tiny_models import SD2_TEXT, SD2_UNET, SD2_VAE, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
 TOL = 1e-4
 MULTIPLIER = 0.7
@@ -35,6 +35,14 @@ MULTIPLIER = 0.7
 @pytest.fixture(scope="module")
 def sd1(default_model_path):
     return sdcore.load_model(default_model_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd2-lora") / "sd2-shaped.safetensors"
+    save_single_file(path, random_init_(UNet(SD2_UNET), 1), random_init_(AutoencoderKL(SD2_VAE), 2, gain=0.5),
+                     random_init_(TextEncoder(SD2_TEXT), 3), family="sd2", prediction="v", with_config=False)
+    return sdcore.load_model(path, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +136,18 @@ def _changed(before, after, what):
 # "kohya-diffusers-names": an SDXL file whose lora_unet_ keys follow diffusers' paths, as LCM-LoRA SDXL's do
 CASES = [(family, layout, conv) for family in ("sd1", "sdxl")
          for layout, conv in (("kohya", False), ("kohya", True), ("peft", False), ("diffusers_old", False))
-         if not (family == "sdxl" and layout == "diffusers_old")] + [("sdxl", "kohya-diffusers-names", True)]
+         if not (family == "sdxl" and layout == "diffusers_old")] + [("sdxl", "kohya-diffusers-names", True)] + [
+    ("sd2", "kohya", True), ("sd2", "peft", False)]
 
 
 @pytest.mark.parametrize("family,layout,convolutions", CASES,
                          ids=[f"{f}-{lay}{'-locon' if c else ''}" for f, lay, c in CASES])
-def test_merged_adapter_equals_diffusers_fused_and_run_time(family, layout, convolutions, sd1, sdxl, tmp_path):
-    model = sd1 if family == "sd1" else sdxl
+def test_merged_adapter_equals_diffusers_fused_and_run_time(family, layout, convolutions, sd1, sd2, sdxl, tmp_path):
+    model = {"sd1": sd1, "sd2": sd2, "sdxl": sdxl}[family]
     path = tmp_path / "adapter.safetensors"
     ldm = False if layout == "kohya-diffusers-names" else None
     write_lora(path, model, layout=layout.split("-")[0], convolutions=convolutions, seed=11, sdxl_ldm_names=ldm)
-    ref = (DiffusersLoras if family == "sd1" else DiffusersXLLoras)(model)
+    ref = (DiffusersXLLoras if family == "sdxl" else DiffusersLoras)(model)
     plain = _theirs(model, ref)
     _close(_ours(model), plain, "without adapters")
     ref.load_lora_weights(_as_peft(path) if layout == "diffusers_old" else str(path), adapter_name="a")
