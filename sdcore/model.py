@@ -89,7 +89,7 @@ class StableDiffusion:
         hidden, pooled = [], None
         for i, (encoder, tokenizer) in enumerate(self.encoders):
             extra = []                                  # embeddings' vectors, addressed by ids from vocab_size on
-            encode = self._tokens(tokenizer, encoder.cfg, extra)
+            encode = token_encoder(getattr(self, "embeddings", None), tokenizer, encoder.cfg, extra)
             per_prompt = [prompt_language.chunks(p, encode, tokenizer.comma) for p in parsed]
             count = max(map(len, per_prompt))
             rows = [prompt_language.token_rows(c, BOS, EOS, tokenizer.pad_id, count) for c in per_prompt]
@@ -102,25 +102,6 @@ class StableDiffusion:
             pooled = out[1].reshape(len(prompts), count, -1)[:, 0] if isinstance(out, tuple) else pooled
         context = torch.cat(hidden, dim=-1)
         return (context, pooled) if wants_pooled else context
-
-    def _tokens(self, tokenizer, cfg, extra: list):
-        """text -> token ids, each textual-inversion embedding the text names (``self.embeddings``) as a tuple of
-        new ids from ``cfg.vocab_size`` on, its vectors appended to ``extra``."""
-        if self.embeddings is None:
-            return tokenizer.encode
-
-        def encode(text):
-            out = []
-            for part in self.embeddings.split(text):
-                if isinstance(part, tuple):
-                    vectors = self.embeddings.vectors(part[0], cfg.width)
-                    start = cfg.vocab_size + sum(len(e) for e in extra)
-                    extra.append(vectors)
-                    out.append(tuple(range(start, start + len(vectors))))
-                elif part:
-                    out += tokenizer.encode(part)
-            return out
-        return encode
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
@@ -151,6 +132,26 @@ class StableDiffusion:
     def __repr__(self):
         return (f"StableDiffusion({self.name!r}, family={self.family}, prediction={self.prediction}, "
                 f"device={self.device}, dtype={self.dtype})")
+
+
+def token_encoder(embeddings, tokenizer, cfg, extra: list):
+    """text -> token ids, each textual-inversion embedding the text names (``embeddings``, an EmbeddingDir or
+    None) as a tuple of new ids from ``cfg.vocab_size`` on, its vectors appended to ``extra``."""
+    if embeddings is None:
+        return tokenizer.encode
+
+    def encode(text):
+        out = []
+        for part in embeddings.split(text):
+            if isinstance(part, tuple):
+                vectors = embeddings.vectors(part[0], cfg.width)
+                start = cfg.vocab_size + sum(len(e) for e in extra)
+                extra.append(vectors)
+                out.append(tuple(range(start, start + len(vectors))))
+            elif part:
+                out += tokenizer.encode(part)
+        return out
+    return encode
 
 
 def load_model(path: str, device="auto", dtype="auto", prediction: str | None = None,
