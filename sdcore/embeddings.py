@@ -70,7 +70,8 @@ class EmbeddingDir:
             cached = self._read.get(path)
             if cached is None or cached[0] != mtime:
                 vectors = read_embedding(path)
-                digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:12]
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()[:12]
                 cached = self._read[path] = (mtime, vectors, digest)
         return cached
 
