@@ -8,6 +8,7 @@
 * ``model``: an already loaded model (or a dict id -> model, the first being the default);
   None loads every configured model with ``sdcore.load_model`` (once per worker process).
 * ``generate``: the generation function, ``sdcore.pipeline.generate`` by default.
+* ``preview``: the picture of a latent during sampling, ``sdcore.previews.preview`` by default.
 
 The ``sd-api-server`` console script (``api.serve.main``) runs this factory in gunicorn.
 
@@ -37,6 +38,7 @@ from api import routes_a1111, routes_openai
 from api.config import Settings
 from api.disconnect import ClientGone
 from api.errors import APIError, error_response, is_sdapi, register_error_handlers
+from api.jobs import JobBoard
 from api.models import ModelRegistry, load_models
 from api.queue import GenerationQueue
 from api.security import add_cors_headers, preflight_headers
@@ -90,7 +92,7 @@ def _setup_logging(level: str) -> None:
             logger.propagate = False
 
 
-def create_app(config=None, model=None, generate=None) -> Flask:
+def create_app(config=None, model=None, generate=None, preview=None) -> Flask:
     if config is None:
         settings = Settings.from_env()
     elif isinstance(config, Settings):
@@ -115,6 +117,8 @@ def create_app(config=None, model=None, generate=None) -> Flask:
             served.embeddings = EmbeddingDir(settings.embd_dir)
     if generate is None:
         from sdcore.pipeline import generate
+    if preview is None:
+        from sdcore.previews import preview
     if not settings.api_key and not settings.api_auth:
         log.warning("no API key configured (--api-key or API_KEY): the server accepts "
                     "requests from anyone who can reach it")
@@ -124,7 +128,9 @@ def create_app(config=None, model=None, generate=None) -> Flask:
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False
-    app.extensions["sd_api_server"] = State(settings, models, GenerationQueue(generate, settings.max_queue))
+    jobs = JobBoard(settings.data_dir)
+    app.extensions["sd_api_server"] = State(settings, models, GenerationQueue(generate, settings.max_queue, jobs=jobs,
+                                                                              preview=preview))
     if settings.proxy_hops:
         h = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=h, x_proto=h, x_host=h, x_port=h,

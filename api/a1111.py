@@ -10,6 +10,7 @@ A1111 does), otherwise our default. An unknown name is an error, never a silent 
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -546,13 +547,30 @@ def png_info(body: dict, limits: Limits) -> dict:
     return {"info": infotext, "items": text, "parameters": parameters}
 
 
-def progress_idle(queue) -> dict:
-    """GET /sdapi/v1/progress, before live progress exists: whether this worker is busy, no fraction."""
-    busy = queue.busy
-    return {"progress": 0.0, "eta_relative": 0.0,
-            "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queue.waiting + int(busy),
-                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
-            "current_image": None, "textinfo": None}
+def progress(jobs, waiting: int, want_image: bool) -> dict:
+    """GET /sdapi/v1/progress: the oldest running generation of any worker (api.jobs), in A1111's shape: the
+    fraction done over the request's images, the time left estimated from the time so far, and, when asked
+    (``skip_current_image`` false), its latest preview. ``waiting``: requests queued in this worker."""
+    running = jobs.running()
+    if want_image:
+        jobs.watch()
+    if not running:
+        return {"progress": 0.0, "eta_relative": 0.0,
+                "state": {"skipped": False, "interrupted": False, "job": "", "job_count": waiting,
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0},
+                "current_image": None, "textinfo": None}
+    job = running[0]
+    done = (job["image"] + job["step"] / max(job["steps"], 1)) / job["images"]
+    elapsed = max(0.0, time.time() - job["started"])
+    preview = jobs.preview(job) if want_image else None
+    return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+            "state": {"skipped": False, "interrupted": False, "job": f"Batch {job['image'] + 1} out of {job['images']}",
+                      "job_count": job["images"], "job_no": job["image"],
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job["started"])),
+                      "sampling_step": job["step"], "sampling_steps": job["steps"]},
+            "current_image": base64.b64encode(preview).decode("ascii") if preview else None,
+            "textinfo": f"request {job['request_id']}: step {job['step']}/{job['steps']} of image "
+                        f"{job['image'] + 1}/{job['images']}"}
 
 
 def loras(lora_dir: str | None) -> list[dict]:

@@ -74,6 +74,11 @@ class Settings:
                                    shown="none")
     vae: str | None = setting(None, "VAE weights replacing the checkpoint's own")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image)")
+    taesd: str | None = setting(None, "TAESD decoder weights (taesd_decoder.safetensors, taesdxl_decoder.safetensors "
+                                      "or a diffusers AutoencoderTiny) for previews while sampling", metavar="PATH",
+                                shown="none (previews by a linear projection fitted to the VAE)")
+    taesd_decode: bool = setting(False, "decode final images with the TAESD decoder as well: several times faster, "
+                                        "visibly softer (docs/BENCHMARKS.md); needs --taesd")
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
     dtype: str = setting("auto", "weights dtype; auto: bfloat16 on CPUs with AVX512-BF16/AMX and on CUDA cards "
                                  "with bf16, float16 on other CUDA cards, else float32", choices=DTYPES)
@@ -237,6 +242,8 @@ class Settings:
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.download_url_prefix is not None and not self.download_url_prefix.startswith(("http://", "https://")):
             raise ConfigError("download_url_prefix must start with http:// or https://")
+        if self.taesd_decode and not self.taesd:
+            raise ConfigError("taesd_decode needs a TAESD decoder: set taesd as well")
         for name in ("lora_model_dir", "embd_dir"):
             if getattr(self, name) and not os.path.isdir(getattr(self, name)):
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a directory")

@@ -101,7 +101,8 @@ def load_models(settings) -> ModelRegistry:
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
                                          cuda_graphs=settings.cuda_graphs, native_size=sizes.get(name),
-                                         vae_tiling=settings.vae_tiling)
+                                         vae_tiling=settings.vae_tiling, taesd=settings.taesd,
+                                         taesd_decode=settings.taesd_decode)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
         if settings.compile:

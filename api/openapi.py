@@ -129,6 +129,12 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
                                "nullable": True, "description": "JPEG/WebP quality (PNG is lossless)."},
         "background": {"type": "string", "enum": list(P.BACKGROUNDS), "nullable": True,
                        "description": "transparent is refused (400): these models draw opaque images."},
+        "stream": {"type": "boolean", "default": False, "nullable": True,
+                   "description": f"Answer server-sent events: partial_images previews, then the image as b64_json "
+                                  f"(n at most {P.STREAM_MAX_N}; response_format url is refused)."},
+        "partial_images": {"type": "integer", "minimum": P.PARTIAL_IMAGES_RANGE[0],
+                           "maximum": P.PARTIAL_IMAGES_RANGE[1], "default": 0, "nullable": True,
+                           "description": "With stream: how many previews, evenly spaced over the steps."},
         "quality": {"type": "string", "nullable": True, "maxLength": 64,
                     "description": "Accepted for OpenAI compatibility and echoed in the response; steps set "
                                    "the work here."},
@@ -229,9 +235,16 @@ def _schemas(limits: P.Limits, model_ids: list[str]) -> dict:
                         "properties": {"id": {"type": "string"},
                                        "object": {"type": "string", "enum": ["file"]},
                                        "deleted": {"type": "boolean"}}},
-        "Health": {"type": "object", "required": ["status", "models"],
+        "Health": {"type": "object", "required": ["status", "models", "queue", "jobs"],
                    "properties": {"status": {"type": "string", "enum": ["ok"]},
-                                  "models": {"type": "array", "items": {"type": "string"}}}},
+                                  "models": {"type": "array", "items": {"type": "string"}},
+                                  "queue": {"type": "object", "description": "This worker's: requests waiting, "
+                                            "and whether it is generating.",
+                                            "properties": {"waiting": {"type": "integer"},
+                                                           "running": {"type": "boolean"}}},
+                                  "jobs": {"type": "array", "description": "The running generations of every "
+                                           "worker: request id, process, image i of images, step of steps, size.",
+                                           "items": {"type": "object"}}}},
     }
 
 
@@ -360,12 +373,15 @@ def _a1111_paths(limits: P.Limits, auth: bool, max_upload_bytes: int) -> tuple[d
         "/upscalers": get("a1111Upscalers", "None: no upscalers here.", array),
         "/latent-upscale-modes": get("a1111LatentUpscaleModes", "Empty: no hires fix here.", array),
         "/sd-vae": get("a1111SdVae", "Empty: the checkpoint's own VAE.", array),
-        "/loras": get("a1111Loras", "Empty.", array),
+        "/loras": get("a1111Loras", "The adapters in --lora-model-dir, with their metadata.", array),
         "/prompt-styles": get("a1111PromptStyles", "Empty.", array),
-        "/embeddings": get("a1111Embeddings", "Empty.", any_object),
-        "/progress": get("a1111Progress", "Whether this worker is busy.", any_object),
-        "/interrupt": empty_post("a1111Interrupt", "Accepted."),
-        "/skip": empty_post("a1111Skip", "Accepted."),
+        "/embeddings": get("a1111Embeddings", "The embeddings in --embd-dir the model can take, and those it "
+                           "cannot.", any_object),
+        "/progress": get("a1111Progress", "The oldest running generation of any worker: fraction, time left, steps, "
+                         "and its latest preview unless ?skip_current_image=true.", any_object),
+        "/interrupt": empty_post("a1111Interrupt", "Stop every running generation at its next step; the image being "
+                                 "drawn is finished from there and returned."),
+        "/skip": empty_post("a1111Skip", "Finish every running generation's current image from its next step."),
         "/cmd-flags": get("a1111CmdFlags", "The flags clients look for.", any_object),
     }
     schemas = {
@@ -403,8 +419,11 @@ def build_openapi(limits: P.Limits, model_ids: list[str], *, auth: bool,
         "507": E("The image could not be stored (disk full); response_format=b64_json "
                  "still works."),
     }
-    images_ok = {"200": {"description": "The images, exactly n.",
-                         "content": {"application/json": {"schema": _ref("ImagesResponse")}}}}
+    images_ok = {"200": {"description": "The images, exactly n (fewer only when /sdapi/v1/interrupt stopped the "
+                                        "generation). With stream: server-sent events, partial_images previews "
+                                        "then the image (docs/api.md, Streaming).",
+                         "content": {"application/json": {"schema": _ref("ImagesResponse")},
+                                     "text/event-stream": {"schema": {"type": "string"}}}}}
 
     def ok(schema: str, description: str) -> dict:
         return {"200": {"description": description,

@@ -51,6 +51,8 @@ REVISED_PROMPT_MODELS = ("dall-e-3",)
 IGNORED_FIELDS = ("user", "style", "moderation", "input_fidelity")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 COMPRESSION_RANGE = (0, 100)
+PARTIAL_IMAGES_RANGE = (0, 3)             # OpenAI's: previews a streamed response carries before the image
+STREAM_MAX_N = 1                          # a stream carries one image, as OpenAI's events have no image index
 BACKGROUNDS = ("auto", "opaque")         # "transparent" is refused with its own message
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -142,6 +144,8 @@ class ImageRequest:
     output_compression: int = 100    # JPEG/WebP quality, 0-100
     quality: str | None = None       # OpenAI's quality, echoed back (the steps set the work here)
     revised_prompt: bool = False     # answer revised_prompt (REVISED_PROMPT_MODELS)
+    stream: bool = False             # answer server-sent events: partial images, then the image
+    partial_images: int = 0          # how many previews the stream carries
 
 
 # --- field sources ----------------------------------------------------------------------------
@@ -440,6 +444,19 @@ def get_loras(f: _Fields, prompt: str, negative: str, lora_dir: str | None) -> l
         raise invalid("lora", str(e)) from None
 
 
+def get_stream(f: _Fields, n: int, response_format: str | None) -> dict:
+    """``stream`` and ``partial_images`` (OpenAI's streaming fields); ``response_format``: as sent, if it was."""
+    stream = _get_bool(f, "stream", False)
+    partial = _get_int(f, "partial_images", 0, *PARTIAL_IMAGES_RANGE)
+    if stream and n > STREAM_MAX_N:
+        raise invalid("n", f"a streamed response carries {STREAM_MAX_N} image; send n={STREAM_MAX_N} "
+                           f"(or leave stream out), got n={n}.")
+    if stream and response_format == "url":
+        raise invalid("response_format", "a streamed response carries its image as b64_json; leave "
+                                         "response_format out, or leave stream out for a url.")
+    return {"stream": stream, "partial_images": partial}
+
+
 def get_micro_conditioning(f: _Fields) -> dict:
     """SDXL's size/crop micro-conditioning and the refiner's aesthetic scores (defaults: GenerationParams')."""
     d, lo, hi = defaults(), *MICRO_SIDE_RANGE
@@ -505,7 +522,8 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
     _get_choice(sent, "background", None, BACKGROUNDS)
     encoding = {"output_format": _get_choice(sent, "output_format", "png", OUTPUT_FORMATS),
                 "output_compression": _get_int(sent, "output_compression", COMPRESSION_RANGE[1], *COMPRESSION_RANGE),
-                "quality": _get_str(sent, "quality", None, max_len=64), "revised_prompt": revised}
+                "quality": _get_str(sent, "quality", None, max_len=64), "revised_prompt": revised,
+                **get_stream(sent, n, response_format if f.has("response_format") else None)}
     return {"model": model, "response_format": response_format, "kw": kw, "encoding": encoding}
 
 

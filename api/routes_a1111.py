@@ -127,16 +127,23 @@ def embeddings():
 
 @bp.get("/progress")
 def progress():
-    return jsonify(a1111.progress_idle(state().queue))
+    st = state()
+    skip_image = request.args.get("skip_current_image", "false").strip().lower() in ("true", "1")
+    return jsonify(a1111.progress(st.queue.jobs, st.queue.waiting, want_image=not skip_image))
 
 
 @bp.post("/interrupt")
 def interrupt():
-    return jsonify(None)
+    """Every running generation (of any worker) stops at its next step; its current image is finished
+    from there and returned, the request's later images are not drawn (A1111's interrupt)."""
+    state().queue.jobs.stop("interrupt")
+    return jsonify({})
 
 
 @bp.post("/skip")
 def skip():
+    """Every running generation finishes its current image from the next step, then goes on with the next."""
+    state().queue.jobs.stop("skip")
     return jsonify(None)
 
 

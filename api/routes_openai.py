@@ -2,12 +2,18 @@
 ``/openapi.json``): thin views over the request parsers (``api/params.py``), the queue and the image store."""
 from __future__ import annotations
 
+import base64
+import io
 import mimetypes
 import time
 from pathlib import Path
 
-from flask import Blueprint, g, jsonify, request, send_file, url_for
+from flask import Blueprint, current_app, g, jsonify, request, send_file, url_for
+from PIL import Image
 
+from sdcore.pipeline import to_jpeg_or_webp
+
+from . import streaming
 from .disconnect import client_gone_probe
 from .errors import APIError
 from .openapi import build_openapi
@@ -19,6 +25,10 @@ from .storage import store_all
 bp = Blueprint("openai", __name__)
 
 
+def encode_as(png: bytes, fmt: str, quality: int) -> bytes:
+    return to_jpeg_or_webp(Image.open(io.BytesIO(png)).convert("RGB"), "", fmt, quality)
+
+
 def _file_url(stored) -> str:
     """--download-url-prefix + path, else the request's own (proxy-corrected) base URL."""
     prefix = state().settings.download_url_prefix
@@ -27,9 +37,11 @@ def _file_url(stored) -> str:
     return url_for("openai.download", file_id=stored.id, name=stored.filename, _external=True)
 
 
-def _respond(parse):
+def _respond(parse, kind):
     st = state()
     image_request = parse(request, st.limits, st.models)
+    if image_request.stream:
+        return _stream(st, image_request, kind)
     params = image_request.params
     images = st.queue.run(image_request.model, params, request_id=g.request_id,
                           client_gone=client_gone_probe(request.environ))
@@ -48,14 +60,38 @@ def _respond(parse):
     return jsonify(body)
 
 
+def _stream(st, image_request, kind):
+    """OpenAI's streamed answer (api.streaming): previews, then the image, as server-sent events."""
+    params, model, rid = image_request.params, image_request.model, g.request_id
+    fmt, quality = image_request.output_format, image_request.output_compression
+    ticket = st.queue.enter(rid)          # a full queue is still a plain 503, before the stream starts
+    fields = {"size": f"{params.width}x{params.height}", "output_format": fmt, "background": "opaque",
+              "quality": image_request.quality or "auto", "partial_images": image_request.partial_images}
+
+    def run(client_gone, on_step):
+        return st.queue.run(model, params, request_id=rid, client_gone=client_gone, on_step=on_step, ticket=ticket)
+
+    def encode_preview(step):
+        png = st.queue.preview_png(model, step, (params.width, params.height))
+        return png if png is None or fmt == "png" else encode_as(png, fmt, quality)
+
+    def finish(images):
+        return {"b64_json": base64.b64encode(images[0].encoded(fmt, quality)).decode("ascii"),
+                "usage": streaming.usage(model, params.prompt, params.width, params.height,
+                                         int(params.init_image is not None))}
+
+    events = streaming.stream(run, kind, fields, encode_preview, finish, client_gone_probe(request.environ))
+    return current_app.response_class(events, mimetype="text/event-stream", headers=streaming.HEADERS)
+
+
 @bp.post("/v1/images/generations")
 def generations():
-    return _respond(parse_generation)
+    return _respond(parse_generation, "image_generation")
 
 
 @bp.post("/v1/images/edits")
 def edits():
-    return _respond(parse_edit)
+    return _respond(parse_edit, "image_edit")
 
 
 @bp.get("/v1/models")
@@ -119,7 +155,11 @@ def download(file_id, name):
 
 @bp.get("/health")
 def health():
-    return jsonify({"status": "ok", "models": state().models.ids()})
+    st = state()
+    running = [{k: job[k] for k in ("request_id", "pid", "image", "images", "step", "steps", "width", "height")}
+               for job in st.queue.jobs.running()]
+    return jsonify({"status": "ok", "models": st.models.ids(),
+                    "queue": {"waiting": st.queue.waiting, "running": st.queue.busy}, "jobs": running})
 
 
 @bp.get("/echo")

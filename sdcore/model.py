@@ -36,6 +36,8 @@ class StableDiffusion:
         self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
         self.embeddings = None            # a sdcore.embeddings.EmbeddingDir whose names prompts may use
+        self.taesd = None                 # a sdcore.taesd.TinyDecoder: previews (sdcore.previews)
+        self.taesd_decode = False         # ... and final images, instead of the VAE
         self.compiled = False             # the UNet runs as torch.compile'd code (``compile``)
         # the adapters merged into the weights (sdcore.lora): their set's key, files, the changed weights' originals
         self.lora_key, self.lora_files, self.lora_originals = (), [], {}
@@ -154,10 +156,23 @@ def token_encoder(embeddings, tokenizer, cfg, extra: list):
     return encode
 
 
+def attach_taesd(model: StableDiffusion, path: str, decode: bool = False) -> StableDiffusion:
+    """Give the model a TAESD decoder (sdcore.taesd) for previews, and with ``decode`` for final images. Its
+    latent channels must be the model's; that it was distilled from this family's VAE (TAESD for SD1/SD2,
+    TAESDXL for SDXL: the same shapes) the weights cannot tell: a wrong one gives wrong colours, no error."""
+    from .formats.taesd import load_taesd
+    decoder = load_taesd(path, model.device, model.dtype)
+    if decoder.latent_channels != model.unet.cfg.out_channels:
+        raise CheckpointError(f"{path} decodes {decoder.latent_channels}-channel latents; {model.name!r} has "
+                              f"{model.unet.cfg.out_channels}")
+    model.taesd, model.taesd_decode = decoder.eval().requires_grad_(False), decode
+    return model
+
+
 def load_model(path: str, device="auto", dtype="auto", prediction: str | None = None,
                vae: str | None = None, name: str | None = None, control_net: str | None = None,
                cache_dir: str | None = None, cuda_graphs: bool = True, native_size: int | None = None,
-               vae_tiling: str = "auto") -> StableDiffusion:
+               vae_tiling: str = "auto", taesd: str | None = None, taesd_decode: bool = False) -> StableDiffusion:
     """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder: SD1.x, SD2.x, SDXL.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
@@ -170,6 +185,7 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     the same model share their memory. None: convert in memory on every load. ``cuda_graphs``: on
     CUDA, replay the UNet and ControlNet as CUDA graphs (``StableDiffusion.use_cuda_graphs``).
     ``native_size``: the default side, overriding the file's. ``vae_tiling``: one of sdcore.tiling.MODES.
+    ``taesd``: a TAESD decoder file/folder for previews (sdcore.previews); ``taesd_decode``: for final images too.
     """
     path = os.fspath(path)
     if prediction not in (None, "eps", "v"):
@@ -198,6 +214,10 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
                             text_encoder_2=text_2)
     model.vae_tiling = vae_tiling
+    if taesd:
+        attach_taesd(model, taesd, taesd_decode)
+    elif taesd_decode:
+        raise CheckpointError("taesd_decode needs a TAESD decoder (taesd)")
     if control_net and family != REFINER:      # a refiner finishes the image after the ControlNet's part
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model

@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 import samplers
 
-from . import tiling
+from . import taesd, tiling
 from .canny import canny
 from .formats.infer import REFINER
 from .formats import CheckpointError
@@ -83,6 +83,27 @@ class GenerationParams:
 
 
 @dataclass
+class Step:
+    """What ``generate`` tells its ``progress`` callback after every sampler step."""
+    index: int                  # 0-based step of this image
+    total: int                  # the steps this image takes (fewer than ``steps`` for img2img, strength < 1)
+    seconds: float              # how long the step took
+    image: int                  # which image of the request (0-based)
+    images: int                 # how many the request asks for
+    denoised: torch.Tensor = field(repr=False)     # the model's estimate of the finished latent [1, C, h, w]
+
+
+class Interrupt(Exception):
+    """Raised by a ``progress`` callback to stop sampling at once. The image being drawn is finished from the
+    model's latest estimate of it (A1111's "interrupt" and "skip" return that too); ``skip``: the request's
+    next images are drawn all the same, else none is."""
+
+    def __init__(self, skip: bool = False):
+        super().__init__("skip" if skip else "interrupt")
+        self.skip = skip
+
+
+@dataclass
 class GeneratedImage:
     image: Image.Image
     seed: int
@@ -95,7 +116,8 @@ class GeneratedImage:
 
 
 def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
-    """``progress(step_index, total_steps, seconds_per_step)`` is called after every sampler step."""
+    """``progress(step: Step)`` is called after every sampler step; it may raise ``Interrupt``, after which
+    fewer than ``p.n`` images may come back (at least one)."""
     _check(model, p)
     try:
         adapters = apply_loras(model, p.loras)
@@ -114,11 +136,20 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
         out = []
         for i in range(p.n):
             image_seed = (seed + i) % SEED_MOD
-            image = _generate_one(model, p, scheduler, image_seed, conds, init, progress, guided_hint)
+            report = _step_reporter(progress, i, p.n)
+            image, stopped = _generate_one(model, p, scheduler, image_seed, conds, init, report, guided_hint)
             params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
             text = infotext(params, model.name, adapters, embeddings)
             out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
+            if stopped is not None and not stopped.skip:
+                break
     return out
+
+
+def _step_reporter(progress, image: int, images: int):
+    if progress is None:
+        return None
+    return lambda index, total, seconds, denoised: progress(Step(index, total, seconds, image, images, denoised))
 
 
 def _conditionings(model, p: GenerationParams):
@@ -179,7 +210,8 @@ def _check(model, p: GenerationParams):
 
 # ------------------------------------------------------------------------------------------------
 def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=None):
-    """One image. ``conds``: (cond, uncond) for the model and, with a refiner, for the refiner."""
+    """(one image, the ``Interrupt`` that stopped it or None). ``conds``: (cond, uncond) for the model and, with
+    a refiner, for the refiner. ``progress(index, total, seconds, denoised)`` after every step."""
     gen = torch.Generator("cpu").manual_seed(seed)
     shape = (1, model.unet.cfg.out_channels, p.height // 8, p.width // 8)
 
@@ -204,21 +236,28 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
     parts = [(model, conds[0], extra, guided_hint, 0, sigmas[:switch + 1])]
     if p.refiner is not None:
         parts.append((p.refiner, conds[1], None, None, switch, sigmas[switch:]))
-    clock = [time.perf_counter()]
-    for part_model, (cond, uncond), part_extra, hint, first, part_sigmas in parts:
-        if len(part_sigmas) < 2:
-            continue
+    clock, latest = [time.perf_counter()], [None]
+    stopped = None
+    try:
+        for part_model, (cond, uncond), part_extra, hint, first, part_sigmas in parts:
+            if len(part_sigmas) < 2:
+                continue
 
-        def callback(i, sigma, x_i, denoised, first=first):
-            now = time.perf_counter()
-            dt, clock[0] = now - clock[0], now
-            log.debug("step %d/%d %.3fs/step", first + i + 1, total, dt)
-            if progress:
-                progress(first + i, total, dt)
+            def callback(i, sigma, x_i, denoised, first=first):
+                now = time.perf_counter()
+                dt, clock[0] = now - clock[0], now
+                latest[0] = denoised
+                log.debug("step %d/%d %.3fs/step", first + i + 1, total, dt)
+                if progress:
+                    progress(first + i, total, dt, denoised)
 
-        denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init)
-        x = samplers.SAMPLERS[p.sample_method](denoise, x, part_sigmas, noise=noise, callback=callback)
-    return tensor_to_image(decode_latent(model, x)[0])
+            denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init)
+            x = samplers.SAMPLERS[p.sample_method](denoise, x, part_sigmas, noise=noise, callback=callback)
+    except Interrupt as stop:          # the picture so far: the latest estimate of the finished latent
+        stopped = stop
+        if latest[0] is not None:
+            x = latest[0]
+    return tensor_to_image(decode_latent(model, x)[0]), stopped
 
 
 def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
@@ -241,8 +280,11 @@ def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
 
 
 def decode_latent(model, x):
-    """The VAE decode of latent x, as float32. SDXL's original VAE overflows float16 (its activations pass
-    65504): a float16 decode that comes out non-finite is done again in float32, never returned black."""
+    """The VAE decode of latent x, as float32 in [-1, 1]; with ``model.taesd_decode`` TAESD's (fast, rougher).
+    SDXL's original VAE overflows float16 (its activations pass 65504): a float16 decode that comes out
+    non-finite is done again in float32, never returned black."""
+    if model.taesd_decode and model.taesd is not None:
+        return taesd.decode(model.taesd, x)
     img = vae_decode(model, x.to(model.dtype))
     if model.dtype == torch.float16 and not torch.isfinite(img).all():
         log.warning("the VAE overflowed float16; decoding in float32 (an fp16-fixed VAE via --vae avoids this)")

@@ -9,7 +9,9 @@ import threading
 
 from PIL import Image, PngImagePlugin
 
-from sdcore.pipeline import GeneratedImage
+import torch
+
+from sdcore.pipeline import GeneratedImage, Interrupt, Step
 
 
 class StubModel:
@@ -47,14 +49,28 @@ class StubGenerate:
         if self.error is not None:
             raise self.error
         base = params.seed if params.seed >= 0 else random.randrange(2 ** 32)
-        for k in range(params.steps):          # step_index is 0-based, as in sdcore.pipeline
-            if progress is not None:
-                progress(k, params.steps, 0.001)
         out = []
         for i in range(params.n):
+            stopped = None
+            for k in range(params.steps):          # as sdcore.pipeline: a Step per sampler step, 0-based
+                if progress is not None:
+                    # the stand-in "latent": the step's number in every cell, read back by preview()
+                    latent = torch.full((1, 4, params.height // 8, params.width // 8), float(k + 1))
+                    try:
+                        progress(Step(k, params.steps, 0.001, i, params.n, latent))
+                    except Interrupt as e:
+                        stopped = e
+                        break
             img, png = stub_png(params.width, params.height, base + i, params.prompt)
             out.append(GeneratedImage(image=img, seed=base + i, png=png))
+            if stopped is not None and not stopped.skip:
+                break
         return out
+
+    @staticmethod
+    def preview(model, latent, size):
+        """A grey picture whose level is the stand-in latent's step number."""
+        return Image.new("RGB", size, (int(latent.flatten()[0]),) * 3)
 
     @property
     def params(self):
@@ -78,7 +94,8 @@ def make_app(tmp_path, stub=None, model=None, **settings):
     config = {"data_dir": str(tmp_path / "data"), "api_key": None}
     config.update(settings)
     stub = stub or StubGenerate()
-    app = create_app(config, model=model if model is not None else StubModel(), generate=stub)
+    app = create_app(config, model=model if model is not None else StubModel(), generate=stub,
+                     preview=getattr(stub, "preview", None))
     app.config["TESTING"] = True
     return app, stub
 

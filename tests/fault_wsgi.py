@@ -55,10 +55,10 @@ def generate(model, params, progress=None):
     if prompt.startswith("FAULT:slow "):
         inner = progress
 
-        def progress(i, total, dt):
+        def progress(step):
             time.sleep(SLOW_STEP_S)
             if inner is not None:
-                inner(i, total, dt)
+                inner(step)
     return real_generate(model, params, progress=progress)
 
 

@@ -277,7 +277,8 @@ def test_several_models_listed(tmp_path):
 
 def test_health_and_echo(client):
     r = client.get("/health")
-    assert r.status_code == 200 and r.get_json() == {"status": "ok", "models": ["stub-sd"]}
+    assert r.status_code == 200 and r.get_json() == {"status": "ok", "models": ["stub-sd"],
+                                                     "queue": {"waiting": 0, "running": False}, "jobs": []}
     assert client.get("/echo").get_data(as_text=True) == "echo test"
 
 

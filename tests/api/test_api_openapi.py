@@ -204,6 +204,8 @@ def test_documented_defaults_are_the_applied_ones(client, doc, app_stub):
     assert defaults.pop("response_format") == "url" and "url" in r.get_json()["data"][0]
     assert defaults.pop("output_format") == r.get_json()["output_format"] == "png"
     assert defaults.pop("output_compression") == params.COMPRESSION_RANGE[1]
+    assert defaults.pop("stream") is False and r.mimetype == "application/json"        # not server-sent events
+    assert defaults.pop("partial_images") == params.PARTIAL_IMAGES_RANGE[0]
     assert defaults and all(applied[n] == v for n, v in defaults.items()), (defaults, applied)
     assert (defaults["steps"], defaults["width"]) == (20, 128)   # 512 capped to max_pixels
     assert props["n"]["maximum"] == 3 and props["steps"]["maximum"] == 40

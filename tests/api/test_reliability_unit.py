@@ -19,6 +19,7 @@ from api.disconnect import ClientGone, client_gone_probe
 from api.queue import GenerationQueue
 from api.storage import ImageStore, valid_id
 from api_helpers import StubGenerate, error_of, make_app, png_bytes
+from sdcore.pipeline import Step
 
 GEN = "/v1/images/generations"
 
@@ -112,7 +113,7 @@ def test_client_gone_stops_a_running_generation_between_steps():
             steps.append(i)
             if i == 3:
                 gone.set()
-            progress(i, 100, 0.0)
+            progress(Step(i, 100, 0.0, 0, 1, None))
         return [object()]
 
     gen = GenerationQueue(generate)
@@ -236,7 +237,8 @@ def test_storage_failure(tmp_path, monkeypatch, err, status, code):
     e = error_of(r, status)
     assert (e["type"], e["code"]) == ("server_error", code)
     assert saved and store.get(saved[0].id) is None          # the first one was undone
-    assert list((tmp_path / "data").iterdir()) == []
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [".jobs"]     # only the (empty) job board
+    assert list((tmp_path / "data" / ".jobs").iterdir()) == []
     ok = c.post(GEN, json={"prompt": "p", "size": "64x64", "n": 2, "response_format": "b64_json"})
     assert ok.status_code == 200
 

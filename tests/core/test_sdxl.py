@@ -312,7 +312,7 @@ def test_a_float16_vae_overflow_is_decoded_again_in_float32():
             return torch.tanh(z * self.scale / 1e3) + big * 0  # inf*0 = nan in float16, 0 in float32
     vae = OverflowingVAE().half()
     z = torch.full((1, 3, 2, 2), 0.5)
-    img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16, vae_tiling="off"), z)
+    img = decode_latent(SimpleNamespace(vae=vae, dtype=torch.float16, vae_tiling="off", taesd=None, taesd_decode=False), z)
     assert torch.isfinite(img).all() and torch.allclose(img, torch.tanh(z))
     assert vae.scale.dtype == torch.float16                       # the VAE is back in its dtype
 
