@@ -13,7 +13,8 @@
 The ``sd-api-server`` console script (``api.serve.main``) runs this factory in gunicorn.
 
 Routes: the OpenAI ones and the server's own (``api/routes_openai.py``), AUTOMATIC1111's ``/sdapi/v1``
-(``api/routes_a1111.py``), each answering errors in its own shape (``api/errors.py``).
+(``api/routes_a1111.py``), each answering errors in its own shape (``api/errors.py``), and the playground
+page at ``/`` (``api/routes_ui.py``).
 
 Hardening: the credentials (Bearer key, HTTP Basic pairs) and CORS (``api/security.py``); ``GET /openapi.json`` describes every
 endpoint and field with this server's limits (``api/openapi.py``). Generations wait in a bounded
@@ -34,7 +35,7 @@ from flask import Flask, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api import routes_a1111, routes_openai
+from api import routes_a1111, routes_openai, routes_ui
 from api.config import Settings
 from api.disconnect import ClientGone
 from api.errors import APIError, error_response, is_sdapi, register_error_handlers
@@ -58,7 +59,8 @@ def _before_request():
         if headers is not None:
             return current_app.response_class(status=204, headers=headers)
     # OPTIONS carries no data and answers none: clients ping routes with it before they hold a key
-    if st.credentials.required and request.path != "/health" and request.method != "OPTIONS":
+    public = request.path in ("/", "/health") or request.path.startswith(routes_ui.PUBLIC_PREFIXES)
+    if st.credentials.required and not public and request.method != "OPTIONS":
         st.credentials.check(request.headers.get("Authorization", ""), "Basic" if is_sdapi() else "Bearer")
     if request.content_length is None and request.method in ("POST", "PUT", "PATCH"):
         # A chunked body: Werkzeug stops reading at MAX_CONTENT_LENGTH but then hands over the
@@ -141,6 +143,7 @@ def create_app(config=None, model=None, generate=None, preview=None) -> Flask:
     app.register_error_handler(ClientGone, _client_gone)
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_a1111.bp)
+    app.register_blueprint(routes_ui.bp)
     log.info("sd-api-server ready: models %s (default %s), data dir %s",
              models.ids(), models.default_id, Path(settings.data_dir).resolve())
     return app
