@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("sd_api_server")
 WATCH_S = 10.0
 STOPS = ("interrupt", "skip")
 _numbers = itertools.count(1)          # of this process's generations
@@ -32,9 +34,14 @@ def _alive(pid: int) -> bool:
 
 
 def _write(path: Path, data: bytes) -> None:
+    """Best effort: a full or read-only disk costs the progress report, never the generation."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot write %s: %s", path.name, e.strerror or e)
 
 
 class JobBoard:

@@ -211,3 +211,17 @@ def test_interrupt_with_nothing_running_and_many_polls(tmp_path):
     for t in threads:
         t.join(10)
     assert results == [200] * 50
+
+
+def test_a_full_disk_costs_the_progress_report_not_the_generation(tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    app, _ = make_app(tmp_path)
+    monkeypatch.setattr(Path, "write_bytes", full)
+    r = app.test_client().post(GEN, json={"prompt": "p", "size": "64x64", "response_format": "b64_json"})
+    assert r.status_code == 200 and len(r.get_json()["data"]) == 1
+    assert "No space left on device" in caplog.text
