@@ -62,7 +62,8 @@ def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
     return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
                 up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
                 layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups,
-                scaling_factor=cfg.scale_factor, sample_size=64)
+                scaling_factor=cfg.scale_factor, shift_factor=cfg.shift_factor, use_quant_conv=cfg.quant_conv,
+                use_post_quant_conv=cfg.quant_conv, sample_size=64)
 
 
 def hf_text_config(text_cfg) -> CLIPTextConfig:

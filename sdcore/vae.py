@@ -1,7 +1,8 @@
-"""The SD autoencoder (LDM ``AutoencoderKL``): 8× downsampling, 4 latent channels.
+"""The SD autoencoder (LDM ``AutoencoderKL``): 8× downsampling, 4 latent channels (SD3 and FLUX: 16).
 
-``encode``/``decode`` work in *scaled* latent space (× scale_factor, 0.18215 for SD1/SD2), which is
-where the UNet lives. Parameter names are the LDM ``first_stage_model.`` names.
+``encode``/``decode`` work in the *scaled* latent space the denoiser lives in: (latent − shift_factor) ×
+scale_factor (SD1/SD2: shift 0, scale 0.18215; SD3: 0.0609 and 1.5305). Parameter names are the LDM
+``first_stage_model.`` names. SD3's and FLUX's VAEs have no 1×1 quant convolutions around the latent.
 """
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,6 +22,8 @@ class VAEConfig:
     in_channels: int = 3
     scale_factor: float = 0.18215
     norm_groups: int = 32          # SD's; a 32-channel level would be normalised channel by channel
+    shift_factor: float = 0.0      # subtracted before the scaling (SD3, FLUX)
+    quant_conv: bool = True        # the 1×1 convolutions before and after the latent (not in SD3, FLUX)
 
 
 # Inside shared_norm_statistics(): {layer: (mean, var) [B, groups]} each GroupNorm records on first use and
@@ -195,8 +198,11 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        if cfg.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = nn.Identity()
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:
         """img [B, 3, H, W] in [-1, 1] -> scaled latent (the posterior mean) [B, z, H/8, W/8]."""
@@ -205,7 +211,7 @@ class AutoencoderKL(nn.Module):
     def encode_middle(self, h: torch.Tensor) -> torch.Tensor:
         """The encoder's end, at the latent's resolution: its features h -> scaled latent."""
         mean, _logvar = self.quant_conv(self.encoder.middle(h)).chunk(2, dim=1)
-        return mean * self.cfg.scale_factor
+        return (mean - self.cfg.shift_factor) * self.cfg.scale_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """scaled latent -> image in [-1, 1] (not clamped)."""
@@ -213,4 +219,4 @@ class AutoencoderKL(nn.Module):
 
     def decode_middle(self, latent: torch.Tensor) -> torch.Tensor:
         """The decoder's start, at the latent's resolution: scaled latent -> the features it upsamples."""
-        return self.decoder.middle(self.post_quant_conv(latent / self.cfg.scale_factor))
+        return self.decoder.middle(self.post_quant_conv(latent / self.cfg.scale_factor + self.cfg.shift_factor))

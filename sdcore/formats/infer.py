@@ -80,8 +80,8 @@ def infer_vae_config(t: Tensors) -> VAEConfig:
     levels = sorted({int(k.split(".")[2]) for k in t.keys() if k.startswith("encoder.down.")})
     mult = tuple(t.shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
     nrb = len({k.split(".")[4] for k in t.keys() if k.startswith("encoder.down.0.block.")})
-    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=t.shape("post_quant_conv.weight")[0],
-                     in_channels=t.shape("encoder.conv_in.weight")[1])
+    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=t.shape("decoder.conv_in.weight")[1],
+                     in_channels=t.shape("encoder.conv_in.weight")[1], quant_conv="post_quant_conv.weight" in t)
 
 
 def text_role(family: str, second: bool = False) -> dict:
@@ -136,7 +136,8 @@ def vae_config_from_diffusers(c: dict) -> VAEConfig:
     chans = c["block_out_channels"]
     return VAEConfig(ch=chans[0], ch_mult=tuple(x // chans[0] for x in chans), num_res_blocks=c.get("layers_per_block", 1),
                      z_channels=c.get("latent_channels", 4), in_channels=c.get("in_channels", 3),
-                     scale_factor=c.get("scaling_factor", 0.18215), norm_groups=c.get("norm_num_groups", 32))
+                     scale_factor=c.get("scaling_factor", 0.18215), norm_groups=c.get("norm_num_groups", 32),
+                     shift_factor=c.get("shift_factor") or 0.0, quant_conv=c.get("use_quant_conv", True))
 
 
 def vae_config_from_diffusers_names(t: Tensors) -> VAEConfig:
@@ -145,7 +146,7 @@ def vae_config_from_diffusers_names(t: Tensors) -> VAEConfig:
     ch = t.shape("encoder.conv_in.weight")[0]
     return VAEConfig(ch=ch, ch_mult=tuple(t.shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] // ch for i in range(n)),
                      num_res_blocks=len({k.split(".")[4] for k in t.keys() if k.startswith("encoder.down_blocks.0.resnets.")}),
-                     z_channels=t.shape("post_quant_conv.weight")[0])
+                     z_channels=t.shape("decoder.conv_in.weight")[1], quant_conv="post_quant_conv.weight" in t)
 
 
 def text_config_from_diffusers(c: dict, pad_id: int, family: str = "sd1", projection: bool = False) -> TextConfig:

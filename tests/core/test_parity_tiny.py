@@ -289,3 +289,24 @@ def test_fresh_modules_start_from_finite_weights():
     assert w.abs().max() <= bound and w.std() > 0.5 * bound / 3 ** 0.5
     assert abs(text.positional_embedding.std().item() - 0.01) < 0.002
     assert abs(text.token_embedding.weight.std().item() - 0.02) < 0.002
+
+
+def test_a_16_channel_vae_without_quant_convs_and_with_a_shift_matches_diffusers(tmp_path):
+    """SD3's and FLUX's autoencoder: 16 latent channels, no 1×1 quant convolutions, latent = (mean − shift)·scale;
+    diffusers applies scale and shift in its pipelines, so the reference is scaled by hand. Loaded back from a
+    diffusers folder, its config.json gives the shift and the missing convolutions."""
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16, norm_groups=8,
+                    scale_factor=1.5305, shift_factor=0.0609, quant_conv=False)
+    vae = random_init_(AutoencoderKL(cfg), 11)
+    assert not any("quant_conv" in k for k in vae.state_dict())
+    dv = refs.diffusers_vae_from_ours(vae)
+    z, img = torch.randn(1, 16, 8, 8), torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        ref = dv.decode(z / cfg.scale_factor + cfg.shift_factor).sample
+        assert ref.std() > 0.05 and refs.max_abs(vae.decode(z), ref) <= TOL
+        want = (dv.encode(img).latent_dist.mean - cfg.shift_factor) * cfg.scale_factor
+        assert refs.max_abs(vae.encode(img), want) <= TOL
+        dv.save_pretrained(tmp_path / "vae")
+        from sdcore.formats.checkpoints import read_vae
+        part = read_vae(str(tmp_path / "vae"))
+        assert (part.cfg.z_channels, part.cfg.quant_conv, part.cfg.shift_factor) == (16, False, pytest.approx(0.0609))
