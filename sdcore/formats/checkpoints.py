@@ -16,9 +16,9 @@ from . import layouts
 from .build import meta_keys
 from .files import (CheckpointError, TensorFile, Tensors, component_weights, from_file, read_json, read_metadata,
                     with_overrides)
-from .infer import (infer_controlnet_config, infer_text_config, infer_unet_config, infer_vae_config,
-                    text_config_from_diffusers, unet_config_from_diffusers, vae_config_from_diffusers,
-                    vae_config_from_diffusers_names)
+from .infer import (infer_controlnet_config, infer_mmdit_config, infer_text_config, infer_unet_config,
+                    infer_vae_config, mmdit_config_from_diffusers, text_config_from_diffusers,
+                    unet_config_from_diffusers, vae_config_from_diffusers, vae_config_from_diffusers_names)
 from .infer import REFINER, SDXL_FAMILIES
 
 
@@ -228,6 +228,30 @@ def read_vae(path: str) -> Part:
 def _vae_from_diffusers(t: Tensors, cfg) -> Tensors:
     names = layouts.vae_name_map(meta_keys(AutoencoderKL, cfg), len(cfg.ch_mult))
     return layouts.renamed(t, names, reshape=layouts.vae_is_linear_attn)
+
+
+def read_mmdit(path: str) -> Part:
+    """An SD3/SD3.5 transformer: a diffusers ``transformer/`` folder, or a file in Stability AI's names (bare or
+    under ``model.diffusion_model.``, as the whole-model files hold it) or in diffusers' names."""
+    if os.path.isdir(path):
+        config = read_json(os.path.join(path, "config.json"))
+        if config.get("_class_name") != "SD3Transformer2DModel":
+            raise CheckpointError(f"{path} holds a diffusers {config.get('_class_name')}, not an SD3Transformer2DModel")
+        cfg = mmdit_config_from_diffusers(config)
+        return Part(layouts.mmdit_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg.depth),
+                    cfg, path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such SD3 transformer file: {path}")
+    tf = TensorFile(path)
+    t = from_file(tf)
+    if t.has_prefix("model.diffusion_model."):
+        t = t.sub("model.diffusion_model.")
+    if "transformer_blocks.0.attn.to_q.weight" in t:              # diffusers' names in one file
+        depth = len({k.split(".")[1] for k in t.keys() if k.startswith("transformer_blocks.")})
+        t = layouts.mmdit_from_diffusers(t, depth)
+    if "joint_blocks.0.x_block.attn.qkv.weight" not in t:
+        raise CheckpointError(f"{path} is not an SD3 transformer (no joint_blocks.0.x_block.attn.qkv.weight)")
+    return Part(t, with_overrides(infer_mmdit_config(t), read_metadata(tf).get("mmdit")), path)
 
 
 def read_controlnet(path: str) -> Part:

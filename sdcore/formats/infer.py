@@ -3,15 +3,17 @@ or translated from a diffusers ``config.json``. What neither tells (a VAE's scal
 model's prediction type, ...) comes from the file's metadata (``files.read_metadata``) or, for the
 prediction type, from one forward pass (``detect_v_prediction``).
 """
+import math
 import re
 
 import torch
 
 from ..clip import TextConfig
+from ..mmdit import MMDiTConfig
 from ..tokenizer import EOS
 from ..unet import UNet, UNetConfig
 from ..vae import VAEConfig
-from .files import Tensors
+from .files import CheckpointError, Tensors
 
 REFINER = "sdxl_refiner"            # SDXL's refiner: OpenCLIP bigG alone, aesthetic-score conditioning
 SDXL_FAMILIES = ("sdxl", REFINER)   # SDXL's latent space, its VAE scale and its label-vector UNets
@@ -173,3 +175,30 @@ def detect_v_prediction(unet: UNet) -> str:
     ctx = torch.full((1, 77, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
     out = unet(x, torch.tensor([999.0], device=p.device), ctx)
     return "v" if (out - x).float().mean().item() < -1 else "eps"
+
+
+def infer_mmdit_config(t: Tensors) -> MMDiTConfig:
+    """An MMDiT's configuration from its tensors (our names). The head width is 64 in every released model; with
+    q/k norms their weights tell it."""
+    depth = len({k.split(".")[1] for k in t.keys() if k.startswith("joint_blocks.")})
+    width, channels, patch, _ = t.shape("x_embedder.proj.weight")
+    head_dim = t.shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if "joint_blocks.0.x_block.attn.ln_q.weight" in t else 64
+    return MMDiTConfig(depth=depth, width=width, in_channels=channels, patch_size=patch, head_dim=head_dim,
+                       context_dim=t.shape("context_embedder.weight")[1], pooled_dim=t.shape("y_embedder.mlp.0.weight")[1],
+                       pos_embed_max_size=math.isqrt(t.shape("pos_embed")[1]),
+                       qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in t,
+                       dual_attention_layers=tuple(i for i in range(depth)
+                                                   if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in t))
+
+
+def mmdit_config_from_diffusers(c: dict) -> MMDiTConfig:
+    """A diffusers SD3Transformer2DModel's config.json."""
+    width = c["num_attention_heads"] * c["attention_head_dim"]
+    if c.get("caption_projection_dim", width) != width:
+        raise CheckpointError(f"an SD3 transformer whose text width ({c['caption_projection_dim']}) is not its "
+                              f"image width ({width}) is not supported")
+    return MMDiTConfig(depth=c["num_layers"], width=width, in_channels=c.get("in_channels", 16),
+                       patch_size=c.get("patch_size", 2), head_dim=c["attention_head_dim"],
+                       context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 2048),
+                       pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=bool(c.get("qk_norm")),
+                       dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))

@@ -194,3 +194,49 @@ def text_to_hf(text: TextEncoder) -> dict:
         v = v.T if key in TEXT_TRANSPOSED else v
         out.update(zip(names, v.chunk(len(names)) if len(names) > 1 else [v]))
     return out
+
+
+# --- MMDiT (SD3/SD3.5): Stability AI's single-file names (ours) <-> diffusers' SD3Transformer2DModel -------------
+MMDIT_NAMES = {"pos_embed": "pos_embed.pos_embed", "x_embedder.proj": "pos_embed.proj",
+               "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+               "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+               "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+               "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+               "context_embedder": "context_embedder", "final_layer.linear": "proj_out",
+               "final_layer.adaLN_modulation.1": "norm_out.linear"}
+# inside joint_blocks.N. -> transformer_blocks.N.; a list: q, k, v concatenated into our fused qkv
+MMDIT_BLOCK = {"x_block.adaLN_modulation.1": "norm1.linear", "context_block.adaLN_modulation.1": "norm1_context.linear",
+               "x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+               "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+               "x_block.attn.proj": "attn.to_out.0", "context_block.attn.proj": "attn.to_add_out",
+               "x_block.attn.ln_q": "attn.norm_q", "x_block.attn.ln_k": "attn.norm_k",
+               "context_block.attn.ln_q": "attn.norm_added_q", "context_block.attn.ln_k": "attn.norm_added_k",
+               "x_block.attn2.qkv": ["attn2.to_q", "attn2.to_k", "attn2.to_v"], "x_block.attn2.proj": "attn2.to_out.0",
+               "x_block.attn2.ln_q": "attn2.norm_q", "x_block.attn2.ln_k": "attn2.norm_k",
+               "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
+               "context_block.mlp.fc1": "ff_context.net.0.proj", "context_block.mlp.fc2": "ff_context.net.2"}
+
+
+def mmdit_from_diffusers(theirs: Tensors, depth: int) -> Tensors:
+    """A diffusers SD3Transformer2DModel state dict seen under our names, lazily. Two differences beyond names:
+    q, k, v are separate there (fused here), and the modulations that give two vectors, the final layer's and the
+    last block's text side, give (scale, shift) there and (shift, scale) here."""
+    pairs = [(ours, t) for ours, t in MMDIT_NAMES.items()]
+    pairs += [(f"joint_blocks.{i}.{ours}", [f"transformer_blocks.{i}.{n}" for n in t] if isinstance(t, list)
+               else f"transformer_blocks.{i}.{t}") for i in range(depth) for ours, t in MMDIT_BLOCK.items()]
+    swapped = {"final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1"}
+    out = Tensors()
+    for ours, src in pairs:
+        for suffix in (".weight", ".bias", ""):
+            names = [s + suffix for s in src] if isinstance(src, list) else [src + suffix]
+            if not all(n in theirs for n in names) or (suffix == "" and ours != "pos_embed"):
+                continue
+            shape = theirs.shape(names[0])
+            if len(names) > 1:
+                out.add(ours + suffix, lambda names=names: torch.cat([theirs.get(n) for n in names]),
+                        (shape[0] * len(names), *shape[1:]))
+            elif ours in swapped:
+                out.add(ours + suffix, lambda n=names[0]: torch.cat(theirs.get(n).chunk(2)[::-1]), shape)
+            else:
+                out.add(ours + suffix, lambda n=names[0]: theirs.get(n), shape)
+    return out

@@ -54,3 +54,44 @@ def test_positions_beyond_the_table_are_refused():
                               pos_embed_max_size=4))
     with pytest.raises(ValueError, match="at most 4×4"):
         model(torch.zeros(1, 4, 10, 8), torch.zeros(1), torch.zeros(1, 2, 8), torch.zeros(1, 8))
+
+
+@pytest.mark.parametrize("qk_norm,dual", [(False, ()), (True, (0,))], ids=["sd3", "sd3.5-medium"])
+def test_mmdit_files_in_both_layouts_load_equal(tmp_path, qk_norm, dual):
+    """A diffusers transformer folder, the same weights in one file under diffusers' names, and Stability's
+    single file (under model.diffusion_model.): each read by our loader gives diffusers' output, and the
+    configuration read off the single file's shapes is the one it was made with (the head width, which the shapes
+    do not tell without q/k norms, from our metadata entry: released models all have 64)."""
+    from safetensors.torch import save_file
+
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import read_mmdit
+    from sdcore.formats.files import config_to_metadata
+    cfg = MMDiTConfig(depth=2, width=64, head_dim=16, in_channels=4, context_dim=48, pooled_dim=40,
+                      pos_embed_max_size=12, qk_norm=qk_norm, dual_attention_layers=dual)
+    ours = MMDiT(cfg).eval()
+    _random(ours, seed=3)
+    state = {k: v.clone().contiguous() for k, v in ours.state_dict().items()}
+    ref = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=64,
+                                pooled_projection_dim=40, out_channels=4, pos_embed_max_size=12,
+                                dual_attention_layers=dual, qk_norm="rms_norm" if qk_norm else None).eval()
+    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(
+        {f"model.diffusion_model.{k}": v.clone() for k, v in state.items()}))
+    ref.save_pretrained(tmp_path / "transformer")
+    head = config_to_metadata(mmdit={"head_dim": 16})
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusers-names.safetensors"),
+              metadata=head)
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(tmp_path / "sd3.safetensors"),
+              metadata=head)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500.0])
+    ctx, y = torch.randn(1, 5, 48, generator=g), torch.randn(1, 40, generator=g)
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+    for name in ("transformer", "diffusers-names.safetensors", "sd3.safetensors"):
+        part = read_mmdit(str(tmp_path / name))
+        assert part.cfg == cfg, (name, part.cfg)
+        model = build(MMDiT, part.cfg, part.tensors, "cpu", torch.float32, "MMDiT", part.source)
+        with torch.no_grad():
+            assert max_rel(model(x, t, ctx, y), want) < 1e-5, name
