@@ -1,18 +1,52 @@
-"""The UNet as a denoiser D(x, σ), with classifier-free guidance (docs/core.md, "The denoiser" and "Classifier-free guidance")."""
+"""The UNet as a denoiser D(x, σ), with classifier-free guidance (docs/core.md, "The denoiser" and "Classifier-free guidance").
+
+Three parameterisations of the network output F (`prediction`):
+
+- "eps": F predicts the noise ε of x = x₀ + σ·ε (after scaling x by c_in = 1/sqrt(σ² + 1), which
+  turns it into the VP latent the UNet was trained on); D = x - σ·F. Timestep: sigma_to_t(σ).
+- "v": F predicts v = α·ε - s·x₀ of the VP latent (α = 1/sqrt(σ² + 1), s = σ·α);
+  D = x/(σ² + 1) - σ·α·F. Timestep: sigma_to_t(σ).
+- "flow" (rectified flow: SD3/SD3.5, FLUX): the latent is x = (1 - σ)·x₀ + σ·ε with σ ∈ [0, 1] and
+  F predicts the velocity v = ε - x₀, so x₀ = x - σ·v: D = x - σ·F. The network takes x as it is
+  (c_in = 1) and the timestep flow_sigma_to_t(σ) = 1000·σ. (x - D)/σ = F: the samplers' slope is
+  the velocity (schedule.py, "rectified flow").
+"""
 import torch
 
-from .schedule import check_name, sigma_to_t
+from .schedule import check_name, flow_sigma_to_t, sigma_to_t
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "flow")
+_TIMESTEP = {"eps": sigma_to_t, "v": sigma_to_t, "flow": flow_sigma_to_t}
 
 
 def get_scalings(sigma, prediction="eps"):
-    """(c_skip, c_out, c_in) such that D = c_skip·x + c_out·F(c_in·x, t(σ)); σ_data = 1."""
+    """(c_skip, c_out, c_in) such that D = c_skip·x + c_out·F(c_in·x, t(σ)); σ_data = 1.
+
+    "flow": (1, -σ, 1), i.e. D = x - σ·v on the unscaled latent.
+    """
     check_name("prediction type", prediction, PREDICTIONS)
+    if prediction == "flow":
+        one = sigma * 0 + 1
+        return one, -sigma, one
     c_in = 1 / (sigma ** 2 + 1) ** 0.5
     if prediction == "eps":
         return sigma * 0 + 1, -sigma, c_in
     return 1 / (sigma ** 2 + 1), -sigma * c_in, c_in
+
+
+def add_noise(noise, sigma, prediction="eps", latent=None):
+    """The latent at level σ: `latent` (a clean or partly clean x₀; None for txt2img, i.e. zeros) noised by `noise` (ε).
+
+    - "eps", "v": latent + σ·ε (k-diffusion's VE coordinates; txt2img starts from σ_max·ε).
+    - "flow": (1 - σ)·latent + σ·ε; txt2img starts at σ = 1, i.e. from ε itself, and img2img from
+      (1 - σ₀)·x₀ + σ₀·ε (diffusers' FlowMatchEulerDiscreteScheduler.scale_noise).
+    `sigma` is a python float or a 0-dim tensor (float64 from the schedules keeps ε's dtype).
+    """
+    check_name("prediction type", prediction, PREDICTIONS)
+    x = noise * sigma
+    if latent is None:
+        return x
+    return x + (latent * (1 - sigma) if prediction == "flow" else latent)
 
 
 def _cat(a, b):
@@ -38,24 +72,29 @@ def uses_guidance(cfg_scale) -> bool:
 
 
 def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0, share_latent=False):
-    """Wrap `unet_fn(x_in, t, ctx) -> F` (eps or v) as `denoise(x, sigma) -> D`.
+    """Wrap `unet_fn(x_in, t, ctx) -> F` (eps, v or flow velocity) as `denoise(x, sigma) -> D`.
 
-    - x_in = c_in·x; t = sigma_to_t(σ) as a [B] tensor on x's device, float32 (float64 when x
-      is float64); ctx = cond (or the batched [uncond, cond]).
+    - x_in = c_in·x (x itself for "flow"); t = sigma_to_t(σ) (1000·σ for "flow") as a [B] tensor on
+      x's device, float32 (float64 when x is float64); ctx = cond (or the batched [uncond, cond]).
     - Guidance mixes the raw outputs, F = F_u + cfg·(F_c - F_u). Cond and uncond run as ONE call
       on a batch of 2B ordered [uncond, cond]; with cfg_scale 0 or 1 (uses_guidance) or no uncond
-      the unconditional pass is skipped (one call on B).
+      the unconditional pass is skipped (one call on B). D is affine in F with coefficients that
+      do not depend on the prompt, so this is the same as mixing D_u and D_c (for "flow": mixing
+      the velocities, as diffusers' SD3 pipeline does, is mixing the x₀ estimates).
     - share_latent: under guidance unet_fn gets x_in once, [B] against t and ctx of 2B rows, instead of
       [x_in, x_in] (sdcore's UNet then runs its layers before the text enters once, not twice).
     - sigma: python float, 0-dim tensor, or a [B] tensor of per-sample levels.
+    - The returned function has `denoise.prediction = prediction`: the ancestral samplers check it
+      against their `flow` argument (sampling.py).
     """
     check_name("prediction type", prediction, PREDICTIONS)
     guided = uncond is not None and uses_guidance(cfg_scale)
+    to_t = _TIMESTEP[prediction]
 
     def denoise(x, sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64 if not torch.is_tensor(sigma) else None)
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        t = sigma_to_t(sigma.to(torch.float64)).to(device=x.device, dtype=t_dtype).reshape(-1).expand(x.shape[0])
+        t = to_t(sigma.to(torch.float64)).to(device=x.device, dtype=t_dtype).reshape(-1).expand(x.shape[0])
         # Broadcast per-sample scalings over the non-batch dims; 0-dim ones broadcast as they are.
         shape = (-1,) + (1,) * (x.ndim - 1) if sigma.ndim else ()
         c_skip, c_out, c_in = (c.to(device=x.device, dtype=x.dtype).reshape(shape)
@@ -71,4 +110,5 @@ def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7
             out = unet_fn(x_in, t, cond).to(x.dtype)
         return c_skip * x + c_out * out
 
+    denoise.prediction = prediction
     return denoise

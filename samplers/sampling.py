@@ -14,9 +14,33 @@ Every sampler has the signature
 
 The step arithmetic is done on 0-dim tensors of `sigmas`' dtype (float64 from get_sigmas), which
 multiply x without changing its dtype.
+
+Rectified-flow models (SD3, FLUX; denoiser prediction "flow", schedule.flow_sigmas) run on nine
+of the ten samplers; get_sampler(name, "flow") gives the right one or refuses:
+
+- The deterministic ones need nothing: they integrate dx/dσ = (x - D)/σ, and for a flow model that
+  slope is the predicted velocity v, so they solve the flow's ODE dx/dt = v with σ = t (`euler` is
+  exactly diffusers' FlowMatchEulerDiscreteScheduler step x + (σ' - σ)·v). Measured on Gaussian
+  data (tests/core/test_flow_matching.py) they converge on flow schedules with orders euler 1,
+  heun, dpm2, dpm++2m 2, and ipndm, ipndm_v 2 too (not the 4 they reach on the eps models' uniform
+  σ grid).
+- dpm++2mv2 is refused (FLOW_UNSUPPORTED, ValueError): stable-diffusion.cpp's weights use the mean
+  of the last two steps in log σ, which is only consistent when consecutive steps become equal;
+  a flow schedule runs about linearly down to σ ≈ 1/N, where neighbouring log-σ steps (log 3/2,
+  log 2, ...) never do, and the result stays O(1) away from the ODE's however many steps are taken.
+- The three that put fresh noise back in (ANCESTRAL) must know, since a flow latent at level σ is
+  (1 - σ)·x₀ + σ·ε rather than x₀ + σ·ε: they take `flow=True` (get_sampler(name, "flow") passes it)
+  and then renoise as ComfyUI does for its CONST (flow) models (get_ancestral_step_flow, sample_lcm).
+
+Given a denoiser from make_denoiser (which records its prediction type), the ancestral samplers
+raise ValueError when `flow` does not match it, and dpm++2mv2 when it is "flow", rather than sample
+from the wrong noise model.
 """
+import functools
+
 import torch
 
+from .denoiser import PREDICTIONS, add_noise
 from .schedule import check_name
 
 
@@ -32,6 +56,35 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     return sigma_down, sigma_up
+
+
+def get_ancestral_step_flow(sigma_from, sigma_to, eta=1.0):
+    """The rectified-flow ancestral step σ → σ' as (σ_down, σ_up, scale) (ComfyUI's euler_ancestral_RF).
+
+    x at level σ is (1 - σ)·x₀ + σ·ε. The step goes deterministically (an ODE step) down to
+    σ_down = σ'·(1 + (σ'/σ - 1)·eta) (σ'²/σ at eta 1, σ' at eta 0; clamped at 0 for eta > 1), where
+    x ≈ (1 - σ_down)·x₀ + σ_down·ε; multiplying by scale = (1 - σ')/(1 - σ_down) gives the signal
+    weight of level σ' and noise of std scale·σ_down ≤ σ' (the noise-to-signal ratio σ/(1 - σ) is
+    increasing); fresh noise of std σ_up = sqrt(σ'² - (scale·σ_down)²) makes up the rest, so the
+    latent has level σ' again. It is k-diffusion's ancestral step done on x/(1 - σ), whose noise level
+    is σ/(1 - σ), with ComfyUI's choice of σ_down. At eta 0: (σ', 0, 1), the plain ODE step.
+    """
+    ratio = 1 + (sigma_to / sigma_from - 1) * eta
+    sigma_down = sigma_to * max(ratio, ratio * 0)
+    scale = (1 - sigma_to) / (1 - sigma_down)
+    var_up = sigma_to ** 2 - (scale * sigma_down) ** 2
+    return sigma_down, max(var_up, var_up * 0) ** 0.5, scale
+
+
+def _check_flow(denoise, sigmas, flow):
+    """The ancestral samplers' guard: `flow` must match the denoiser's prediction type when it is known."""
+    prediction = getattr(denoise, "prediction", None)
+    if prediction is not None and (prediction == "flow") != bool(flow):
+        raise ValueError(f"the denoiser predicts {prediction!r} but the sampler was called with flow={bool(flow)}: "
+                         f"an ancestral sampler must know whether the model is a rectified-flow one to add noise "
+                         f"right; use samplers.get_sampler(name, prediction)")
+    if flow and len(sigmas) and sigmas[0] > 1:
+        raise ValueError(f"a rectified-flow schedule has levels in [0, 1], got {float(sigmas[0])}")
 
 
 def default_noise(noise, x):
@@ -68,8 +121,10 @@ def sample_euler(denoise, x, sigmas, noise=None, callback=None):
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+def sample_euler_ancestral(denoise, x, sigmas, noise=None, callback=None, eta=1.0, flow=False):
+    """Euler ancestral; `flow=True` for a rectified-flow model (get_ancestral_step_flow)."""
     sigmas, n = _prepare(sigmas)
+    _check_flow(denoise, sigmas, flow)
     noise = default_noise(noise, x)
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -80,8 +135,12 @@ def sample_euler_ancestral(denoise, x, sigmas, noise=None, callback=None, eta=1.
             # Exactly D rather than D up to rounding (stable-diffusion.cpp, ComfyUI).
             x = denoised
             continue
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        if flow:
+            sigma_down, sigma_up, scale = get_ancestral_step_flow(sigma, sigma_next, eta)
+            x = (x + to_d(x, sigma, denoised) * (sigma_down - sigma)) * scale
+        else:
+            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         x = x + noise() * sigma_up
     return x
 
@@ -126,26 +185,53 @@ def sample_dpm_2(denoise, x, sigmas, noise=None, callback=None):
     return x
 
 
+# Where the flow DPM-Solver++(2S) evaluates its second point when it starts from σ = 1 (ComfyUI).
+FLOW_2S_FIRST_MIDPOINT = 0.9999
+
+
+def _flow_midpoint(sigma, sigma_down):
+    """The midpoint of [σ_down, σ] in the flow's λ = log((1 - σ)/σ), i.e. the geometric mean of the
+    noise-to-signal ratios σ/(1 - σ). λ(1) = -inf has no midpoint: from σ = 1 it is 0.9999."""
+    if sigma >= 1:
+        return sigma * 0 + FLOW_2S_FIRST_MIDPOINT
+    ratio = (sigma / (1 - sigma) * sigma_down / (1 - sigma_down)) ** 0.5
+    return ratio / (1 + ratio)
+
+
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoise, x, sigmas, noise=None, callback=None, eta=1.0):
+def sample_dpmpp_2s_ancestral(denoise, x, sigmas, noise=None, callback=None, eta=1.0, flow=False):
+    """DPM-Solver++(2S) ancestral; `flow=True` for a rectified-flow model.
+
+    With flow the noise split is get_ancestral_step_flow's and the second evaluation is at the
+    midpoint in λ = log((1 - σ)/σ), the flow's half log-SNR (ComfyUI's dpmpp_2s_ancestral_RF). Since
+    α = 1 - σ, DPM-Solver++'s first-order update (σ_b/σ_a)·x + (α_b - α_a·σ_b/σ_a)·D is the same
+    (σ_b/σ_a)·x + (1 - σ_b/σ_a)·D as for the eps models, so only σ_s and the renoising change.
+    """
     sigmas, n = _prepare(sigmas)
+    _check_flow(denoise, sigmas, flow)
     noise = default_noise(noise, x)
+    scale = 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
         if callback is not None:
             callback(i, sigma, x, denoised)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        if flow:
+            sigma_down, sigma_up, scale = get_ancestral_step_flow(sigma, sigma_next, eta)
+        else:
+            sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
             x = denoised
         else:
             # DPM-Solver++(2S): exponential-integrator steps, the second one from D at the
             # log-σ midpoint σ_s (k-diffusion; evaluating at σ' instead is only first order).
-            sigma_s = (sigma * sigma_down) ** 0.5
+            sigma_s = _flow_midpoint(sigma, sigma_down) if flow else (sigma * sigma_down) ** 0.5
             x_2 = (sigma_s / sigma) * x + (1 - sigma_s / sigma) * denoised
             denoised_2 = denoise(x_2, sigma_s)
             x = (sigma_down / sigma) * x + (1 - sigma_down / sigma) * denoised_2
         if sigma_next > 0:
+            if flow:
+                x = x * scale
             x = x + noise() * sigma_up
     return x
 
@@ -179,7 +265,10 @@ def sample_dpmpp_2m_v2(denoise, x, sigmas, noise=None, callback=None):
 
     Its weights use the ratio of the longer to the shorter of the last two steps and the mean
     step, so it only equals DPM++(2M) (and is only second order) on grids uniform in log σ.
+    Refuses rectified-flow models (ValueError; see FLOW_UNSUPPORTED).
     """
+    if getattr(denoise, "prediction", None) == "flow":
+        raise ValueError(FLOW_UNSUPPORTED["dpm++2mv2"])
     sigmas, n = _prepare(sigmas)
     old_denoised = None
     for i in range(n):
@@ -255,9 +344,14 @@ def sample_ipndm_v(denoise, x, sigmas, noise=None, callback=None):
 
 
 @torch.no_grad()
-def sample_lcm(denoise, x, sigmas, noise=None, callback=None):
-    """Latent consistency sampling: jump to D, then re-noise to σ' with fresh noise."""
+def sample_lcm(denoise, x, sigmas, noise=None, callback=None, flow=False):
+    """Latent consistency sampling: jump to D, then re-noise to σ' with fresh noise.
+
+    Re-noising is D + σ'·z, or (1 - σ')·D + σ'·z with `flow=True` (a rectified-flow model; this is
+    diffusers' FlowMatchEulerDiscreteScheduler with stochastic_sampling).
+    """
     sigmas, n = _prepare(sigmas)
+    _check_flow(denoise, sigmas, flow)
     noise = default_noise(noise, x)
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -266,7 +360,7 @@ def sample_lcm(denoise, x, sigmas, noise=None, callback=None):
             callback(i, sigma, x, denoised)
         x = denoised
         if sigma_next > 0:
-            x = x + noise() * sigma_next
+            x = add_noise(noise(), sigma_next, "flow", x) if flow else x + noise() * sigma_next
     return x
 
 
@@ -289,11 +383,29 @@ SAMPLERS = _Registry({
 })
 
 ANCESTRAL = ("euler_a", "dpm++2s_a", "lcm")
+# Samplers that refuse rectified-flow models, with the reason (the ValueError's message).
+FLOW_UNSUPPORTED = {
+    "dpm++2mv2": "dpm++2mv2 (stable-diffusion.cpp's variant of DPM++(2M)) does not converge on rectified-flow "
+                 "models: its step weights assume equal consecutive steps in log σ, which a flow schedule "
+                 "running down to σ ≈ 1/N never has; use dpm++2m",
+}
 NFE_PER_STEP = {name: 2 if name in ("heun", "dpm2", "dpm++2s_a") else 1 for name in SAMPLERS}
 
 
-def get_sampler(name):
-    return SAMPLERS[name]
+def get_sampler(name, prediction=None):
+    """The sampler `name`, ready for a model of `prediction` type (None: as in SAMPLERS).
+
+    For "flow" the ANCESTRAL samplers come with flow=True bound (functools.partial), the samplers of
+    FLOW_UNSUPPORTED raise ValueError, and the others are returned as they are.
+    """
+    fn = SAMPLERS[name]
+    if prediction is not None:
+        check_name("prediction type", prediction, PREDICTIONS)
+        if prediction == "flow" and name in FLOW_UNSUPPORTED:
+            raise ValueError(FLOW_UNSUPPORTED[name])
+        if prediction == "flow" and name in ANCESTRAL:
+            return functools.partial(fn, flow=True)
+    return fn
 
 
 def default_scheduler(sample_method):

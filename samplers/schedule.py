@@ -153,3 +153,104 @@ def img2img_sigmas(sigmas, strength):
     n = len(sigmas) - 1
     t_enc = min(int(math.floor(n * strength)), n - 1)
     return sigmas[n - t_enc - 1:]
+
+
+# ----------------------------------------------------------------------------- rectified flow
+#
+# SD3/SD3.5 and FLUX are rectified-flow models. Their noised latent at level t ∈ [0, 1] is the straight
+# line x_t = (1 - t)·x₀ + t·ε between the data (t = 0) and pure noise (t = 1), and the network predicts
+# the velocity v = dx_t/dt = ε - x₀. Writing σ := t the samplers need nothing new: the clean-latent
+# estimate is D(x, σ) = x - σ·v (denoiser.py, prediction "flow"), and the slope the samplers integrate,
+# (x - D)/σ, is v itself, so an Euler step x + (σ' - σ)·(x - D)/σ is the flow's Euler step
+# x + (σ' - σ)·v. What differs from the eps/v models is only (a) the levels, σ ≤ 1 with σ_max = 1
+# (the sampler starts from ε itself, not ε·σ_max), (b) the timestep the network takes, t = 1000·σ
+# instead of the table lookup of sigma_to_t, and (c) how noise is put on a latent, (1 - σ)·x₀ + σ·ε
+# (denoiser.add_noise) rather than x₀ + σ·ε. The schedules below are not in SCHEDULERS: they are
+# meaningless for the eps/v models, whose σ run to 14.6.
+
+
+def flow_sigma_to_t(sigma):
+    """The timestep a rectified-flow network takes at level σ: t = 1000·σ (continuous, not rounded).
+
+    Python numbers give a float64 tensor; tensors keep their dtype and device.
+    """
+    sigma = _as_float_tensor(sigma)
+    return sigma * TIMESTEPS
+
+
+def flow_t_to_sigma(t):
+    """Inverse of flow_sigma_to_t: σ = t/1000."""
+    t = _as_float_tensor(t)
+    return t / TIMESTEPS
+
+
+def flow_shift(sigma, shift):
+    """The static "timestep shift" of SD3: σ' = shift·σ / (1 + (shift - 1)·σ).
+
+    It keeps 0 and 1 fixed and, for shift > 1, moves every level towards 1, i.e. spends more of
+    the steps at high noise: it multiplies the noise-to-signal ratio σ/(1 - σ) by shift (divides
+    the SNR ((1 - σ)/σ)² by shift²). Works on python floats and tensors alike.
+    """
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_time_shift(mu, power, sigma):
+    """FLUX's resolution-dependent shift: σ' = e^mu / (e^mu + (1/σ - 1)^power) (power 1 in FLUX).
+
+    With power 1 this is flow_shift with shift = e^mu; mu comes from the image size (flux_mu).
+    On a tensor σ = 0 maps to 0 (1/σ is +inf); a python 0 raises ZeroDivisionError.
+    """
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1) ** power)
+
+
+def flux_mu(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """FLUX's mu for an image of `image_seq_len` tokens (latent height/2 · width/2, its 2×2 patches).
+
+    The straight line through (base_seq_len, base_shift) and (max_seq_len, max_shift), extended
+    beyond them (diffusers' FluxPipeline `calculate_shift`, the defaults of FLUX.1's scheduler config).
+    A 1024² image (4096 tokens) gets mu = 1.15, a shift of e^1.15 ≈ 3.16.
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flow_sigmas(steps, shift=1.0, mu=None, t_min=None, device="cpu", dtype=torch.float64):
+    """The N+1 levels of an N-step rectified-flow schedule, from 1 down, ending in 0 (float64 by default).
+
+    The unshifted ramp is N points evenly spaced from 1 to t_min; each is then shifted, by
+    flow_shift(σ, shift) or, given mu, by flow_time_shift(mu, 1, σ) (shift must then stay 1: the two
+    are alternatives); a final 0 is appended. This is diffusers' FlowMatchEulerDiscreteScheduler
+    `set_timesteps(steps)` (`mu=mu` with use_dynamic_shifting), and the default t_min is the one it
+    uses: the smallest level of its 1000-level training table, i.e. flow_shift(1/1000, shift) with a
+    static shift -- so for SD3 (shift 3) the ramp ends at 0.002994 and the shift is applied on top of
+    it; Stability AI's SD3 reference code (sd3_impls.py) does the same -- and 1/1000 with mu. FLUX's
+    pipelines use t_min = 1/N instead (flux_sigmas). The network's timesteps are
+    flow_sigma_to_t(sigmas[:-1]).
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be positive, got {shift}")
+    if mu is not None and shift != 1:
+        raise ValueError("give either a static shift or mu (the dynamic shift), not both")
+    if t_min is None:
+        t_min = 1 / TIMESTEPS if mu is not None else flow_shift(1 / TIMESTEPS, shift)
+    if not 0 < t_min <= 1:
+        raise ValueError(f"t_min must be in (0, 1], got {t_min}")
+    ramp = torch.linspace(1, t_min, steps, dtype=torch.float64)
+    sigmas = flow_time_shift(mu, 1.0, ramp) if mu is not None else flow_shift(ramp, shift)
+    return _append_zero(sigmas).to(device=device, dtype=dtype)
+
+
+def flux_sigmas(steps, image_seq_len, device="cpu", dtype=torch.float64, **mu_kw):
+    """FLUX.1's schedule for an image of `image_seq_len` tokens: flow_sigmas with t_min = 1/N and
+    mu = flux_mu(image_seq_len, **mu_kw).
+
+    As diffusers' FluxPipeline (ramp np.linspace(1, 1/N, N), dynamic shift) and Black Forest Labs'
+    reference get_schedule (linspace(1, 0, N + 1), shifted, whose 0 stays 0) give it.
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return flow_sigmas(steps, mu=flux_mu(image_seq_len, **mu_kw), t_min=1 / steps, device=device, dtype=dtype)
