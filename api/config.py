@@ -25,6 +25,7 @@ import weights
 WEIGHTS_DIR = Path(weights.__file__).resolve().parent
 TRAINED_MODEL = WEIGHTS_DIR / "shapes-sd1.safetensors"
 DEFAULT_MODEL = TRAINED_MODEL if TRAINED_MODEL.exists() else WEIGHTS_DIR / "tiny-sd1.safetensors"
+TRAINED_TAESD = WEIGHTS_DIR / "shapes-taesd.safetensors"      # distilled from TRAINED_MODEL's VAE (weights/README.md)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -76,7 +77,8 @@ class Settings:
     control_net: str | None = setting(None, "ControlNet weights (enables control_image)")
     taesd: str | None = setting(None, "TAESD decoder weights (taesd_decoder.safetensors, taesdxl_decoder.safetensors "
                                       "or a diffusers AutoencoderTiny) for previews while sampling", metavar="PATH",
-                                shown="none (previews by a linear projection fitted to the VAE)")
+                                shown="none: previews by a linear projection fitted to the VAE (the embedded default "
+                                      "model: weights/shapes-taesd.safetensors)")
     taesd_decode: bool = setting(False, "decode final images with the TAESD decoder as well: several times faster, "
                                         "visibly softer (docs/BENCHMARKS.md); needs --taesd")
     device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:N or mps")
@@ -244,6 +246,8 @@ class Settings:
             raise ConfigError("download_url_prefix must start with http:// or https://")
         if self.taesd_decode and not self.taesd:
             raise ConfigError("taesd_decode needs a TAESD decoder: set taesd as well")
+        if self.taesd and not os.path.exists(self.taesd):
+            raise ConfigError(f"taesd: {self.taesd} does not exist")
         for name in ("lora_model_dir", "embd_dir"):
             if getattr(self, name) and not os.path.isdir(getattr(self, name)):
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a directory")
@@ -251,6 +255,14 @@ class Settings:
         if self.max_pixels < 64 * 64:
             raise ConfigError(f"max_pixels must be at least 4096 (64x64), got {self.max_pixels}")
         self.cors_origin_list()
+
+    def taesd_for(self, model_path) -> str | None:
+        """The TAESD decoder of a served model: --taesd, else the one distilled for the embedded default model."""
+        if self.taesd:
+            return self.taesd
+        if Path(model_path).resolve() == TRAINED_MODEL.resolve() and TRAINED_TAESD.exists():
+            return str(TRAINED_TAESD)
+        return None
 
     def cors_origin_list(self) -> list[str]:
         """The allowed CORS origins ([] = CORS off; ["*"] = any origin)."""

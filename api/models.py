@@ -86,6 +86,7 @@ def load_models(settings) -> ModelRegistry:
 
     import sdcore
     from sdcore.device import resolve_device, resolve_dtype
+    from sdcore.model import attach_taesd
     threads = worker_threads(settings, torch.get_num_threads())
     if threads:
         torch.set_num_threads(threads)
@@ -101,8 +102,13 @@ def load_models(settings) -> ModelRegistry:
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
                                          cuda_graphs=settings.cuda_graphs, native_size=sizes.get(name),
-                                         vae_tiling=settings.vae_tiling, taesd=settings.taesd,
-                                         taesd_decode=settings.taesd_decode)
+                                         vae_tiling=settings.vae_tiling)
+        taesd = settings.taesd_for(path)
+        if taesd:
+            try:
+                attach_taesd(models[name], taesd, settings.taesd_decode)
+            except sdcore.CheckpointError as e:      # a decoder for another latent space: previews by projection
+                log.warning("model %r: no TAESD previews: %s", name, e)
         log.info("loaded model %r from %s on %s (%s) in %.1f s", name, path, device,
                  str(dtype).removeprefix("torch."), time.monotonic() - t0)
         if settings.compile:

@@ -158,3 +158,17 @@ def test_every_setting_has_an_option_and_a_variable():
         name = env_names(f)[0]
         if f.name not in ("models", "api_key"):
             assert name == "SD_" + f.name.upper()
+
+
+def test_taesd_settings(tmp_path):
+    from api.config import TRAINED_MODEL, TRAINED_TAESD
+    with pytest.raises(ConfigError, match="needs a TAESD"):
+        Settings.from_mapping({"taesd_decode": True})
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.from_mapping({"taesd": str(tmp_path / "missing.safetensors")})
+    (tmp_path / "t.safetensors").write_bytes(b"")
+    s = Settings.from_mapping({"taesd": str(tmp_path / "t.safetensors")})
+    assert s.taesd_for(TRAINED_MODEL) == s.taesd_for("other.safetensors") == str(tmp_path / "t.safetensors")
+    plain = Settings.from_mapping({})
+    assert plain.taesd_for("other.safetensors") is None
+    assert plain.taesd_for(TRAINED_MODEL) == (str(TRAINED_TAESD) if TRAINED_TAESD.exists() else None)
