@@ -34,3 +34,14 @@ SDXL_REFINER_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), num
                                transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2, num_heads=None, head_dim=64,
                                context_dim=128, use_linear_proj=True, adm_in_channels=128 + 5 * 256)
 SDXL_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scale_factor=0.13025)
+
+
+def random_mlp(dim: int, hidden: int, seed: int = 0):
+    """The float64 weights (w1 [dim, hidden], b1, u [hidden], w2 [hidden, dim]) of the small random nonlinear
+    networks the sampler tests use as denoisers: tanh(x·w1 + b1 + σ·u)·w2, each test wrapping it its own way."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(dim, hidden, generator=g, dtype=torch.float64) / dim ** 0.5
+    b1 = torch.randn(hidden, generator=g, dtype=torch.float64)
+    u = torch.randn(hidden, generator=g, dtype=torch.float64)
+    w2 = torch.randn(hidden, dim, generator=g, dtype=torch.float64) / hidden ** 0.5
+    return w1, b1, u, w2

@@ -15,6 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import samplers
+from tiny_models import random_mlp
 
 F64 = torch.float64
 MU, S = 0.3, 0.8
@@ -406,11 +407,7 @@ def test_eps_renoising_is_wrong_for_flow():
 
 
 def mlp_flow_denoiser(dim, seed=0, hidden=16):
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(dim, hidden, generator=g, dtype=F64) / math.sqrt(dim)
-    b1 = torch.randn(hidden, generator=g, dtype=F64)
-    u = torch.randn(hidden, generator=g, dtype=F64)
-    w2 = torch.randn(hidden, dim, generator=g, dtype=F64) / math.sqrt(hidden)
+    w1, b1, u, w2 = random_mlp(dim, hidden, seed)
 
     def denoise(x, sigma):
         s = float(sigma)

@@ -11,6 +11,7 @@ import torch
 import samplers
 
 from bench import kdiff
+from tiny_models import random_mlp
 
 F64 = torch.float64
 
@@ -228,11 +229,7 @@ def test_wrapper_sigma_forms_agree():
 
 def mlp_denoiser(dim, seed=0, hidden=32):
     """A random nonlinear denoiser; sigma may be 0-dim (ours) or [B] (k-diffusion)."""
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(dim, hidden, generator=g, dtype=F64) / math.sqrt(dim)
-    b1 = torch.randn(hidden, generator=g, dtype=F64)
-    u = torch.randn(hidden, generator=g, dtype=F64)
-    w2 = torch.randn(hidden, dim, generator=g, dtype=F64) / math.sqrt(hidden)
+    w1, b1, u, w2 = random_mlp(dim, hidden, seed)
 
     def denoise(x, sigma):
         s = torch.as_tensor(sigma, dtype=F64)

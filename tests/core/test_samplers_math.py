@@ -9,6 +9,7 @@ import torch
 
 import samplers
 from samplers import orders
+from tiny_models import random_mlp
 
 F64 = torch.float64
 ALL = ["euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2", "ipndm", "ipndm_v", "lcm"]
@@ -20,11 +21,7 @@ def gaussian_D(mu=MU, s=S):
 
 
 def mlp_denoiser(dim, seed=0, hidden=16):
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(dim, hidden, generator=g, dtype=F64) / math.sqrt(dim)
-    b1 = torch.randn(hidden, generator=g, dtype=F64)
-    u = torch.randn(hidden, generator=g, dtype=F64)
-    w2 = torch.randn(hidden, dim, generator=g, dtype=F64) / math.sqrt(hidden)
+    w1, b1, u, w2 = random_mlp(dim, hidden, seed)
 
     def denoise(x, sigma):
         s = float(sigma)
