@@ -217,26 +217,78 @@ MMDIT_BLOCK = {"x_block.adaLN_modulation.1": "norm1.linear", "context_block.adaL
                "context_block.mlp.fc1": "ff_context.net.0.proj", "context_block.mlp.fc2": "ff_context.net.2"}
 
 
-def mmdit_from_diffusers(theirs: Tensors, depth: int) -> Tensors:
-    """A diffusers SD3Transformer2DModel state dict seen under our names, lazily. Two differences beyond names:
-    q, k, v are separate there (fused here), and the modulations that give two vectors, the final layer's and the
-    last block's text side, give (scale, shift) there and (shift, scale) here."""
-    pairs = [(ours, t) for ours, t in MMDIT_NAMES.items()]
-    pairs += [(f"joint_blocks.{i}.{ours}", [f"transformer_blocks.{i}.{n}" for n in t] if isinstance(t, list)
-               else f"transformer_blocks.{i}.{t}") for i in range(depth) for ours, t in MMDIT_BLOCK.items()]
-    swapped = {"final_layer.adaLN_modulation.1", f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1"}
-    out = Tensors()
-    for ours, src in pairs:
-        for suffix in (".weight", ".bias", ""):
-            names = [s + suffix for s in src] if isinstance(src, list) else [src + suffix]
-            if not all(n in theirs for n in names) or (suffix == "" and ours != "pos_embed"):
-                continue
-            shape = theirs.shape(names[0])
-            if len(names) > 1:
-                out.add(ours + suffix, lambda names=names: torch.cat([theirs.get(n) for n in names]),
-                        (shape[0] * len(names), *shape[1:]))
-            elif ours in swapped:
-                out.add(ours + suffix, lambda n=names[0]: torch.cat(theirs.get(n).chunk(2)[::-1]), shape)
-            else:
-                out.add(ours + suffix, lambda n=names[0]: theirs.get(n), shape)
+def _linears(table: dict, ours_prefix: str = "", theirs_prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(our key, their keys) for the weight and bias of each entry of a name table (a list: fused by rows)."""
+    out = []
+    for ours, theirs in table.items():
+        names = theirs if isinstance(theirs, list) else [theirs]
+        for suffix in (".weight", ".bias"):
+            out.append((ours_prefix + ours + suffix, [theirs_prefix + n + suffix for n in names]))
     return out
+
+
+def from_diffusers(theirs: Tensors, pairs, swapped=()) -> Tensors:
+    """``theirs`` seen under our names, lazily: ``pairs`` (our key, their keys): one is renamed, several are
+    concatenated by rows (our fused projections); ``swapped`` keys have their two halves exchanged (a modulation
+    giving (scale, shift) there and (shift, scale) here). Pairs whose tensors are missing are left out."""
+    out = Tensors()
+    for ours, names in pairs:
+        if not all(n in theirs for n in names):
+            continue
+        shape = theirs.shape(names[0])
+        if len(names) > 1:
+            out.add(ours, lambda names=names: torch.cat([theirs.get(n) for n in names]),
+                    (sum(theirs.shape(n)[0] for n in names), *shape[1:]))
+        elif ours in swapped:
+            out.add(ours, lambda n=names[0]: torch.cat(theirs.get(n).chunk(2)[::-1]), shape)
+        else:
+            out.add(ours, lambda n=names[0]: theirs.get(n), shape)
+    return out
+
+
+def mmdit_from_diffusers(theirs: Tensors, depth: int) -> Tensors:
+    """A diffusers SD3Transformer2DModel state dict under our names. Beyond names: q, k, v are separate there
+    (fused here), and the modulations that give two vectors, the final layer's and the last block's text side,
+    give (scale, shift) there and (shift, scale) here."""
+    pairs = [("pos_embed", ["pos_embed.pos_embed"])] + _linears({k: v for k, v in MMDIT_NAMES.items() if k != "pos_embed"})
+    for i in range(depth):
+        pairs += _linears(MMDIT_BLOCK, f"joint_blocks.{i}.", f"transformer_blocks.{i}.")
+    swapped = {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")}
+    swapped |= {f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.{p}" for p in ("weight", "bias")}
+    return from_diffusers(theirs, pairs, swapped)
+
+
+# --- FLUX: Black Forest Labs' names (ours) <-> diffusers' FluxTransformer2DModel ------------------------------
+FLUX_NAMES = {"img_in": "x_embedder", "txt_in": "context_embedder",
+              "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+              "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+              "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+              "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+              "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+              "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+              "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+FLUX_DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+               "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+               "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+               "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+               "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+               "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2"}
+FLUX_DOUBLE_NORMS = {"img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+                     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+                     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+FLUX_SINGLE = {"modulation.lin": "norm.linear", "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+               "linear2": "proj_out"}
+FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def flux_from_diffusers(theirs: Tensors, depth: int, depth_single: int) -> Tensors:
+    """A diffusers FluxTransformer2DModel state dict under our names (q, k, v and the single blocks' MLP input
+    fused into one projection here; the final modulation's halves swapped, as for MMDiT)."""
+    pairs = _linears(FLUX_NAMES)
+    for i in range(depth):
+        pairs += _linears(FLUX_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
+        pairs += [(f"double_blocks.{i}.{o}", [f"transformer_blocks.{i}.{t}"]) for o, t in FLUX_DOUBLE_NORMS.items()]
+    for i in range(depth_single):
+        pairs += _linears(FLUX_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
+        pairs += [(f"single_blocks.{i}.{o}", [f"single_transformer_blocks.{i}.{t}"]) for o, t in FLUX_SINGLE_NORMS.items()]
+    return from_diffusers(theirs, pairs, {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")})

@@ -1,0 +1,62 @@
+"""Our FLUX transformer (sdcore.flux) against diffusers' FluxTransformer2DModel on the same random weights,
+read through our diffusers -> Black Forest Labs name table (sdcore.formats.layouts.flux_from_diffusers): dev
+(guidance embedded) and schnell (none), image ids on a grid and text ids at zero as the pipelines make them."""
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from bench.references import max_rel
+from sdcore.flux import Flux, FluxConfig
+from sdcore.formats.files import Tensors
+from sdcore.formats.layouts import flux_from_diffusers
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:                 # RMS-norm gains around 1
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    return model.eval()
+
+
+def _as_tensors(state: dict) -> Tensors:
+    t = Tensors()
+    for k, v in state.items():
+        t.add(k, lambda v=v: v, v.shape)
+    return t
+
+
+def _ids(h: int, w: int, text: int):
+    img = torch.zeros(h, w, 3)
+    img[..., 1], img[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    return img.reshape(h * w, 3), torch.zeros(text, 3)
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_flux_equals_diffusers(guidance):
+    ref = _randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                             pooled_projection_dim=20, guidance_embeds=guidance,
+                                             axes_dims_rope=(4, 6, 6)), seed=int(guidance))
+    cfg = FluxConfig(in_channels=16, width=32, heads=2, depth=2, depth_single=2, context_dim=24, pooled_dim=20,
+                     axes_dim=(4, 6, 6), guidance_embed=guidance)
+    ours = Flux(cfg).eval()
+    state = {k: thunk() for k, (thunk, _) in
+             flux_from_diffusers(_as_tensors(ref.state_dict()), cfg.depth, cfg.depth_single).entries.items()}
+    ours.load_state_dict(state, strict=True)
+    assert "double_blocks.0.img_attn.norm.query_norm.scale" in ours.state_dict()      # BFL's own names
+    g = torch.Generator().manual_seed(3)
+    img_ids, txt_ids = _ids(4, 6, 7)
+    img, txt = torch.randn(2, 24, 16, generator=g), torch.randn(2, 7, 24, generator=g)
+    y, t = torch.randn(2, 20, generator=g), torch.tensor([1.0, 0.3])
+    scale = torch.tensor([3.5, 3.5]) if guidance else None
+    with torch.no_grad():
+        want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
+                   txt_ids=txt_ids, guidance=scale).sample
+        got = ours(img, img_ids[None].expand(2, -1, -1), txt, txt_ids[None].expand(2, -1, -1), t, y, scale)
+    assert want.std() > 0.1
+    assert max_rel(got, want) < 1e-5, max_rel(got, want)
