@@ -16,8 +16,9 @@ from . import layouts
 from .build import meta_keys
 from .files import (CheckpointError, TensorFile, Tensors, component_weights, from_file, read_json, read_metadata,
                     with_overrides)
-from .infer import (infer_controlnet_config, infer_mmdit_config, infer_text_config, infer_unet_config,
-                    infer_vae_config, mmdit_config_from_diffusers, text_config_from_diffusers,
+from .infer import (flux_config_from_diffusers, infer_controlnet_config, infer_flux_config, infer_mmdit_config,
+                    infer_text_config, infer_unet_config, infer_vae_config, mmdit_config_from_diffusers,
+                    text_config_from_diffusers,
                     unet_config_from_diffusers, vae_config_from_diffusers, vae_config_from_diffusers_names)
 from .infer import REFINER, SDXL_FAMILIES
 
@@ -252,6 +253,30 @@ def read_mmdit(path: str) -> Part:
     if "joint_blocks.0.x_block.attn.qkv.weight" not in t:
         raise CheckpointError(f"{path} is not an SD3 transformer (no joint_blocks.0.x_block.attn.qkv.weight)")
     return Part(t, with_overrides(infer_mmdit_config(t), read_metadata(tf).get("mmdit")), path)
+
+
+def read_flux(path: str) -> Part:
+    """A FLUX transformer: a diffusers ``transformer/`` folder, or a file in Black Forest Labs' names (bare, as
+    flux1-dev.safetensors, or under ``model.diffusion_model.``) or in diffusers' names."""
+    if os.path.isdir(path):
+        config = read_json(os.path.join(path, "config.json"))
+        if config.get("_class_name") != "FluxTransformer2DModel":
+            raise CheckpointError(f"{path} holds a diffusers {config.get('_class_name')}, not a FluxTransformer2DModel")
+        cfg = flux_config_from_diffusers(config)
+        t = layouts.flux_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg.depth, cfg.depth_single)
+        return Part(t, cfg, path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such FLUX transformer file: {path}")
+    tf = TensorFile(path)
+    t = from_file(tf)
+    if t.has_prefix("model.diffusion_model."):
+        t = t.sub("model.diffusion_model.")
+    if "single_transformer_blocks.0.proj_mlp.weight" in t:          # diffusers' names in one file
+        count = (lambda prefix: len({k.split(".")[1] for k in t.keys() if k.startswith(prefix)}))
+        t = layouts.flux_from_diffusers(t, count("transformer_blocks."), count("single_transformer_blocks."))
+    if "double_blocks.0.img_attn.qkv.weight" not in t:
+        raise CheckpointError(f"{path} is not a FLUX transformer (no double_blocks.0.img_attn.qkv.weight)")
+    return Part(t, with_overrides(infer_flux_config(t), read_metadata(tf).get("flux")), path)
 
 
 def read_controlnet(path: str) -> Part:

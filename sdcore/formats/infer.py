@@ -9,6 +9,7 @@ import re
 import torch
 
 from ..clip import TextConfig
+from ..flux import FluxConfig
 from ..mmdit import MMDiTConfig
 from ..tokenizer import EOS
 from ..unet import UNet, UNetConfig
@@ -202,3 +203,27 @@ def mmdit_config_from_diffusers(c: dict) -> MMDiTConfig:
                        context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 2048),
                        pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=bool(c.get("qk_norm")),
                        dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
+
+
+def infer_flux_config(t: Tensors) -> FluxConfig:
+    """A FLUX transformer's configuration from its tensors (our names). The split of each head's channels over the
+    three position axes is not in the shapes: every released model has (16, 56, 56)."""
+    width, channels = t.shape("img_in.weight")
+    head_dim = t.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    count = (lambda prefix: len({k.split(".")[1] for k in t.keys() if k.startswith(prefix)}))
+    return FluxConfig(in_channels=channels, width=width, heads=width // head_dim, depth=count("double_blocks."),
+                      depth_single=count("single_blocks."), context_dim=t.shape("txt_in.weight")[1],
+                      pooled_dim=t.shape("vector_in.in_layer.weight")[1],
+                      guidance_embed="guidance_in.in_layer.weight" in t,
+                      mlp_ratio=t.shape("double_blocks.0.img_mlp.0.weight")[0] / width)
+
+
+def flux_config_from_diffusers(c: dict) -> FluxConfig:
+    """A diffusers FluxTransformer2DModel's config.json."""
+    if c.get("patch_size", 1) != 1:
+        raise CheckpointError("a FLUX transformer with patch_size other than 1 is not supported")
+    return FluxConfig(in_channels=c.get("in_channels", 64), width=c["num_attention_heads"] * c["attention_head_dim"],
+                      heads=c["num_attention_heads"], depth=c.get("num_layers", 19),
+                      depth_single=c.get("num_single_layers", 38), context_dim=c.get("joint_attention_dim", 4096),
+                      pooled_dim=c.get("pooled_projection_dim", 768), guidance_embed=bool(c.get("guidance_embeds")),
+                      axes_dim=tuple(c.get("axes_dims_rope") or (16, 56, 56)))

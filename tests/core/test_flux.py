@@ -60,3 +60,44 @@ def test_flux_equals_diffusers(guidance):
         got = ours(img, img_ids[None].expand(2, -1, -1), txt, txt_ids[None].expand(2, -1, -1), t, y, scale)
     assert want.std() > 0.1
     assert max_rel(got, want) < 1e-5, max_rel(got, want)
+
+
+def test_flux_files_in_both_layouts_load_equal(tmp_path):
+    """A diffusers transformer folder, the same weights in one file under diffusers' names, and Black Forest Labs'
+    layout (bare, as flux1-dev.safetensors, and under model.diffusion_model.): each gives diffusers' output, the
+    configuration read off the shapes (the RoPE axes, not in them, from our metadata entry)."""
+    from safetensors.torch import save_file
+
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import read_flux
+    from sdcore.formats.files import config_to_metadata
+    ref = _randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                             pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=(4, 6, 6)), 5)
+    cfg = FluxConfig(in_channels=16, width=32, heads=2, depth=1, depth_single=2, context_dim=24, pooled_dim=20,
+                     axes_dim=(4, 6, 6), guidance_embed=True)
+    ours = Flux(cfg).eval()
+    ours.load_state_dict({k: thunk() for k, (thunk, _) in flux_from_diffusers(
+        _as_tensors(ref.state_dict()), 1, 2).entries.items()})
+    ref.save_pretrained(tmp_path / "transformer")
+    axes = config_to_metadata(flux={"axes_dim": [4, 6, 6]})
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusers-names.safetensors"),
+              metadata=axes)
+    bfl = {k: v.contiguous() for k, v in ours.state_dict().items()}
+    save_file(bfl, str(tmp_path / "flux1.safetensors"), metadata=axes)
+    save_file({f"model.diffusion_model.{k}": v for k, v in bfl.items()}, str(tmp_path / "comfy.safetensors"),
+              metadata=axes)
+    g = torch.Generator().manual_seed(4)
+    img_ids, txt_ids = _ids(2, 3, 5)
+    img, txt, y = torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 24, generator=g), torch.randn(1, 20, generator=g)
+    t, scale = torch.tensor([0.6]), torch.tensor([4.0])
+    with torch.no_grad():
+        want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
+                   txt_ids=txt_ids, guidance=scale).sample
+    for name in ("transformer", "diffusers-names.safetensors", "flux1.safetensors", "comfy.safetensors"):
+        part = read_flux(str(tmp_path / name))
+        assert part.cfg == cfg, (name, part.cfg)
+        model = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX", part.source)
+        with torch.no_grad():
+            got = model(img, img_ids[None], txt, txt_ids[None], t, y, scale)
+        assert max_rel(got, want) < 1e-5, name
