@@ -26,12 +26,20 @@ class CheckpointError(Exception):
 
 
 class TensorFile:
-    """Name -> tensor on demand, from one safetensors file or a pickled state dict."""
+    """Name -> tensor on demand, from one safetensors file, a GGUF file or a pickled state dict.
+
+    GGUF (stable-diffusion.cpp's converter, llama.cpp's format): the tensors keep the names of the file they were
+    converted from; read with the ``gguf`` package, memory-mapped. F32 and F16 tensors come as they are stored;
+    BF16 and the quantized types (Q8_0, Q4_0, the K-quants, ...) are dequantized by ``gguf.quants`` when asked
+    for, to float32 (which holds every one of their values exactly) or, for BF16, back to bfloat16."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         self.path, self.metadata = path, {}
-        if path.endswith(".safetensors"):
+        if path.endswith(".gguf"):
+            self._gguf, self.metadata = read_gguf(path)
+            self._keys = list(self._gguf)
+        elif path.endswith(".safetensors"):
             check_safetensors(path)
             from safetensors import safe_open
             self._file = safe_open(path, framework="pt")
@@ -44,13 +52,48 @@ class TensorFile:
     # methods, not lambdas stored on self: a self-referencing attribute would keep the memory map
     # (and its resident pages) alive after loading until the garbage collector finds the cycle
     def get(self, key):
+        if hasattr(self, "_gguf"):
+            return gguf_tensor(self._gguf[key])
         return self._file.get_tensor(key) if hasattr(self, "_file") else self._dict[key]
 
     def shape(self, key):
+        if hasattr(self, "_gguf"):
+            return gguf_shape(self._gguf[key])
         return tuple(self._file.get_slice(key).get_shape()) if hasattr(self, "_file") else tuple(self._dict[key].shape)
 
     def keys(self):
         return self._keys
+
+
+def read_gguf(path) -> tuple[dict, dict]:
+    """(name -> the GGUF reader's tensor record, the file's string key-values: our metadata entry among them); a
+    file that is not GGUF, or is cut short, is a CheckpointError."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from None
+    strings = {name: bytes(f.parts[f.data[0]]).decode("utf-8", "replace") for name, f in reader.fields.items()
+               if f.types == [gguf.GGUFValueType.STRING]}
+    return {t.name: t for t in reader.tensors}, strings
+
+
+def gguf_shape(t) -> tuple:
+    return tuple(int(n) for n in reversed(t.shape.tolist()))         # GGUF lists the fastest dimension first
+
+
+def gguf_tensor(t) -> torch.Tensor:
+    import gguf
+    import numpy as np
+    kind = gguf.GGMLQuantizationType
+    if t.tensor_type in (kind.F32, kind.F16):
+        return torch.from_numpy(np.array(t.data)).reshape(gguf_shape(t))
+    try:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"tensor {t.name}: the GGUF type {t.tensor_type.name} is not supported") from None
+    out = torch.from_numpy(values).reshape(gguf_shape(t))
+    return out.to(torch.bfloat16) if t.tensor_type == kind.BF16 else out
 
 
 def check_safetensors(path):
