@@ -107,3 +107,17 @@ def test_a_cut_gguf_is_refused_clearly(source, tmp_path):
     (tmp_path / "text.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="GGUF"):
         load_model(str(tmp_path / "text.gguf"), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_safetensors_load_as_their_values(source, tmp_path, default_model_path, fp8):
+    """fp8 checkpoints (flux1-dev-fp8 and the like): the weights stored in float8 load as exactly those values in
+    the compute dtype (float32 here), the rest as stored; the model draws."""
+    stored = {k: (v.to(fp8) if v.is_floating_point() and v.ndim >= 2 else v).contiguous() for k, v in source.items()}
+    save_file(stored, str(tmp_path / "m-fp8.safetensors"), metadata=TensorFile(default_model_path).metadata)
+    model = load_model(str(tmp_path / "m-fp8.safetensors"), device="cpu", dtype="float32")
+    for prefix, net in (("model.diffusion_model.", model.unet), ("first_stage_model.", model.vae)):
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, stored[prefix + k].float()), k
+    image = generate(model, GenerationParams("a red circle", width=64, height=64, steps=2, seed=1))[0].image
+    assert np.asarray(image).std() > 0
