@@ -1,7 +1,7 @@
 """Security against a real gunicorn with an API key and CORS origins configured: the Bearer key
-is required on every documented endpoint but /health (the list comes from /openapi.json), the
-key (right or wrong) never reaches the log, CORS answers only the configured origins, and image
-ids are unguessable."""
+is required on every documented endpoint but /health and the playground page with its files (the list
+comes from /openapi.json), the key (right or wrong) never reaches the log, CORS answers only the
+configured origins, and image ids are unguessable."""
 import re
 
 import pytest
@@ -33,7 +33,7 @@ def operations(server):
     ops = []
     for path, methods in doc["paths"].items():
         concrete = (path.replace("{file_id}", "file-" + "0" * 32).replace("{name}", "image.png")
-                    .replace("{model_id}", "tiny-sd1"))
+                    .replace("{model_id}", "tiny-sd1").replace("{filename}", "playground.js"))
         for method, op in methods.items():
             ops.append((method.upper(), concrete, op.get("security", doc["security"])))
     assert len(ops) >= 12
@@ -47,7 +47,7 @@ BAD_AUTH = [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorizat
             {"Authorization": f"Bearer {KEY.upper()}"}]
 
 
-def test_key_required_on_every_endpoint_but_health(server, operations):
+def test_key_required_on_every_endpoint_but_health_and_the_page(server, operations):
     open_ops = []
     for method, path, security in operations:
         for headers in BAD_AUTH:
@@ -68,7 +68,7 @@ def test_key_required_on_every_endpoint_but_health(server, operations):
                                 json={"prompt": "p", "size": "64x64", "steps": 1,
                                       "response_format": "b64_json"} if method == "POST" else None)
         assert good.status_code != 401, (method, path)
-    assert set(open_ops) == {"/health"}
+    assert set(open_ops) == {"/health", "/", "/ui/playground.js"}      # no data: the page asks for the key
     for path in ("/nope", "/v1/nope", "/.env"):          # unknown paths do not tell either
         assert requests.get(server.base + path, timeout=30).status_code == 401
 
