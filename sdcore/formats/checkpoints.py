@@ -231,52 +231,48 @@ def _vae_from_diffusers(t: Tensors, cfg) -> Tensors:
     return layouts.renamed(t, names, reshape=layouts.vae_is_linear_attn)
 
 
-def read_mmdit(path: str) -> Part:
-    """An SD3/SD3.5 transformer: a diffusers ``transformer/`` folder, or a file in Stability AI's names (bare or
-    under ``model.diffusion_model.``, as the whole-model files hold it) or in diffusers' names."""
+@dataclasses.dataclass(frozen=True)
+class TransformerLayout:
+    """How a family's transformer files are told apart and read (read_transformer)."""
+    what: str                     # for messages
+    diffusers_class: str          # a diffusers folder's config.json _class_name
+    ours: str                     # a key of our names (the family's own single files)
+    diffusers: str                # a key of diffusers' names, in a folder or one file
+    metadata: str                 # our metadata entry's part for it (what the shapes do not tell)
+    from_diffusers: object        # Tensors in diffusers' names -> ours (layouts)
+    infer: object                 # our-named Tensors -> configuration (infer)
+    config_from_diffusers: object  # config.json -> configuration (infer)
+
+
+MMDIT = TransformerLayout("SD3 transformer", "SD3Transformer2DModel", "joint_blocks.0.x_block.attn.qkv.weight",
+                          "transformer_blocks.0.attn.to_q.weight", "mmdit", layouts.mmdit_from_diffusers,
+                          infer_mmdit_config, mmdit_config_from_diffusers)
+FLUX = TransformerLayout("FLUX transformer", "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
+                         "single_transformer_blocks.0.proj_mlp.weight", "flux", layouts.flux_from_diffusers,
+                         infer_flux_config, flux_config_from_diffusers)
+
+
+def read_transformer(path: str, layout: TransformerLayout) -> Part:
+    """An SD3/SD3.5 (``MMDIT``) or FLUX (``FLUX``) transformer: a diffusers ``transformer/`` folder, or a file in the
+    family's own names (Stability AI's, Black Forest Labs'; bare, or under ``model.diffusion_model.`` as whole-model
+    and ComfyUI files hold it) or in diffusers' names."""
     if os.path.isdir(path):
         config = read_json(os.path.join(path, "config.json"))
-        if config.get("_class_name") != "SD3Transformer2DModel":
-            raise CheckpointError(f"{path} holds a diffusers {config.get('_class_name')}, not an SD3Transformer2DModel")
-        cfg = mmdit_config_from_diffusers(config)
-        return Part(layouts.mmdit_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg.depth),
-                    cfg, path)
+        if config.get("_class_name") != layout.diffusers_class:
+            raise CheckpointError(f"{path} holds a diffusers {config.get('_class_name')}, not a {layout.diffusers_class}")
+        return Part(layout.from_diffusers(component_weights(path, "diffusion_pytorch_model")),
+                    layout.config_from_diffusers(config), path)
     if not os.path.exists(path):
-        raise CheckpointError(f"no such SD3 transformer file: {path}")
+        raise CheckpointError(f"no such {layout.what} file: {path}")
     tf = TensorFile(path)
     t = from_file(tf)
     if t.has_prefix("model.diffusion_model."):
         t = t.sub("model.diffusion_model.")
-    if "transformer_blocks.0.attn.to_q.weight" in t:              # diffusers' names in one file
-        depth = len({k.split(".")[1] for k in t.keys() if k.startswith("transformer_blocks.")})
-        t = layouts.mmdit_from_diffusers(t, depth)
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in t:
-        raise CheckpointError(f"{path} is not an SD3 transformer (no joint_blocks.0.x_block.attn.qkv.weight)")
-    return Part(t, with_overrides(infer_mmdit_config(t), read_metadata(tf).get("mmdit")), path)
-
-
-def read_flux(path: str) -> Part:
-    """A FLUX transformer: a diffusers ``transformer/`` folder, or a file in Black Forest Labs' names (bare, as
-    flux1-dev.safetensors, or under ``model.diffusion_model.``) or in diffusers' names."""
-    if os.path.isdir(path):
-        config = read_json(os.path.join(path, "config.json"))
-        if config.get("_class_name") != "FluxTransformer2DModel":
-            raise CheckpointError(f"{path} holds a diffusers {config.get('_class_name')}, not a FluxTransformer2DModel")
-        cfg = flux_config_from_diffusers(config)
-        t = layouts.flux_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg.depth, cfg.depth_single)
-        return Part(t, cfg, path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"no such FLUX transformer file: {path}")
-    tf = TensorFile(path)
-    t = from_file(tf)
-    if t.has_prefix("model.diffusion_model."):
-        t = t.sub("model.diffusion_model.")
-    if "single_transformer_blocks.0.proj_mlp.weight" in t:          # diffusers' names in one file
-        count = (lambda prefix: len({k.split(".")[1] for k in t.keys() if k.startswith(prefix)}))
-        t = layouts.flux_from_diffusers(t, count("transformer_blocks."), count("single_transformer_blocks."))
-    if "double_blocks.0.img_attn.qkv.weight" not in t:
-        raise CheckpointError(f"{path} is not a FLUX transformer (no double_blocks.0.img_attn.qkv.weight)")
-    return Part(t, with_overrides(infer_flux_config(t), read_metadata(tf).get("flux")), path)
+    if layout.diffusers in t:
+        t = layout.from_diffusers(t)
+    if layout.ours not in t:
+        raise CheckpointError(f"{path} is not a {layout.what} (no {layout.ours})")
+    return Part(t, with_overrides(layout.infer(t), read_metadata(tf).get(layout.metadata)), path)
 
 
 def read_controlnet(path: str) -> Part:

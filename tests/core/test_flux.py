@@ -46,7 +46,7 @@ def test_flux_equals_diffusers(guidance):
                      axes_dim=(4, 6, 6), guidance_embed=guidance)
     ours = Flux(cfg).eval()
     state = {k: thunk() for k, (thunk, _) in
-             flux_from_diffusers(_as_tensors(ref.state_dict()), cfg.depth, cfg.depth_single).entries.items()}
+             flux_from_diffusers(_as_tensors(ref.state_dict())).entries.items()}
     ours.load_state_dict(state, strict=True)
     assert "double_blocks.0.img_attn.norm.query_norm.scale" in ours.state_dict()      # BFL's own names
     g = torch.Generator().manual_seed(3)
@@ -69,7 +69,7 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
     from safetensors.torch import save_file
 
     from sdcore.formats.build import build
-    from sdcore.formats.checkpoints import read_flux
+    from sdcore.formats.checkpoints import FLUX, read_transformer
     from sdcore.formats.files import config_to_metadata
     ref = _randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
@@ -78,7 +78,7 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
                      axes_dim=(4, 6, 6), guidance_embed=True)
     ours = Flux(cfg).eval()
     ours.load_state_dict({k: thunk() for k, (thunk, _) in flux_from_diffusers(
-        _as_tensors(ref.state_dict()), 1, 2).entries.items()})
+        _as_tensors(ref.state_dict())).entries.items()})
     ref.save_pretrained(tmp_path / "transformer")
     axes = config_to_metadata(flux={"axes_dim": [4, 6, 6]})
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "diffusers-names.safetensors"),
@@ -95,7 +95,7 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
         want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
                    txt_ids=txt_ids, guidance=scale).sample
     for name in ("transformer", "diffusers-names.safetensors", "flux1.safetensors", "comfy.safetensors"):
-        part = read_flux(str(tmp_path / name))
+        part = read_transformer(str(tmp_path / name), FLUX)
         assert part.cfg == cfg, (name, part.cfg)
         model = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX", part.source)
         with torch.no_grad():

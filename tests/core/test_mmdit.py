@@ -65,7 +65,7 @@ def test_mmdit_files_in_both_layouts_load_equal(tmp_path, qk_norm, dual):
     from safetensors.torch import save_file
 
     from sdcore.formats.build import build
-    from sdcore.formats.checkpoints import read_mmdit
+    from sdcore.formats.checkpoints import MMDIT, read_transformer
     from sdcore.formats.files import config_to_metadata
     cfg = MMDiTConfig(depth=2, width=64, head_dim=16, in_channels=4, context_dim=48, pooled_dim=40,
                       pos_embed_max_size=12, qk_norm=qk_norm, dual_attention_layers=dual)
@@ -90,7 +90,7 @@ def test_mmdit_files_in_both_layouts_load_equal(tmp_path, qk_norm, dual):
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
     for name in ("transformer", "diffusers-names.safetensors", "sd3.safetensors"):
-        part = read_mmdit(str(tmp_path / name))
+        part = read_transformer(str(tmp_path / name), MMDIT)
         assert part.cfg == cfg, (name, part.cfg)
         model = build(MMDiT, part.cfg, part.tensors, "cpu", torch.float32, "MMDiT", part.source)
         with torch.no_grad():
