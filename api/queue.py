@@ -14,7 +14,7 @@ import time
 import traceback
 from collections import deque
 
-from sdcore.pipeline import Interrupt, PipelineError
+from sdcore.pipeline import Interrupt, PipelineError, to_jpeg_or_webp
 
 from .disconnect import ClientGone
 from .errors import APIError
@@ -139,11 +139,15 @@ class GenerationQueue:
             raise RuntimeError(f"pipeline returned {len(images)} images for n={params.n}")
         return images
 
-    def preview_png(self, model, step, size) -> bytes | None:
-        """The PNG of a step's preview at ``size`` (width, height); None where it could not be made."""
+    def preview(self, model, step, size, fmt: str = "png", quality: int = 100) -> bytes | None:
+        """A step's preview at ``size`` (width, height), encoded as ``fmt`` (png, jpeg, webp); None where it could
+        not be made."""
         try:
+            img = self._preview(model, step.denoised, size)
+            if fmt != "png":
+                return to_jpeg_or_webp(img, "", fmt, quality)
             buf = io.BytesIO()
-            self._preview(model, step.denoised, size).save(buf, format="PNG")
+            img.save(buf, format="PNG")
             return buf.getvalue()
         except Exception:      # a preview is never worth a generation
             log.exception("preview failed")
@@ -163,7 +167,7 @@ class GenerationQueue:
             if job is not None:
                 job.update(step)
                 if self.jobs.watched():
-                    png = self.preview_png(model, step, (params.width, params.height))
+                    png = self.preview(model, step, (params.width, params.height))
                     if png is not None:
                         job.set_preview(png)
                 stop = job.stop_asked()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import base64
-import io
 import mimetypes
 import time
 from pathlib import Path
 
 from flask import Blueprint, current_app, g, jsonify, request, send_file, url_for
-from PIL import Image
-
-from sdcore.pipeline import to_jpeg_or_webp
 
 from . import streaming
 from .disconnect import client_gone_probe
@@ -23,10 +19,6 @@ from .state import state
 from .storage import store_all
 
 bp = Blueprint("openai", __name__)
-
-
-def encode_as(png: bytes, fmt: str, quality: int) -> bytes:
-    return to_jpeg_or_webp(Image.open(io.BytesIO(png)).convert("RGB"), "", fmt, quality)
 
 
 def _file_url(stored) -> str:
@@ -72,8 +64,7 @@ def _stream(st, image_request, kind):
         return st.queue.run(model, params, request_id=rid, client_gone=client_gone, on_step=on_step, ticket=ticket)
 
     def encode_preview(step):
-        png = st.queue.preview_png(model, step, (params.width, params.height))
-        return png if png is None or fmt == "png" else encode_as(png, fmt, quality)
+        return st.queue.preview(model, step, (params.width, params.height), fmt, quality)
 
     def finish(images):
         return {"b64_json": base64.b64encode(images[0].encoded(fmt, quality)).decode("ascii"),

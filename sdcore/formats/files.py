@@ -156,6 +156,10 @@ class Tensors:
         """The keys under ``prefix``, with it stripped."""
         return Tensors({k[len(prefix):]: v for k, v in self.entries.items() if k.startswith(prefix)})
 
+    def count(self, prefix: str) -> int:
+        """How many numbered blocks ``prefix``N. there are (e.g. count("joint_blocks."))."""
+        return len({k[len(prefix):].split(".")[0] for k in self.entries if k.startswith(prefix)})
+
     def has_prefix(self, *prefixes) -> bool:
         return any(k.startswith(prefixes) for k in self.entries)
 

@@ -181,7 +181,7 @@ def detect_v_prediction(unet: UNet) -> str:
 def infer_mmdit_config(t: Tensors) -> MMDiTConfig:
     """An MMDiT's configuration from its tensors (our names). The head width is 64 in every released model; with
     q/k norms their weights tell it."""
-    depth = len({k.split(".")[1] for k in t.keys() if k.startswith("joint_blocks.")})
+    depth = t.count("joint_blocks.")
     width, channels, patch, _ = t.shape("x_embedder.proj.weight")
     head_dim = t.shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if "joint_blocks.0.x_block.attn.ln_q.weight" in t else 64
     return MMDiTConfig(depth=depth, width=width, in_channels=channels, patch_size=patch, head_dim=head_dim,
@@ -210,9 +210,8 @@ def infer_flux_config(t: Tensors) -> FluxConfig:
     three position axes is not in the shapes: every released model has (16, 56, 56)."""
     width, channels = t.shape("img_in.weight")
     head_dim = t.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    count = (lambda prefix: len({k.split(".")[1] for k in t.keys() if k.startswith(prefix)}))
-    return FluxConfig(in_channels=channels, width=width, heads=width // head_dim, depth=count("double_blocks."),
-                      depth_single=count("single_blocks."), context_dim=t.shape("txt_in.weight")[1],
+    return FluxConfig(in_channels=channels, width=width, heads=width // head_dim, depth=t.count("double_blocks."),
+                      depth_single=t.count("single_blocks."), context_dim=t.shape("txt_in.weight")[1],
                       pooled_dim=t.shape("vector_in.in_layer.weight")[1],
                       guidance_embed="guidance_in.in_layer.weight" in t,
                       mlp_ratio=t.shape("double_blocks.0.img_mlp.0.weight")[0] / width)

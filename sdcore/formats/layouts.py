@@ -246,16 +246,11 @@ def from_diffusers(theirs: Tensors, pairs, swapped=()) -> Tensors:
     return out
 
 
-def count_blocks(t: Tensors, prefix: str) -> int:
-    """How many numbered blocks ``prefix``N. the tensors have."""
-    return len({k[len(prefix):].split(".")[0] for k in t.keys() if k.startswith(prefix)})
-
-
 def mmdit_from_diffusers(theirs: Tensors) -> Tensors:
     """A diffusers SD3Transformer2DModel state dict under our names. Beyond names: q, k, v are separate there
     (fused here), and the modulations that give two vectors, the final layer's and the last block's text side,
     give (scale, shift) there and (shift, scale) here."""
-    depth = count_blocks(theirs, "transformer_blocks.")
+    depth = theirs.count("transformer_blocks.")
     pairs = [("pos_embed", ["pos_embed.pos_embed"])] + _linears({k: v for k, v in MMDIT_NAMES.items() if k != "pos_embed"})
     for i in range(depth):
         pairs += _linears(MMDIT_BLOCK, f"joint_blocks.{i}.", f"transformer_blocks.{i}.")
@@ -290,7 +285,7 @@ FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_no
 def flux_from_diffusers(theirs: Tensors) -> Tensors:
     """A diffusers FluxTransformer2DModel state dict under our names (q, k, v and the single blocks' MLP input
     fused into one projection here; the final modulation's halves swapped, as for MMDiT)."""
-    depth, depth_single = count_blocks(theirs, "transformer_blocks."), count_blocks(theirs, "single_transformer_blocks.")
+    depth, depth_single = theirs.count("transformer_blocks."), theirs.count("single_transformer_blocks.")
     pairs = _linears(FLUX_NAMES)
     for i in range(depth):
         pairs += _linears(FLUX_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
