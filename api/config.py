@@ -74,7 +74,14 @@ class Settings:
                                          "name without extension) gets its learned vectors", metavar="DIR",
                                    shown="none")
     vae: str | None = setting(None, "VAE weights replacing the checkpoint's own")
-    control_net: str | None = setting(None, "ControlNet weights (enables control_image)")
+    clip_l: str | None = setting(None, "SD3's CLIP-L text encoder (clip_l.safetensors) for a checkpoint without it",
+                                 metavar="PATH", shown="none: the checkpoint's own")
+    clip_g: str | None = setting(None, "SD3's OpenCLIP bigG text encoder (clip_g.safetensors) for a checkpoint without it",
+                                 metavar="PATH", shown="none: the checkpoint's own")
+    t5xxl: str | None = setting(None, "SD3's T5-XXL text encoder (t5xxl_fp16.safetensors); without one (in the "
+                                      "checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
+                                metavar="PATH", shown="none: the checkpoint's own, if any")
+    control_net: str | None = setting(None, "ControlNet weights (enables control_image; SD1/SD2/SDXL)")
     taesd: str | None = setting(None, "TAESD decoder weights (taesd_decoder.safetensors, taesdxl_decoder.safetensors "
                                       "or a diffusers AutoencoderTiny) for previews while sampling", metavar="PATH",
                                 shown="none: previews by a linear projection fitted to the VAE (the embedded default "
@@ -248,6 +255,9 @@ class Settings:
             raise ConfigError("taesd_decode needs a TAESD decoder: set taesd as well")
         if self.taesd and not os.path.exists(self.taesd):
             raise ConfigError(f"taesd: {self.taesd} does not exist")
+        for name in ("clip_l", "clip_g", "t5xxl"):
+            if getattr(self, name) and not os.path.exists(getattr(self, name)):
+                raise ConfigError(f"{name}: {getattr(self, name)} does not exist")
         for name in ("lora_model_dir", "embd_dir"):
             if getattr(self, name) and not os.path.isdir(getattr(self, name)):
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a directory")

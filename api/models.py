@@ -102,7 +102,11 @@ def load_models(settings) -> ModelRegistry:
         models[name] = sdcore.load_model(path, device=device, dtype=dtype, vae=settings.vae, name=name,
                                          control_net=settings.control_net, cache_dir=settings.weights_cache_dir(),
                                          cuda_graphs=settings.cuda_graphs, native_size=sizes.get(name),
-                                         vae_tiling=settings.vae_tiling)
+                                         vae_tiling=settings.vae_tiling, clip_l=settings.clip_l,
+                                         clip_g=settings.clip_g, t5xxl=settings.t5xxl)
+        if models[name].family == "sd3" and models[name].text_encoder_3 is None:
+            log.warning("model %r has no T5-XXL encoder (give one with --t5xxl): it runs on its CLIPs alone, T5's "
+                        "tokens zeros, which follows long prompts less closely", name)
         taesd = settings.taesd_for(path)
         if taesd:
             try:

@@ -52,6 +52,10 @@ class MMDiTConfig:
     def heads(self) -> int:
         return self.width // self.head_dim
 
+    @property
+    def out_channels(self) -> int:          # the velocity has the latent's channels
+        return self.in_channels
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -209,11 +213,15 @@ class MMDiT(nn.Module):
         return self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
     def forward(self, x, t, context, y):
-        """x [B, C, H, W], t [B] (σ·1000), context [B, L, context_dim], y [B, pooled_dim] -> velocity [B, C, H, W]."""
-        b, _, height, width = x.shape
+        """x [B, C, H, W], t [B] (σ·1000), context [B, L, context_dim], y [B, pooled_dim] -> velocity [B, C, H, W].
+        x may have fewer rows than t (a guided pair sharing its latent, samplers.make_denoiser's share_latent):
+        its tokens are then repeated to t's rows."""
         p = self.cfg.patch_size
+        _, _, height, width = x.shape
         h, w = height // p, width // p
         tokens = self.x_embedder(x) + self.positions(h, w).to(x.dtype)
+        b = len(t)
+        tokens = tokens.repeat(b // tokens.shape[0], 1, 1)
         c = self.t_embedder(timestep_embedding(t, FREQUENCY_DIM).to(x.dtype)) + self.y_embedder(y)
         ctx = self.context_embedder(context)
         for block in self.joint_blocks:

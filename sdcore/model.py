@@ -1,8 +1,9 @@
-"""``StableDiffusion``, a checkpoint's three networks ready to generate, and ``load_model``, its one
-entry point for every checkpoint layout (the layouts themselves: sdcore.formats)."""
+"""``StableDiffusion``, a checkpoint's networks ready to generate, and ``load_model``, its one entry point for
+every checkpoint layout (the layouts themselves: sdcore.formats)."""
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_attention, tiling
 from . import prompts as prompt_language
@@ -12,7 +13,10 @@ from .cuda_graphs import CUDAGraphed, unwrapped
 from .device import resolve_device, resolve_dtype
 from .formats import CheckpointError, read_model
 from .formats.build import build
-from .formats.infer import REFINER, detect_v_prediction
+from .formats.infer import POOLED_FAMILIES, REFINER, SD3, detect_v_prediction
+from .mmdit import MMDiT
+from .t5 import T5Encoder
+from .t5_tokenizer import T5Tokenizer
 from .tokenizer import BOS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
@@ -21,17 +25,22 @@ from .vae import AutoencoderKL
 # what raters scored so, and the defaults of its authors' code, diffusers and AUTOMATIC1111 ask for a good
 # image against a poor one.
 AESTHETIC_SCORES = (6.0, 2.5)
+# The T5 tokens SD3 is conditioned on: diffusers' StableDiffusion3Pipeline's max_sequence_length (and sd.cpp's)
+T5_TOKENS = 256
 
 
 class StableDiffusion:
-    """The networks of one checkpoint (UNet, VAE, one text encoder; SDXL: two) plus what is needed to drive them."""
+    """The networks of one checkpoint (denoiser, VAE, one text encoder; SDXL: two; SD3: three) plus what is needed
+    to drive them. ``unet`` is the denoising network: a UNet, or for SD3 an MMDiT (sdcore.mmdit)."""
 
     def __init__(self, *, family, prediction, unet, vae, text_encoder, name, native_size, device, dtype, source,
-                 text_encoder_2=None):
+                 text_encoder_2=None, text_encoder_3=None, tokenizer_3=None):
         self.family, self.prediction, self.name, self.source = family, prediction, name, source
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = Tokenizer(pad_id=text_encoder.cfg.pad_id)
         self.tokenizer_2 = Tokenizer(pad_id=text_encoder_2.cfg.pad_id) if text_encoder_2 is not None else None
+        # SD3's T5-XXL (None: its tokens are zeros, as SD3 was trained to allow) and its tokenizer (sdcore.t5_tokenizer)
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
         self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
@@ -39,12 +48,13 @@ class StableDiffusion:
         self.taesd = None                 # a sdcore.taesd.TinyDecoder: previews (sdcore.previews)
         self.taesd_decode = False         # ... and final images, instead of the VAE
         self.compiled = False             # the UNet runs as torch.compile'd code (``compile``)
+        self.flow_shift = 3.0             # rectified flow (SD3): the schedule's shift (samplers.flow_sigmas)
         # the adapters merged into the weights (sdcore.lora): their set's key, files, the changed weights' originals
         self.lora_key, self.lora_files, self.lora_originals = (), [], {}
 
     @property
     def inpainting(self) -> bool:
-        return self.unet.cfg.in_channels == 9
+        return self.family != SD3 and self.unet.cfg.in_channels == 9
 
     def compile(self):
         """Opt-in ``torch.compile`` of the UNet (inductor, weights frozen into the graph: inference only,
@@ -84,11 +94,13 @@ class StableDiffusion:
         """prompts (in A1111's prompt language: sdcore.prompts) -> hidden states [B, 77·k, context_dim], k the
         most 75-token chunks any prompt needs (the others padded with empty chunks); SDXL: (the encoders'
         hidden states concatenated, [B, 77·k, 768 + 1280] for the base, [B, 77·k, 1280] for the refiner; the
-        last encoder's (bigG's) pooled output of each prompt's first chunk [B, 1280]). ``clip_skip`` k takes
-        each encoder's output k - 1 blocks before its own."""
-        wants_pooled = self.unet.cfg.adm_in_channels is not None
+        last encoder's (bigG's) pooled output of each prompt's first chunk [B, 1280]); SD3: the same, with
+        both CLIPs' pooled outputs side by side [B, 768 + 1280]. ``clip_skip`` k takes each encoder's output
+        k - 1 blocks before its own."""
+        wants_pooled = self.family in POOLED_FAMILIES
         parsed = [prompt_language.parse(p) for p in prompts]
-        hidden, pooled = [], None
+        hidden, pooled = [], []
+        pooling = range(len(self.encoders)) if self.family == SD3 else [len(self.encoders) - 1]
         for i, (encoder, tokenizer) in enumerate(self.encoders):
             extra = []                                  # embeddings' vectors, addressed by ids from vocab_size on
             encode = token_encoder(getattr(self, "embeddings", None), tokenizer, encoder.cfg, extra)
@@ -97,13 +109,26 @@ class StableDiffusion:
             rows = [prompt_language.token_rows(c, BOS, EOS, tokenizer.pad_id, count) for c in per_prompt]
             ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])     # [B·k, 77]
             out = encoder(ids.to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
-                          pooled=wants_pooled and i == len(self.encoders) - 1,
+                          pooled=wants_pooled and i in pooling,
                           extra=torch.cat(extra).to(self.device) if extra else None)
             h = prompt_language.apply_weights(out[0] if isinstance(out, tuple) else out, weights)
             hidden.append(h.reshape(len(prompts), -1, h.shape[-1]))
-            pooled = out[1].reshape(len(prompts), count, -1)[:, 0] if isinstance(out, tuple) else pooled
+            if isinstance(out, tuple):
+                pooled.append(out[1].reshape(len(prompts), count, -1)[:, 0])
         context = torch.cat(hidden, dim=-1)
-        return (context, pooled) if wants_pooled else context
+        return (context, torch.cat(pooled, dim=-1)) if wants_pooled else context
+
+    @torch.inference_mode()
+    def encode_t5(self, prompts: list[str]) -> torch.Tensor:
+        """SD3's T5 tokens [B, T5_TOKENS, 4096] of the prompts' text (the prompt language's brackets and weights
+        taken out: T5 reads the words), cut at T5_TOKENS with its end token; zeros without a T5 encoder."""
+        width = self.unet.cfg.context_dim
+        if self.text_encoder_3 is None:
+            return torch.zeros(len(prompts), T5_TOKENS, width, device=self.device, dtype=self.dtype)
+        # trailing whitespace dropped, as T5's SentencePiece does (the tokenizer.json conversion would add a "▁")
+        texts = [prompt_language.plain(prompt_language.parse(p)).rstrip() for p in prompts]
+        ids, _ = self.tokenizer_3.encode(texts, T5_TOKENS)
+        return self.text_encoder_3(ids.to(self.device))          # no mask: SD3's T5 attends to its padding too
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
@@ -116,10 +141,15 @@ class StableDiffusion:
         as timesteps of 256 channels each; by default the image was drawn whole at the size asked, uncropped
         (sizes are (width, height), None: width x height; ``crop``: (top, left)). The refiner's embeds
         (original height, width, crop top, left, aesthetic score), the score being ``aesthetic_scores[1]``
-        for the rows ``negative`` marks as negative prompts and ``aesthetic_scores[0]`` elsewhere."""
-        if self.unet.cfg.adm_in_channels is None:
+        for the rows ``negative`` marks as negative prompts and ``aesthetic_scores[0]`` elsewhere.
+        SD3: {"context": the CLIPs' hidden states [B, 77·k, 2048] zero-padded to T5's width, then T5's
+        tokens along the sequence [B, 77·k + 256, 4096]; "y": the pooled outputs [B, 2048]}."""
+        if self.family not in POOLED_FAMILIES:
             return self.encode_text(prompts, clip_skip)
         context, pooled = self.encode_text(prompts, clip_skip)
+        if self.family == SD3:
+            clip = F.pad(context, (0, self.unet.cfg.context_dim - context.shape[-1]))
+            return {"context": torch.cat([clip, self.encode_t5(prompts).to(clip.dtype)], dim=1), "y": pooled}
         negative = negative or [False] * len(prompts)
         (ow, oh), (tw, th), (top, left) = original_size or (width, height), target_size or (width, height), crop
         if self.family == REFINER:
@@ -172,8 +202,9 @@ def attach_taesd(model: StableDiffusion, path: str, decode: bool = False) -> Sta
 def load_model(path: str, device="auto", dtype="auto", prediction: str | None = None,
                vae: str | None = None, name: str | None = None, control_net: str | None = None,
                cache_dir: str | None = None, cuda_graphs: bool = True, native_size: int | None = None,
-               vae_tiling: str = "auto", taesd: str | None = None, taesd_decode: bool = False) -> StableDiffusion:
-    """Load a single-file LDM checkpoint (.safetensors/.ckpt) or a diffusers folder: SD1.x, SD2.x, SDXL.
+               vae_tiling: str = "auto", taesd: str | None = None, taesd_decode: bool = False,
+               clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None) -> StableDiffusion:
+    """Load a single-file checkpoint (.safetensors/.ckpt/.gguf) or a diffusers folder: SD1.x, SD2.x, SDXL, SD3/3.5.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
     bfloat16 where the hardware computes it natively, float16 on older CUDA cards, else float32), a
@@ -186,6 +217,7 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     CUDA, replay the UNet and ControlNet as CUDA graphs (``StableDiffusion.use_cuda_graphs``).
     ``native_size``: the default side, overriding the file's. ``vae_tiling``: one of sdcore.tiling.MODES.
     ``taesd``: a TAESD decoder file/folder for previews (sdcore.previews); ``taesd_decode``: for final images too.
+    ``clip_l``, ``clip_g``, ``t5xxl``: SD3's text encoders in files of their own (sdcore.formats.read_model).
     """
     path = os.fspath(path)
     if prediction not in (None, "eps", "v"):
@@ -194,17 +226,23 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
         raise CheckpointError(f"vae_tiling must be one of {', '.join(tiling.MODES)}, not {vae_tiling!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    parts = read_model(path, vae=os.fspath(vae) if vae else None)
-    if (torch.device(device).type == "cpu" and dtype == torch.bfloat16
+    separate = {k: os.fspath(v) if v else None for k, v in (("vae", vae), ("clip_l", clip_l), ("clip_g", clip_g),
+                                                            ("t5xxl", t5xxl))}
+    parts = read_model(path, **separate)
+    family = parts.family
+    if family == SD3 and prediction is not None:
+        raise CheckpointError("prediction applies to SD1/SD2/SDXL models; SD3 predicts the flow velocity")
+    if (family != SD3 and torch.device(device).type == "cpu" and dtype == torch.bfloat16
             and not parts.unet.cfg.head_dims().isdisjoint(cpu_attention.HEAD_DIMS)):
         cpu_attention.prepare()                     # SD1.5's level-0 attention kernel (built once, cached)
 
     def built(module_cls, part, what):
         return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir)
-    unet, vae_model = built(UNet, parts.unet, "UNet"), built(AutoencoderKL, parts.vae, "VAE")
+    unet = built(MMDiT, parts.unet, "MMDiT") if family == SD3 else built(UNet, parts.unet, "UNet")
+    vae_model = built(AutoencoderKL, parts.vae, "VAE")
     text = built(TextEncoder, parts.text, "text encoder")
     text_2 = built(TextEncoder, parts.text_2, "second text encoder") if parts.text_2 is not None else None
-    family = parts.family
+    text_3 = built(T5Encoder, parts.text_3, "T5 encoder") if parts.text_3 is not None else None
     prediction = prediction or parts.prediction
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"
@@ -212,12 +250,16 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     default_name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
-                            text_encoder_2=text_2)
+                            text_encoder_2=text_2, text_encoder_3=text_3,
+                            tokenizer_3=T5Tokenizer(parts.tokenizer_3) if family == SD3 else None)
     model.vae_tiling = vae_tiling
+    model.flow_shift = parts.flow_shift or model.flow_shift
     if taesd:
         attach_taesd(model, taesd, taesd_decode)
     elif taesd_decode:
         raise CheckpointError("taesd_decode needs a TAESD decoder (taesd)")
+    if control_net and family == SD3:
+        raise CheckpointError(f"{path} is an SD3 model: ControlNets for SD3 are not supported (only for SD1/SD2/SDXL)")
     if control_net and family != REFINER:      # a refiner finishes the image after the ControlNet's part
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model

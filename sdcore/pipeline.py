@@ -20,7 +20,7 @@ import samplers
 
 from . import taesd, tiling
 from .canny import canny
-from .formats.infer import REFINER
+from .formats.infer import REFINER, SD3
 from .formats import CheckpointError
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
 from .lora import LoraError, apply_loras
@@ -34,6 +34,9 @@ RANDOM_SEEDS = 2 ** 32
 # What the area to repaint starts from (AUTOMATIC1111's "masked content", in its order): the surroundings'
 # colours, the original image, unit noise, or nothing (a zero latent)
 INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
+# Rectified-flow models (SD3) have one schedule of their own, the shifted flow ramp (samplers.flow_sigmas),
+# reported under the name of the evenly spaced one
+FLOW_SCHEDULER = "discrete"
 
 
 class PipelineError(ValueError):
@@ -123,7 +126,7 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
         adapters = apply_loras(model, p.loras)
     except LoraError as e:
         raise PipelineError(str(e), "loras") from None
-    scheduler = p.scheduler or samplers.default_scheduler(p.sample_method)
+    scheduler = p.scheduler or _default_scheduler(model, p.sample_method)
     seed = p.seed if p.seed >= 0 else secrets.randbelow(RANDOM_SEEDS)
     embeddings = model.embeddings.used(p.prompt, p.negative_prompt) if model.embeddings else []
     with torch.inference_mode():
@@ -170,17 +173,28 @@ def rows(cond, i: int):
     return cond[i:i + 1]
 
 
+def _default_scheduler(model, sample_method):
+    return FLOW_SCHEDULER if model.prediction == "flow" else samplers.default_scheduler(sample_method)
+
+
 def _check(model, p: GenerationParams):
+    # the VAE works on 8×8 pixel blocks, an MMDiT on 2×2 latent patches of them
+    block = 8 * getattr(model.unet.cfg, "patch_size", 1)
     for name, value in (("width", p.width), ("height", p.height)):
-        if value % 8:
-            raise PipelineError(f"{name} must be a multiple of 8 (the VAE works on 8×8 pixel blocks), got {value}", name)
+        if value % block:
+            raise PipelineError(f"{name} must be a multiple of {block} for {model.name!r}, got {value}", name)
+    if model.family == SD3:
+        _check_sd3(model, p)
     try:
-        samplers.check_sampler(p.sample_method)
+        samplers.get_sampler(samplers.check_sampler(p.sample_method), model.prediction)
+    except ValueError as e:
+        raise PipelineError(str(e), "sample_method") from None
+    try:
         if p.scheduler is not None:
             samplers.check_scheduler(p.scheduler)
     except ValueError as e:
-        raise PipelineError(str(e), "sample_method" if "sampler" in str(e) else "scheduler") from None
-    if (p.scheduler or samplers.default_scheduler(p.sample_method)) == "lcm" and p.steps > 50:
+        raise PipelineError(str(e), "scheduler") from None
+    if (p.scheduler or _default_scheduler(model, p.sample_method)) == "lcm" and p.steps > 50:
         # the lcm schedule has 50 distinct timesteps (original_inference_steps); past that it repeats
         # them, and the multistep samplers would divide by a zero step
         raise PipelineError(f"the lcm schedule allows at most 50 steps, got {p.steps}", "steps")
@@ -208,6 +222,29 @@ def _check(model, p: GenerationParams):
                             "clip_skip")
 
 
+def _check_sd3(model, p: GenerationParams):
+    side = model.unet.cfg.pos_embed_max_size * 8 * model.unet.cfg.patch_size
+    for name, value in (("width", p.width), ("height", p.height)):
+        if value > side:
+            raise PipelineError(f"{name} {value} is past what {model.name!r} can place: its position table covers "
+                                f"{side}×{side} pixels", name)
+    if p.control_image is not None:
+        raise PipelineError(f"{model.name!r} is an SD3 model: ControlNets for SD3 are not supported", "control_image")
+    if p.scheduler not in (None, FLOW_SCHEDULER):
+        raise PipelineError(f"{model.name!r} is a rectified-flow model with a schedule of its own (shifted by "
+                            f"{model.flow_shift}): scheduler must be {FLOW_SCHEDULER} or left out, got {p.scheduler!r}",
+                            "scheduler")
+    if p.refiner is not None:
+        raise PipelineError("a refiner finishes SDXL images; SD3 models take none", "refiner")
+
+
+def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:
+    """The noise levels of a whole ``steps``-step run: the scheduler's, or a flow model's shifted ramp."""
+    if model.prediction == "flow":
+        return samplers.flow_sigmas(steps, shift=model.flow_shift)
+    return samplers.get_sigmas(scheduler, steps)
+
+
 # ------------------------------------------------------------------------------------------------
 def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=None):
     """(one image, the ``Interrupt`` that stopped it or None). ``conds``: (cond, uncond) for the model and, with
@@ -218,15 +255,15 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
     def noise():
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
 
-    sigmas = samplers.get_sigmas(scheduler, p.steps)
+    sigmas = sigmas_for(model, scheduler, p.steps)
+    latent = None
     if init is not None:
         sigmas = samplers.img2img_sigmas(sigmas, p.strength)
         latent = init["latent"]
         if init["noise_fill"] is not None:        # "latent_noise": unit noise where the mask repaints
             latent = latent * (1 - init["noise_fill"]) + noise() * init["noise_fill"]
-        x = latent + noise() * sigmas[0]
-    else:
-        x = noise() * sigmas[0]
+    # x₀ + σ·ε, for flow (1 − σ)·x₀ + σ·ε; txt2img: no x₀
+    x = samplers.add_noise(noise(), sigmas[0], model.prediction, latent)
 
     # The model takes the steps up to the switch, the refiner the rest, on the same noise stream; the
     # ControlNet and an inpainting UNet's extra input belong to the model's part only.
@@ -252,7 +289,8 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
                     progress(first + i, total, dt, denoised)
 
             denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init)
-            x = samplers.SAMPLERS[p.sample_method](denoise, x, part_sigmas, noise=noise, callback=callback)
+            sample = samplers.get_sampler(p.sample_method, part_model.prediction)
+            x = sample(denoise, x, part_sigmas, noise=noise, callback=callback)
     except Interrupt as stop:          # the picture so far: the latest estimate of the finished latent
         stopped = stop
         if latest[0] is not None:
@@ -268,9 +306,9 @@ def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
             x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
         context, y = (ctx["context"], ctx["y"]) if isinstance(ctx, dict) else (ctx, None)
-        control = None
-        if guided_hint is not None:
-            control = control_residuals(model.controlnet, x_in, t, context, guided_hint, p.control_strength, y)
+        if guided_hint is None:
+            return model.unet(x_in, t, context, y=y)
+        control = control_residuals(model.controlnet, x_in, t, context, guided_hint, p.control_strength, y)
         return model.unet(x_in, t, context, y=y, control=control)
 
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)

@@ -141,6 +141,11 @@ class Chunk:
     weights: list[float] = field(default_factory=list)
 
 
+def plain(parsed: list) -> str:
+    """The words of a parsed prompt without its weights (BREAK: a space), for encoders that read plain text."""
+    return "".join(" " if item is BREAK else item[0] for item in parsed)
+
+
 def chunks(parsed: list, encode, comma: int) -> list[Chunk]:
     """Parsed fragments -> chunks of at most CHUNK (token, weight) pairs, split as A1111 splits them:
     at CHUNK tokens, moving the words after a comma at most COMMA_BACKTRACK tokens back to the next chunk,

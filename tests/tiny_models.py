@@ -45,3 +45,52 @@ def random_mlp(dim: int, hidden: int, seed: int = 0):
     u = torch.randn(hidden, generator=g, dtype=torch.float64)
     w2 = torch.randn(hidden, dim, generator=g, dtype=torch.float64) / hidden ** 0.5
     return w1, b1, u, w2
+
+
+# SD3: the three text encoders, MMDiT and 16-channel VAE at small widths (CLIP-L narrower than bigG, their hidden
+# states side by side padded to T5's width, the MMDiT's context width; their pooled outputs side by side). What
+# the shapes cannot tell is as in the real files: heads of 64 channels, 32 normalisation groups.
+SD3_CLIP_L = TextConfig(width=64, layers=3, heads=1, act="quick_gelu", output_layer=-2, final_norm=False,
+                        projection_dim=64)
+SD3_CLIP_G = TextConfig(width=128, layers=3, heads=2, act="gelu", output_layer=-2, final_norm=False, pad_id=0,
+                        projection_dim=128)
+SD3_T5 = dict(vocab_size=32128, d_model=256, d_kv=16, num_heads=4, d_ff=128, num_layers=2,   # transformers' T5Config
+              feed_forward_proj="gated-gelu")
+SD3_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16, scale_factor=1.5305,
+                    shift_factor=0.0609, quant_conv=False)
+
+
+def sd3_mmdit_config(qk_norm=False, dual=()):
+    from sdcore.mmdit import MMDiTConfig
+    return MMDiTConfig(depth=3, width=128, head_dim=64, in_channels=16, context_dim=256, pooled_dim=192,
+                       pos_embed_max_size=16, qk_norm=qk_norm, dual_attention_layers=dual)
+
+
+def sd3_single_file(path, seed: int = 0, mmdit=None, clips: bool = True, t5: bool = True) -> dict:
+    """Stability AI's SD3 single-file layout with random weights: model.diffusion_model.* (the MMDiT, Stability's
+    names), first_stage_model.* (LDM names), and (``clips``, ``t5``) text_encoders.{clip_l,clip_g,t5xxl}.transformer.*
+    in transformers' names, as sd3_medium_incl_clips_t5xxlfp16.safetensors holds them. Returns the tensors."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from bench.references import hf_text_config
+    from sdcore.mmdit import MMDiT
+    from sdcore.vae import AutoencoderKL
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sd = {f"model.diffusion_model.{k}": v
+              for k, v in random_init_(MMDiT(mmdit or sd3_mmdit_config()), seed).state_dict().items()}
+        sd |= {f"first_stage_model.{k}": v for k, v in random_init_(AutoencoderKL(SD3_VAE), seed + 1).state_dict().items()}
+        if clips:
+            for i, (name, cfg) in enumerate((("clip_l", SD3_CLIP_L), ("clip_g", SD3_CLIP_G))):
+                config = hf_text_config(cfg)
+                config.projection_dim = cfg.projection_dim
+                hf = random_init_(CLIPTextModelWithProjection(config), seed + 2 + i, gain=1.5)
+                sd |= {f"text_encoders.{name}.transformer.{k}": v for k, v in hf.state_dict().items()}
+        if t5:
+            hf = random_init_(T5EncoderModel(T5Config(**SD3_T5)), seed + 4)
+            sd |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in hf.state_dict().items()
+                   if k != "encoder.embed_tokens.weight"}          # tied to shared.weight
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    save_file(sd, str(path))
+    return sd

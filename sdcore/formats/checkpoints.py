@@ -1,7 +1,8 @@
 """What a checkpoint file or folder is, and the tensors and configuration of each of its networks.
 
-``read_model``: a single-file LDM checkpoint (SD1.x/SD2.x/SDXL, .safetensors or .ckpt) or a diffusers
-pipeline folder; ``read_vae``: a VAE alone; ``read_controlnet``: a ControlNet. Each gives ``Part``s,
+``read_model``: a single-file checkpoint (SD1.x/SD2.x/SDXL in the LDM layout, SD3/SD3.5 in Stability AI's;
+.safetensors, .ckpt or .gguf) or a diffusers pipeline folder; ``read_vae``: a VAE alone; ``read_clip``,
+``read_t5``: a text encoder alone; ``read_controlnet``: a ControlNet. Each gives ``Part``s,
 a network's tensors under our names with its full configuration, which ``build`` turns into the
 network (``sdcore.load_model``, ``sdcore.load_controlnet``). Files of families we do not run yet are
 refused here with a one-line reason; supporting one means a reader here plus its tables in layouts.py.
@@ -17,10 +18,10 @@ from .build import meta_keys
 from .files import (CheckpointError, TensorFile, Tensors, component_weights, from_file, read_json, read_metadata,
                     with_overrides)
 from .infer import (flux_config_from_diffusers, infer_controlnet_config, infer_flux_config, infer_mmdit_config,
-                    infer_text_config, infer_unet_config, infer_vae_config, mmdit_config_from_diffusers,
-                    text_config_from_diffusers,
+                    infer_t5_config, infer_text_config, infer_unet_config, infer_vae_config, mmdit_config_from_diffusers,
+                    t5_config_from_transformers, text_config_from_diffusers,
                     unet_config_from_diffusers, vae_config_from_diffusers, vae_config_from_diffusers_names)
-from .infer import REFINER, SDXL_FAMILIES
+from .infer import REFINER, SD3, SDXL_FAMILIES
 
 
 @dataclasses.dataclass
@@ -33,34 +34,42 @@ class Part:
 
 @dataclasses.dataclass
 class ModelParts:
-    family: str                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner" (infer.REFINER)
-    unet: Part
+    family: str                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner" (infer.REFINER) | "sd3" (infer.SD3)
+    unet: Part                    # the denoising network: a UNet, or SD3's MMDiT
     vae: Part
-    text: Part
-    prediction: str | None        # "eps" | "v" when the checkpoint says; None: unknown
+    text: Part | None             # None only for an SD3 file without its CLIPs (until --clip-l gives one)
+    prediction: str | None        # "eps" | "v" | "flow" when the checkpoint says; None: unknown
     native_size: int | None       # when the checkpoint says
-    text_2: Part | None = None    # SDXL base's second text encoder (OpenCLIP ViT-bigG)
+    text_2: Part | None = None    # SDXL base's and SD3's second text encoder (OpenCLIP ViT-bigG)
+    text_3: Part | None = None    # SD3's T5-XXL encoder (optional: without it its tokens are zeros)
+    tokenizer_3: str | None = None    # a diffusers folder's T5 tokenizer (tokenizer_3/); None: the shipped one
+    flow_shift: float | None = None   # a rectified-flow model's schedule shift (samplers.flow_sigmas)
 
 
-# What a family's files do not say, where it differs from SD1's: the VAE's latent scale and the native size
-FAMILY_DEFAULTS = {family: {"vae_scale": 0.13025, "native_size": 1024} for family in SDXL_FAMILIES}
-SUPPORTED = "supported: SD1.x, SD2.x, SDXL base, its fine-tunes and its refiner"
+# What a family's files do not say, where it differs from SD1's: the VAE's latent scale (and shift) and the
+# native size
+FAMILY_DEFAULTS = {**{family: {"vae_scale": 0.13025, "native_size": 1024} for family in SDXL_FAMILIES},
+                   SD3: {"vae_scale": 1.5305, "vae_shift": 0.0609, "native_size": 1024, "flow_shift": 3.0}}
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base, its fine-tunes and its refiner, SD3 and SD3.5"
 # Single files of other families, by a key prefix any of which marks them, checked before our own
 # layouts (an SDXL file also has model.diffusion_model.input_blocks.*).
 REFUSED_FILES = [
-    (("model.diffusion_model.double_blocks.", "double_blocks.", "model.diffusion_model.joint_blocks."),
-     f"is a Flux/SD3 checkpoint ({SUPPORTED})"),
+    (("model.diffusion_model.double_blocks.", "double_blocks.", "single_transformer_blocks."),
+     f"is a FLUX checkpoint ({SUPPORTED})"),
     (("control_model.", "input_hint_block.", "controlnet_cond_embedding."),
      "is a ControlNet, not a base model: pass it with --control-net"),
 ]
-# Diffusers pipelines of other families, by a component their model_index.json names.
+# Diffusers pipelines of other families, by how their model_index.json's class name starts.
 REFUSED_PIPELINES = [
-    ("transformer", f"is a Flux/SD3 pipeline ({SUPPORTED})"),
+    ("Flux", f"is a FLUX pipeline ({SUPPORTED})"),
 ]
+SEPARATE_ENCODERS = ("clip_l", "clip_g", "t5xxl")     # read_model's options for text encoders in files of their own
 
 
-def read_model(path: str | os.PathLike, vae: str | None = None) -> ModelParts:
-    """A base model's three networks; ``vae``: a separate VAE file/folder replacing the checkpoint's."""
+def read_model(path: str | os.PathLike, vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
+               t5xxl: str | None = None) -> ModelParts:
+    """A base model's networks; ``vae``: a separate VAE file/folder replacing the checkpoint's; ``clip_l``,
+    ``clip_g``, ``t5xxl``: SD3's text encoders from files of their own (replacing any the checkpoint has)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path} (give a .safetensors/.ckpt checkpoint or a diffusers folder)")
@@ -69,18 +78,40 @@ def read_model(path: str | os.PathLike, vae: str | None = None) -> ModelParts:
     except (KeyError, IndexError) as e:           # a shape read from a tensor that is not there
         raise CheckpointError(f"{path}: its tensors do not make up a whole network ({type(e).__name__} {e} while reading "
                               "its configuration): is the file complete?") from None
-    _check_parts_agree(path, parts)
+    given = {name: value for name, value in zip(SEPARATE_ENCODERS, (clip_l, clip_g, t5xxl)) if value}
+    if given and parts.family != SD3:
+        raise CheckpointError(f"--{'/--'.join(n.replace('_', '-') for n in given)} give SD3's text encoders; {path} is "
+                              f"{parts.family}, whose encoders are in its own file")
+    if clip_l:
+        parts.text = read_clip(clip_l, SD3)
+    if clip_g:
+        parts.text_2 = read_clip(clip_g, SD3, second=True)
+    if t5xxl:
+        parts.text_3 = read_t5(t5xxl)
     if vae:
-        parts.vae = read_vae(vae)          # its configuration is its own, not the checkpoint's
+        parts.vae = read_vae(vae, parts.family)
     elif parts.vae.cfg is None:
         raise CheckpointError(f"{path} has no VAE (first_stage_model.* tensors): pass one with --vae")
+    if parts.text is None or (parts.family == SD3 and parts.text_2 is None):
+        raise CheckpointError(f"{path} holds no CLIP text encoders (text_encoders.clip_l/clip_g): pass them with "
+                              "--clip-l and --clip-g (and T5-XXL with --t5xxl)")
+    _check_parts_agree(path, parts)
     return parts
 
 
 def _check_parts_agree(path: str, parts: ModelParts) -> None:
-    """The UNet reads what the text encoders give: their hidden states side by side (its context width),
-    and for SDXL the pooled output in its label vector. A file whose parts come from different families
-    would load and fail at its first request."""
+    """The denoiser reads what the text encoders and the VAE give: the encoders' hidden states side by side
+    (its context width), for SDXL and SD3 their pooled outputs, and the VAE's latent channels. A file whose
+    parts come from different families (or a --vae, --clip-l, ... of another one) would load and fail at its
+    first request."""
+    z, channels = parts.vae.cfg.z_channels, parts.unet.cfg.out_channels
+    if z != channels:
+        raise CheckpointError(f"{path}: the VAE ({parts.vae.source}) makes {z}-channel latents; the "
+                              f"{'MMDiT' if parts.family == SD3 else 'UNet'} draws {channels}-channel ones: they are "
+                              "not of one family")
+    if parts.family == SD3:
+        _check_sd3_parts(path, parts)
+        return
     texts = [p.cfg for p in (parts.text, parts.text_2) if p is not None]
     width, u = sum(c.width for c in texts), parts.unet.cfg
     label = parts.family in SDXL_FAMILIES
@@ -92,6 +123,25 @@ def _check_parts_agree(path: str, parts: ModelParts) -> None:
             "an SD1/SD2 and an SDXL checkpoint?")
 
 
+def _check_sd3_parts(path: str, parts: ModelParts) -> None:
+    """SD3's text tokens are the two CLIPs' hidden states side by side (768 + 1280), zero-padded to T5's width
+    (4096, the MMDiT's context width), and its pooled vector the CLIPs' projected outputs (768 + 1280)."""
+    m, (l, g) = parts.unet.cfg, (parts.text.cfg, parts.text_2.cfg)
+    if l.width >= g.width:
+        raise CheckpointError(f"{path}: the first CLIP is {l.width} wide and the second {g.width}: CLIP-L (768) goes "
+                              "first, bigG (1280) second (are --clip-l and --clip-g swapped?)")
+    if not (l.projection_dim and g.projection_dim):
+        raise CheckpointError(f"{path}: SD3 needs both CLIPs' text_projection (their pooled outputs); "
+                              f"{'CLIP-L' if not l.projection_dim else 'CLIP-G'} has none")
+    if l.width + g.width > m.context_dim or l.projection_dim + g.projection_dim != m.pooled_dim:
+        raise CheckpointError(f"{path}: the MMDiT takes text {m.context_dim} wide and a pooled vector of {m.pooled_dim}; "
+                              f"the CLIPs give {l.width} + {g.width} and {l.projection_dim} + {g.projection_dim}")
+    t5 = parts.text_3
+    if t5 is not None and t5.cfg.width != m.context_dim:
+        raise CheckpointError(f"{path}: the T5 encoder ({t5.source}) is {t5.cfg.width} wide; the MMDiT takes text "
+                              f"{m.context_dim} wide (T5-XXL's 4096)")
+
+
 def read_single_file(path: str) -> ModelParts:
     """The LDM layout: model.diffusion_model.*, first_stage_model.*, cond_stage_model.* (SD1: a Hugging
     Face CLIPTextModel's names; SD2: OpenCLIP's, which are ours), and our sdcore.config metadata."""
@@ -100,6 +150,8 @@ def read_single_file(path: str) -> ModelParts:
     for prefixes, why in REFUSED_FILES:
         if t.has_prefix(*prefixes):
             raise CheckpointError(f"{path} {why}")
+    if t.has_prefix("model.diffusion_model.joint_blocks.", "joint_blocks.", MMDIT.diffusers):
+        return read_sd3_file(path, tf, t)
     if t.has_prefix("cond_stage_model.") and t.has_prefix("conditioner."):
         raise CheckpointError(f"{path} mixes SD1/SD2 text-encoder tensors (cond_stage_model.*) with SDXL ones "
                               "(conditioner.*): it is not one checkpoint")
@@ -130,21 +182,106 @@ def read_single_file(path: str) -> ModelParts:
         text = layouts.text_from_hf(t.sub(prefix))
     family = meta.get("family", family)
     defaults = FAMILY_DEFAULTS.get(family, {})
-    vae = t.sub("first_stage_model.")
-    vae_cfg = None                         # None: the file has no VAE (read_model wants one from --vae)
-    if "encoder.conv_in.weight" in vae:
-        vae_cfg = infer_vae_config(vae)
-        if "vae_scale" in defaults:
-            vae_cfg = dataclasses.replace(vae_cfg, scale_factor=defaults["vae_scale"])
-        vae_cfg = with_overrides(vae_cfg, meta.get("vae"))
     return ModelParts(
         family=family,
         unet=Part(unet, with_overrides(infer_unet_config(unet), meta.get("unet")), path),
-        vae=Part(vae, vae_cfg, path),
+        vae=_embedded_vae(t, family, meta, path),
         text=Part(text, with_overrides(infer_text_config(text, family), meta.get("text")), path),
         prediction=meta.get("prediction"), native_size=meta.get("native_size", defaults.get("native_size")),
         text_2=None if text_2 is None else Part(
             text_2, with_overrides(infer_text_config(text_2, family, second=True), meta.get("text_2")), path))
+
+
+def _embedded_vae(t: Tensors, family: str, meta: dict, path: str) -> Part:
+    """A single file's first_stage_model.* VAE, its scale (and shift) the family's unless our metadata records them;
+    a Part without a configuration when the file has none (read_model then wants one from --vae)."""
+    vae = t.sub("first_stage_model.")
+    if "encoder.conv_in.weight" not in vae:
+        return Part(vae, None, path)
+    return Part(vae, family_latent_space(infer_vae_config(vae), family, meta.get("vae")), path)
+
+
+def family_latent_space(cfg, family: str, overrides: dict | None = None):
+    """A VAE configuration read off shapes, with its family's latent scale and shift (which no shape tells) and
+    then what our metadata records."""
+    defaults = FAMILY_DEFAULTS.get(family, {})
+    cfg = dataclasses.replace(cfg, scale_factor=defaults.get("vae_scale", cfg.scale_factor),
+                              shift_factor=defaults.get("vae_shift", cfg.shift_factor))
+    return with_overrides(cfg, overrides)
+
+
+def read_sd3_file(path: str, tf: TensorFile, t: Tensors) -> ModelParts:
+    """Stability AI's SD3/SD3.5 single files: the MMDiT under model.diffusion_model. (or bare: a transformer-only
+    file), the VAE under first_stage_model., and in the "incl_clips" files the text encoders in Hugging Face's
+    names under text_encoders.clip_l., .clip_g. and .t5xxl. (each with a transformer. prefix)."""
+    meta = read_metadata(tf)
+    encoders = {name: t.sub(f"text_encoders.{name}.transformer.") for name in SEPARATE_ENCODERS
+                if t.has_prefix(f"text_encoders.{name}.")}
+    clip_l, clip_g, t5 = (encoders.get(name) for name in SEPARATE_ENCODERS)
+    return ModelParts(
+        family=SD3, unet=transformer_part(t, MMDIT, meta, path), vae=_embedded_vae(t, SD3, meta, path),
+        text=_clip_part(clip_l, SD3, False, path) if clip_l else None,
+        text_2=_clip_part(clip_g, SD3, True, path) if clip_g else None,
+        text_3=t5_part(t5, path) if t5 else None,
+        prediction="flow", native_size=meta.get("native_size", FAMILY_DEFAULTS[SD3]["native_size"]),
+        flow_shift=meta.get("flow_shift", FAMILY_DEFAULTS[SD3]["flow_shift"]))
+
+
+def _clip_part(hf: Tensors, family: str, second: bool, source: str) -> Part:
+    """A transformers CLIPTextModel[WithProjection] state dict (text_model.*, its text_projection beside it)."""
+    text = hf_clip(hf)
+    return Part(text, infer_text_config(text, family, second), source)
+
+
+def hf_clip(hf: Tensors) -> Tensors:
+    """A transformers CLIPTextModel[WithProjection] state dict, with or without its text_model. prefix (the
+    projection sits beside text_model.*), seen under our names."""
+    if hf.has_prefix("text_model."):
+        projection = hf.entries.get("text_projection.weight")
+        hf = hf.sub("text_model.")
+        if projection is not None:
+            hf.entries["text_projection.weight"] = projection
+    return layouts.text_from_hf(hf)
+
+
+def read_clip(path: str, family: str, second: bool = False) -> Part:
+    """A CLIP text encoder alone (clip_l.safetensors, clip_g.safetensors as ComfyUI and sd.cpp users have them):
+    Hugging Face names, under any prefix (text_encoders.clip_g.transformer. ...)."""
+    what = "CLIP-G" if second else "CLIP-L"
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no such {what} file: {path}")
+    t = from_file(TensorFile(path))
+    anchor = "text_model.embeddings.token_embedding.weight"
+    key = next((k for k in t.keys() if k.endswith(anchor)), None)
+    if key is None:
+        raise CheckpointError(f"{path} is not a CLIP text encoder in Hugging Face's names (no {anchor})")
+    return _clip_part(t.sub(key[:-len(anchor)]), family, second, path)
+
+
+def read_t5(path: str) -> Part:
+    """A T5 encoder alone: a transformers T5EncoderModel folder (a diffusers pipeline's text_encoder_3/) or file
+    (t5xxl_fp16.safetensors, under any prefix)."""
+    if os.path.isdir(path):
+        return t5_part(component_weights(path, "model"), path,
+                       t5_config_from_transformers(read_json(os.path.join(path, "config.json"))))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no such T5 file: {path}")
+    t = from_file(TensorFile(path))
+    anchor = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    key = next((k for k in t.keys() if k.endswith(anchor)), None)
+    if key is None:
+        raise CheckpointError(f"{path} is not a T5 encoder in Hugging Face's names (no {anchor})")
+    return t5_part(t.sub(key[:-len(anchor)]), path)
+
+
+def t5_part(t: Tensors, source: str, cfg=None) -> Part:
+    """T5 tensors in transformers' names; the token table is ``shared`` (some files keep only its tied alias)."""
+    if "shared.weight" not in t and "encoder.embed_tokens.weight" in t:
+        t.entries["shared.weight"] = t.entries["encoder.embed_tokens.weight"]
+    try:
+        return Part(t, cfg or infer_t5_config(t), source)
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"{source}: its T5 tensors are incomplete ({type(e).__name__} {e})") from None
 
 
 def read_pipeline_folder(path: str) -> ModelParts:
@@ -156,9 +293,11 @@ def read_pipeline_folder(path: str) -> ModelParts:
             raise CheckpointError(f"{path} is a single diffusers component, not a pipeline folder (no model_index.json)")
         raise CheckpointError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
     index = read_json(os.path.join(path, "model_index.json"))
-    for component, why in REFUSED_PIPELINES:
-        if component in index:
+    for pipeline, why in REFUSED_PIPELINES:
+        if str(index.get("_class_name", "")).startswith(pipeline):
             raise CheckpointError(f"{path} {why}")
+    if "transformer" in index:
+        return read_sd3_folder(path, index)
     unet_json = read_json(os.path.join(path, "unet", "config.json"))
     unet_cfg = unet_config_from_diffusers(unet_json)
     unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
@@ -187,27 +326,41 @@ def read_pipeline_folder(path: str) -> ModelParts:
         else FAMILY_DEFAULTS.get(family, {}).get("native_size"), text_2=text_2)
 
 
+def read_sd3_folder(path: str, index: dict) -> ModelParts:
+    """A diffusers StableDiffusion3Pipeline folder: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/
+    (bigG), text_encoder_3/ (T5-XXL; may be left out, "text_encoder_3": [null, null]) and their tokenizers."""
+    def present(component):
+        return (index.get(component) or [None])[0] is not None and os.path.isdir(os.path.join(path, component))
+    tokenizer_3 = os.path.join(path, "tokenizer_3")
+    vae = read_vae(os.path.join(path, "vae"))
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    shift = read_json(scheduler).get("shift") if os.path.exists(scheduler) else None
+    return ModelParts(
+        family=SD3, unet=read_transformer(os.path.join(path, "transformer"), MMDIT), vae=vae,
+        text=_text_from_folder(path, "text_encoder", "tokenizer", EOS, SD3) if present("text_encoder") else None,
+        text_2=_text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, SD3) if present("text_encoder_2") else None,
+        text_3=read_t5(os.path.join(path, "text_encoder_3")) if present("text_encoder_3") else None,
+        tokenizer_3=tokenizer_3 if os.path.isdir(tokenizer_3) else None, prediction="flow",
+        native_size=FAMILY_DEFAULTS[SD3]["native_size"], flow_shift=shift or FAMILY_DEFAULTS[SD3]["flow_shift"])
+
+
 def _text_from_folder(path: str, folder: str, tokenizer: str, pad: int, family: str) -> Part:
     """A transformers CLIPTextModel (or CLIPTextModelWithProjection: its text_projection sits beside
     text_model.*) and the padding token of its tokenizer folder."""
     tc = read_json(os.path.join(path, folder, "config.json"))
     hf = component_weights(os.path.join(path, folder), "model")
-    if hf.has_prefix("text_model."):
-        projection = hf.entries.get("text_projection.weight")
-        hf = hf.sub("text_model.")
-        if projection is not None:
-            hf.entries["text_projection.weight"] = projection
+    projection = "text_projection.weight" in hf
     special = os.path.join(path, tokenizer, "special_tokens_map.json")
     if os.path.exists(special):
         tok = read_json(special).get("pad_token")
         tok = tok.get("content") if isinstance(tok, dict) else tok
         pad = EOS if tok == "<|endoftext|>" else 0
-    text = layouts.text_from_hf(hf)
-    return Part(text, text_config_from_diffusers(tc, pad, family, projection="text_projection" in text), path)
+    return Part(hf_clip(hf), text_config_from_diffusers(tc, pad, family, projection=projection), path)
 
 
-def read_vae(path: str) -> Part:
-    """A VAE alone: a diffusers ``vae/`` folder, or a file in LDM (bare or first_stage_model.) or diffusers naming."""
+def read_vae(path: str, family: str = "sd1") -> Part:
+    """A VAE alone: a diffusers ``vae/`` folder (its config.json gives its latent scale and shift), or a file in LDM
+    (bare or first_stage_model.) or diffusers naming (the scale and shift then ``family``'s)."""
     if os.path.isdir(path):
         cfg = vae_config_from_diffusers(read_json(os.path.join(path, "config.json")))
         return Part(_vae_from_diffusers(component_weights(path, "diffusion_pytorch_model"), cfg), cfg, path)
@@ -219,11 +372,11 @@ def read_vae(path: str) -> Part:
         t = t.sub("first_stage_model.")
     overrides = read_metadata(tf).get("vae")        # what shapes cannot tell (groups, scale)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in t:      # diffusers naming in a single file
-        cfg = with_overrides(vae_config_from_diffusers_names(t), overrides)
+        cfg = family_latent_space(vae_config_from_diffusers_names(t), family, overrides)
         return Part(_vae_from_diffusers(t, cfg), cfg, path)
     if "encoder.conv_in.weight" not in t:
         raise CheckpointError(f"{path} is not a VAE (no encoder.conv_in.weight)")
-    return Part(t, with_overrides(infer_vae_config(t), overrides), path)
+    return Part(t, family_latent_space(infer_vae_config(t), family, overrides), path)
 
 
 def _vae_from_diffusers(t: Tensors, cfg) -> Tensors:
@@ -265,14 +418,18 @@ def read_transformer(path: str, layout: TransformerLayout) -> Part:
     if not os.path.exists(path):
         raise CheckpointError(f"no such {layout.what} file: {path}")
     tf = TensorFile(path)
-    t = from_file(tf)
+    return transformer_part(from_file(tf), layout, read_metadata(tf), path)
+
+
+def transformer_part(t: Tensors, layout: TransformerLayout, meta: dict, path: str) -> Part:
+    """The transformer of a file's tensors ``t``: under model.diffusion_model. or bare, in either naming."""
     if t.has_prefix("model.diffusion_model."):
         t = t.sub("model.diffusion_model.")
     if layout.diffusers in t:
         t = layout.from_diffusers(t)
     if layout.ours not in t:
         raise CheckpointError(f"{path} is not a {layout.what} (no {layout.ours})")
-    return Part(t, with_overrides(layout.infer(t), read_metadata(tf).get(layout.metadata)), path)
+    return Part(t, with_overrides(layout.infer(t), meta.get(layout.metadata)), path)
 
 
 def read_controlnet(path: str) -> Part:

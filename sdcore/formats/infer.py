@@ -11,6 +11,7 @@ import torch
 from ..clip import TextConfig
 from ..flux import FluxConfig
 from ..mmdit import MMDiTConfig
+from ..t5 import T5Config
 from ..tokenizer import EOS
 from ..unet import UNet, UNetConfig
 from ..vae import VAEConfig
@@ -18,6 +19,8 @@ from .files import CheckpointError, Tensors
 
 REFINER = "sdxl_refiner"            # SDXL's refiner: OpenCLIP bigG alone, aesthetic-score conditioning
 SDXL_FAMILIES = ("sdxl", REFINER)   # SDXL's latent space, its VAE scale and its label-vector UNets
+SD3 = "sd3"                         # SD3 / SD3.5: MMDiT, CLIP-L + bigG + T5-XXL, 16-channel rectified flow
+POOLED_FAMILIES = SDXL_FAMILIES + (SD3,)    # those conditioned on the CLIP towers' projected pooled outputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,16 +94,16 @@ def text_role(family: str, second: bool = False) -> dict:
     """What a family's text encoder is, beyond its shapes. SD1's OpenAI CLIP-L: the last block, quick_gelu,
     pads with EOS; SD2's OpenCLIP-H: the penultimate block, gelu, pads with 0; SDXL's CLIP-L (first) and
     OpenCLIP bigG (second; the refiner's only one): each its penultimate block without the final LayerNorm,
-    padded as SD1's and SD2's."""
-    openai_clip = (family == "sd1") or (family == "sdxl" and not second)
+    padded as SD1's and SD2's. SD3's pair is SDXL's."""
+    openai_clip = (family == "sd1") or (family in ("sdxl", SD3) and not second)
     return dict(act="quick_gelu" if openai_clip else "gelu", pad_id=EOS if openai_clip else 0,
-                output_layer=-1 if family == "sd1" else -2, final_norm=family not in SDXL_FAMILIES)
+                output_layer=-1 if family == "sd1" else -2, final_norm=family not in POOLED_FAMILIES)
 
 
 def infer_text_config(t: Tensors, family: str, second: bool = False) -> TextConfig:
     vocab, width = t.shape("token_embedding.weight")
     layers = len({k.split(".")[2] for k in t.keys() if k.startswith("transformer.resblocks.")})
-    projection = t.shape("text_projection")[1] if "text_projection" in t and family in SDXL_FAMILIES else None
+    projection = t.shape("text_projection")[1] if "text_projection" in t and family in POOLED_FAMILIES else None
     return TextConfig(vocab_size=vocab, context_length=t.shape("positional_embedding")[0], width=width,
                       layers=layers, heads=max(1, width // 64), projection_dim=projection, **text_role(family, second))
 
@@ -159,7 +162,7 @@ def text_config_from_diffusers(c: dict, pad_id: int, family: str = "sd1", projec
     return TextConfig(vocab_size=c.get("vocab_size", 49408), context_length=c.get("max_position_embeddings", 77),
                       width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
                       act=c.get("hidden_act", "quick_gelu"),
-                      output_layer=role["output_layer"] if family in SDXL_FAMILIES else -1,
+                      output_layer=role["output_layer"] if family in POOLED_FAMILIES else -1,
                       final_norm=role["final_norm"], pad_id=pad_id,
                       projection_dim=c.get("projection_dim", c["hidden_size"]) if projection else None)
 
@@ -203,6 +206,27 @@ def mmdit_config_from_diffusers(c: dict) -> MMDiTConfig:
                        context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 2048),
                        pos_embed_max_size=c.get("pos_embed_max_size", 96), qk_norm=bool(c.get("qk_norm")),
                        dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
+
+
+def infer_t5_config(t: Tensors) -> T5Config:
+    """A T5 encoder's configuration from its tensors (Hugging Face's T5EncoderModel names)."""
+    vocab, width = t.shape("shared.weight") if "shared.weight" in t else t.shape("encoder.embed_tokens.weight")
+    block = "encoder.block.0.layer."
+    buckets, heads = t.shape(block + "0.SelfAttention.relative_attention_bias.weight")
+    return T5Config(vocab=vocab, width=width, heads=heads, d_kv=t.shape(block + "0.SelfAttention.q.weight")[0] // heads,
+                    d_ff=t.shape(block + "1.DenseReluDense.wi_0.weight")[0], layers=t.count("encoder.block."),
+                    relative_attention_num_buckets=buckets)
+
+
+def t5_config_from_transformers(c: dict) -> T5Config:
+    """A transformers T5EncoderModel's config.json (v1.1: the gated-GELU feed-forward)."""
+    if c.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise CheckpointError(f"a T5 with the {c['feed_forward_proj']!r} feed-forward is not supported (T5 v1.1's "
+                              "gated-gelu is)")
+    return T5Config(vocab=c["vocab_size"], width=c["d_model"], d_kv=c["d_kv"], heads=c["num_heads"], d_ff=c["d_ff"],
+                    layers=c["num_layers"], relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+                    relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
+                    eps=c.get("layer_norm_epsilon", 1e-6))
 
 
 def infer_flux_config(t: Tensors) -> FluxConfig:
