@@ -81,12 +81,13 @@ def schedulers() -> tuple[str, ...]:
     return tuple(samplers.SCHEDULERS)
 
 
-def defaults() -> dict:
-    """What a request that leaves a field out gets: GenerationParams' defaults, and url."""
+def defaults(model=None) -> dict:
+    """What a request that leaves a field out gets: GenerationParams' defaults, and url; with ``model``, what its
+    family draws with instead (sdcore's ``StableDiffusion.request_defaults``: SD3's sampler, steps and scale)."""
     out = {f.name: f.default for f in dataclasses.fields(GenerationParams)
            if f.default is not dataclasses.MISSING}
     out["response_format"] = "url"
-    return out
+    return {**out, **(getattr(model, "request_defaults", None) or {})}
 
 
 def http_param(field: str | None) -> str | None:
@@ -115,7 +116,11 @@ class Limits:
     # Defaults never exceed the configured limits: a request that leaves a field out is valid.
     @property
     def default_steps(self) -> int:
-        return min(defaults()["steps"], self.max_steps)
+        return self.model_steps(None)
+
+    def model_steps(self, model) -> int:
+        """The steps of a request that sends none, on ``model``: its family's, within max_steps."""
+        return min(defaults(model)["steps"], self.max_steps)
 
     @property
     def default_side(self) -> int:
@@ -484,7 +489,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
         raise invalid("prompt", "'prompt' must not be empty.")
     for name in IGNORED_FIELDS:
         _get_optional_str(f, name, 256)
-    d = defaults()
+    d = defaults(model)
     n = _get_int(f, "n", d["n"], 1, limits.max_n)
     seed = _get_int(f, "seed", d["seed"], *SEED_RANGE)
     if seed >= 0 and seed + n - 1 > SEED_RANGE[1]:
@@ -497,7 +502,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
         n=n,
         width=width,
         height=height,
-        steps=_get_int(f, "steps", limits.default_steps, 1, limits.max_steps),
+        steps=_get_int(f, "steps", limits.model_steps(model), 1, limits.max_steps),
         cfg_scale=_get_float(f, "cfg_scale", d["cfg_scale"], *CFG_SCALE_RANGE),
         sample_method=_get_choice(f, "sample_method", d["sample_method"], sample_methods()),
         scheduler=_get_choice(f, "scheduler", d["scheduler"], schedulers()),

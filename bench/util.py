@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 GENERATOR_VERSION = 1          # bump when sd15_checkpoint's recipe changes, so caches are rebuilt
 SDXL_GENERATOR_VERSION = 1     # bump when sdxl_checkpoint's recipe changes, so caches are rebuilt
+SD3_GENERATOR_VERSION = 1      # bump when sd3_medium_transformer's recipe changes, so caches are rebuilt
+# stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json
+SD3_MEDIUM_DIFFUSERS = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                            pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
 
@@ -278,3 +283,64 @@ def sdxl_checkpoint() -> tuple[Path, Path]:
         shutil.rmtree(folder, ignore_errors=True)          # a folder left without its file is rebuilt
         os.replace(f"{folder}.tmp", folder)
     return path, folder
+
+
+def sd3_medium_config():
+    """SD3 medium's MMDiT (sd3_medium.safetensors): 24 joint blocks of 1536 (24 heads of 64), 16 latent channels,
+    T5-XXL's 4096-wide text tokens, CLIP-L + bigG's 2048 pooled, a 192×192 positions table, no q/k norms."""
+    from sdcore.mmdit import MMDiTConfig
+    return MMDiTConfig(depth=24, width=1536, head_dim=64, in_channels=16, patch_size=2, context_dim=4096,
+                       pooled_dim=2048, pos_embed_max_size=192, qk_norm=False, dual_attention_layers=())
+
+
+def random_mmdit_float16(cfg, seed):
+    """An MMDiT with random_float16's weights, except its positions table: N(0, 1), of the O(1) size of the
+    sin-cos table it stands for, so that which crop of it is taken shows in the output (random_init_ divides by
+    the whole table's size: nothing would show). Filled a slice at a time (a 384² table is 0.9 GB in float32)."""
+    import torch
+
+    from sdcore.mmdit import MMDiT
+    model = random_float16(MMDiT, cfg, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for rows in model.pos_embed[0].split(4096):
+            rows.copy_(torch.randn(rows.shape, generator=g))
+    return model
+
+
+def save_sd3_transformer(model, path, folder, **config):
+    """``model`` (sdcore.mmdit.MMDiT) as Stability AI's single file (``model.diffusion_model.*``, no metadata, as
+    released) at ``path``, and as a diffusers ``transformer/`` folder at ``folder``: config.json as
+    SD3Transformer2DModel(**config) writes it, and the weights converted to diffusers' names by diffusers' own
+    single-file converter (its q, k, v copies are the only new tensors; the rest are the model's own)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import save_file
+    sd = {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+    with torch.device("meta"):
+        SD3Transformer2DModel(**config).save_config(folder)
+    theirs = convert_sd3_transformer_checkpoint_to_diffusers(sd)          # takes each tensor it converts out of sd
+    if sd:
+        raise ValueError(f"diffusers' converter left {len(sd)} tensors unconverted, e.g. {next(iter(sd))}")
+    save_file(theirs, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def sd3_medium_transformer() -> tuple[Path, Path]:
+    """A full-size SD3 medium transformer in Stability AI's single-file names (``model.diffusion_model.*``, random
+    weights, fp16, no config inside, 4.1 GB) and its diffusers twin, a ``transformer/`` folder with SD3 medium's
+    config.json, built once under .cache/ (tests/core/test_sd3_full_size.py). Returns (file, transformer folder)."""
+    path = ROOT / ".cache" / f"sd3-medium-transformer-random-v{SD3_GENERATOR_VERSION}.safetensors"
+    root = path.with_name(path.name.removesuffix(".safetensors") + "-diffusers")
+    if not (path.exists() and (root / "transformer" / "config.json").exists()):
+        import shutil
+        log(f"building {path} and {root} (once)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(f"{root}.tmp", ignore_errors=True)
+        save_sd3_transformer(random_mmdit_float16(sd3_medium_config(), 21), f"{path}.tmp", f"{root}.tmp/transformer",
+                             **SD3_MEDIUM_DIFFUSERS)
+        os.replace(f"{path}.tmp", path)
+        shutil.rmtree(root, ignore_errors=True)          # a folder left without its file is rebuilt
+        os.replace(f"{root}.tmp", root)
+    return path, root / "transformer"

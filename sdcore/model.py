@@ -1,5 +1,6 @@
 """``StableDiffusion``, a checkpoint's networks ready to generate, and ``load_model``, its one entry point for
 every checkpoint layout (the layouts themselves: sdcore.formats)."""
+import logging
 import os
 
 import torch
@@ -21,10 +22,17 @@ from .tokenizer import BOS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
 
+log = logging.getLogger("sdcore.model")
 # The SDXL refiner's aesthetic scores for the prompt and for the negative prompt: it was trained to draw
 # what raters scored so, and the defaults of its authors' code, diffusers and AUTOMATIC1111 ask for a good
 # image against a poor one.
 AESTHETIC_SCORES = (6.0, 2.5)
+# What a request that leaves them out gets on a family's models, where that differs from GenerationParams' defaults
+# (SD1's): SD3 and SD3.5 are drawn with Euler in 28 steps (their authors' and diffusers' defaults; guidance 7 for SD3
+# medium, 4.5 for 3.5), and the distilled turbo models in 4 steps without guidance.
+SD3_REQUEST_DEFAULTS = {"sample_method": "euler", "steps": 28, "cfg_scale": 7.0}
+SD35_REQUEST_DEFAULTS = {**SD3_REQUEST_DEFAULTS, "cfg_scale": 4.5}
+TURBO_REQUEST_DEFAULTS = {"steps": 4, "cfg_scale": 0.0}
 # The T5 tokens SD3 is conditioned on: diffusers' StableDiffusion3Pipeline's max_sequence_length (and sd.cpp's)
 T5_TOKENS = 256
 
@@ -49,6 +57,7 @@ class StableDiffusion:
         self.taesd_decode = False         # ... and final images, instead of the VAE
         self.compiled = False             # the UNet runs as torch.compile'd code (``compile``)
         self.flow_shift = 3.0             # rectified flow (SD3): the schedule's shift (samplers.flow_sigmas)
+        self.request_defaults = {}        # GenerationParams fields a request leaves out get these (api.params)
         # the adapters merged into the weights (sdcore.lora): their set's key, files, the changed weights' originals
         self.lora_key, self.lora_files, self.lora_originals = (), [], {}
 
@@ -127,6 +136,9 @@ class StableDiffusion:
             return torch.zeros(len(prompts), T5_TOKENS, width, device=self.device, dtype=self.dtype)
         # trailing whitespace dropped, as T5's SentencePiece does (the tokenizer.json conversion would add a "▁")
         texts = [prompt_language.plain(prompt_language.parse(p)).rstrip() for p in prompts]
+        for text in texts:
+            if (n := self.tokenizer_3.count(text)) > T5_TOKENS:
+                log.warning("T5 reads the first %d of a prompt's %d tokens (the CLIPs read all of it)", T5_TOKENS - 1, n - 1)
         ids, _ = self.tokenizer_3.encode(texts, T5_TOKENS)
         return self.text_encoder_3(ids.to(self.device))          # no mask: SD3's T5 attends to its padding too
 
@@ -254,6 +266,10 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
                             tokenizer_3=T5Tokenizer(parts.tokenizer_3) if family == SD3 else None)
     model.vae_tiling = vae_tiling
     model.flow_shift = parts.flow_shift or model.flow_shift
+    if family == SD3:
+        model.request_defaults = dict(SD35_REQUEST_DEFAULTS if unet.cfg.qk_norm else SD3_REQUEST_DEFAULTS)
+        if "turbo" in os.path.basename(os.path.normpath(path)).lower():     # sd3.5_large_turbo.safetensors
+            model.request_defaults.update(TURBO_REQUEST_DEFAULTS)
     if taesd:
         attach_taesd(model, taesd, taesd_decode)
     elif taesd_decode:

@@ -94,3 +94,54 @@ def sd3_single_file(path, seed: int = 0, mmdit=None, clips: bool = True, t5: boo
     sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
     save_file(sd, str(path))
     return sd
+
+
+def sub(sd: dict, prefix: str) -> dict:
+    """The entries of a state dict under ``prefix``, with it stripped."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _sd3_clip(sd, name, cfg):
+    from transformers import CLIPTextModelWithProjection
+
+    from bench.references import hf_text_config
+    config = hf_text_config(cfg)
+    config.projection_dim = cfg.projection_dim
+    model = CLIPTextModelWithProjection(config).eval()
+    model.load_state_dict(sub(sd, f"text_encoders.{name}.transformer."))
+    return model
+
+
+def sd3_diffusers_pipeline(sd: dict, folder):
+    """diffusers' SD3 pipeline holding a single file's weights (diffusers' converters for the MMDiT and the VAE;
+    transformers' CLIP and T5 tokenizers, from our copies of their vocabularies)."""
+    import gzip
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_sd3_transformer_checkpoint_to_diffusers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from bench.references import diffusers_vae_kwargs
+    from bench.util import clip_tokenizer
+    from sdcore.t5_tokenizer import VOCAB
+    cfg = sd3_mmdit_config()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=cfg.depth, attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads, joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.width,
+        pooled_projection_dim=cfg.pooled_dim, out_channels=16, pos_embed_max_size=cfg.pos_embed_max_size).eval()
+    missing, unexpected = transformer.load_state_dict(
+        convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), strict=False)   # it pops what it converts
+    assert not missing and not unexpected, (missing, unexpected)
+    vae = AutoencoderKL(**diffusers_vae_kwargs(SD3_VAE)).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(sub(sd, "first_stage_model."), dict(vae.config)))
+    t5 = T5EncoderModel(T5Config(**SD3_T5)).eval()
+    t5.load_state_dict(sub(sd, "text_encoders.t5xxl.transformer."), strict=False)
+    tok_json = folder / "t5-tokenizer.json"
+    tok_json.write_bytes(gzip.open(VOCAB).read())
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_sd3_clip(sd, "clip_l", SD3_CLIP_L), tokenizer=clip_tokenizer(),
+        text_encoder_2=_sd3_clip(sd, "clip_g", SD3_CLIP_G), tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=t5, tokenizer_3=T5TokenizerFast(tokenizer_file=str(tok_json)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -4,70 +4,28 @@ folder, against diffusers' StableDiffusion3Pipeline holding the same weights (co
 single-file converters, so the names are checked as well as the arithmetic): the text conditioning, whole
 txt2img images with and without guidance, img2img against a reference loop over diffusers' modules and
 FlowMatchEulerDiscreteScheduler's sigmas, and the refusals."""
-import gzip
-
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_sd3_transformer_checkpoint_to_diffusers
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import T5Config, T5EncoderModel
 
 import sdcore
-from bench.references import diffusers_vae_kwargs, hf_text_config, max_rel, pixels
-from bench.util import clip_tokenizer
+from bench.references import max_rel, pixels
 from sdcore.formats import CheckpointError
 from sdcore.pipeline import GenerationParams, PipelineError, generate, image_to_tensor
-from sdcore.t5_tokenizer import VOCAB
-from tiny_models import SD3_CLIP_G, SD3_CLIP_L, SD3_T5, SD3_VAE, sd3_mmdit_config, sd3_single_file
+from tiny_models import SD3_T5, sd3_diffusers_pipeline, sd3_single_file, sub
 
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, oil painting", "blurry"
-
-
-def _sub(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _clip(sd, name, cfg):
-    config = hf_text_config(cfg)
-    config.projection_dim = cfg.projection_dim
-    model = CLIPTextModelWithProjection(config).eval()
-    model.load_state_dict(_sub(sd, f"text_encoders.{name}.transformer."))
-    return model
-
-
-def diffusers_pipeline(sd: dict, folder) -> StableDiffusion3Pipeline:
-    """diffusers' SD3 pipeline holding a single file's weights (diffusers' converters for the MMDiT and the VAE)."""
-    cfg = sd3_mmdit_config()
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, num_layers=cfg.depth, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.heads, joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.width,
-        pooled_projection_dim=cfg.pooled_dim, out_channels=16, pos_embed_max_size=cfg.pos_embed_max_size).eval()
-    missing, unexpected = transformer.load_state_dict(
-        convert_sd3_transformer_checkpoint_to_diffusers(_sub(sd, "") | {}), strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    vae = AutoencoderKL(**diffusers_vae_kwargs(SD3_VAE)).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint(_sub(sd, "first_stage_model."), dict(vae.config)))
-    t5 = T5EncoderModel(T5Config(**SD3_T5)).eval()
-    t5.load_state_dict(_sub(sd, "text_encoders.t5xxl.transformer."), strict=False)
-    tok_json = folder / "t5-tokenizer.json"
-    tok_json.write_bytes(gzip.open(VOCAB).read())
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=_clip(sd, "clip_l", SD3_CLIP_L), tokenizer=clip_tokenizer(),
-        text_encoder_2=_clip(sd, "clip_g", SD3_CLIP_G), tokenizer_2=clip_tokenizer(pad_token="!"),
-        text_encoder_3=t5, tokenizer_3=T5TokenizerFast(tokenizer_file=str(tok_json)))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sd3")
     sd = sd3_single_file(d / "sd3_tiny_incl_clips_t5xxl.safetensors")
-    pipe = diffusers_pipeline(sd, d)
+    pipe = sd3_diffusers_pipeline(sd, d)
     pipe.save_pretrained(d / "folder", safe_serialization=True)
     return d, sd, pipe
 
@@ -162,8 +120,8 @@ def test_text_encoders_from_files_of_their_own(files, model, tmp_path):
     base = {k: v for k, v in sd.items() if not k.startswith("text_encoders.")}
     save_file(base, str(tmp_path / "sd3.safetensors"))
     for name in ("clip_l", "clip_g"):
-        save_file(_sub(sd, f"text_encoders.{name}.transformer."), str(tmp_path / f"{name}.safetensors"))
-    save_file({k: v.half() for k, v in _sub(sd, "text_encoders.t5xxl.transformer.").items()},
+        save_file(sub(sd, f"text_encoders.{name}.transformer."), str(tmp_path / f"{name}.safetensors"))
+    save_file({k: v.half() for k, v in sub(sd, "text_encoders.t5xxl.transformer.").items()},
               str(tmp_path / "t5xxl_fp16.safetensors"))
     with pytest.raises(CheckpointError, match="--clip-l and --clip-g"):
         sdcore.load_model(tmp_path / "sd3.safetensors", device="cpu")
