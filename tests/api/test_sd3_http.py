@@ -59,9 +59,9 @@ def test_family_defaults_and_edits(client):
     assert (fields["Steps"], fields["Sampler"], fields["CFG scale"]) == ("28", "Euler", "7.0")        # A1111's name for it
     src = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(src, format="PNG")
-    resp = client.post("/v1/images/edits", data={"prompt": "a fox", "size": "64x64", "steps": "4", "strength": "0.5",
-                                                "response_format": "b64_json", "image": (io.BytesIO(src.getvalue()), "a.png")},
-                       content_type="multipart/form-data")
+    form = {"prompt": "a fox", "size": "64x64", "steps": "4", "strength": "0.5", "response_format": "b64_json",
+            "image": (io.BytesIO(src.getvalue()), "a.png")}
+    resp = client.post("/v1/images/edits", data=form, content_type="multipart/form-data")
     assert _image(resp).size == (64, 64)
 
 
