@@ -402,6 +402,8 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
               **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]),
               **{**_sdxl_options(stored, None), **_sdxl_options(override, "override_settings")})
     kw["loras"] = P.get_loras(f, prompt, negative, st.models.lora_dir)
+    # Forge's field for FLUX dev's distilled guidance (its default, 3.5, is the model's own: not sent means that)
+    kw["guidance"] = _get_float(f, "distilled_cfg_scale", None, *P.GUIDANCE_RANGE)
     parameters = {**defaults, **{k: v for k, v in body.items() if k in defaults}}
     return f, kw, ckpt, parameters
 

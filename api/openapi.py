@@ -93,6 +93,8 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
         "cfg_scale": {"type": "number", "minimum": P.CFG_SCALE_RANGE[0],
                       "maximum": P.CFG_SCALE_RANGE[1], "default": defaults["cfg_scale"],
                       "description": "Classifier-free guidance scale."},
+        "guidance": {"type": "number", "minimum": P.GUIDANCE_RANGE[0], "maximum": P.GUIDANCE_RANGE[1],
+                     "description": "FLUX dev models only: the distilled guidance (default 3.5)."},
         "sample_method": {"type": "string", "enum": list(P.sample_methods()),
                           "default": defaults["sample_method"],
                           "description": "Sampler (case-insensitive)."},

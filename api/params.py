@@ -57,6 +57,7 @@ BACKGROUNDS = ("auto", "opaque")         # "transparent" is refused with its own
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 CFG_SCALE_RANGE = (0.0, 30.0)
+GUIDANCE_RANGE = (0.0, 30.0)             # FLUX dev's distilled guidance (an input of the network)
 CONTROL_STRENGTH_RANGE = (0.0, 2.0)
 STRENGTH_RANGE = (0.0, 1.0)
 REFINER_SWITCH_RANGE = (0.0, 1.0)        # the fraction of the steps drawn before the refiner takes over
@@ -520,6 +521,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
         response_format = "b64_json"
     revised = bool(model_id and model_id.lower().startswith(REVISED_PROMPT_MODELS))
     sent = _Fields({k: v for k, v in f.values.items() if v is not None}, f.is_form)     # null: not sent
+    kw["guidance"] = _get_float(sent, "guidance", None, *GUIDANCE_RANGE)
     background = _get_str(sent, "background", None, max_len=64)
     if background is not None and background.strip().lower() == "transparent":
         raise invalid("background", "This server's models cannot draw a transparent background; send "

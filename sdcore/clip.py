@@ -99,8 +99,8 @@ class TextEncoder(nn.Module):
                 extra: torch.Tensor | None = None):
         """tokens [B, 77] -> hidden states [B, 77, width] of the chosen block (ln_final applied if configured).
         Blocks after the chosen one are not run, unless ``pooled``: then all run, and the result is
-        (hidden states, pooled [B, projection_dim]). ``extra`` [E, width]: the token vectors of ids from
-        vocab_size on (textual-inversion embeddings, sdcore.embeddings).
+        (hidden states, pooled [B, projection_dim], or [B, width] without a projection). ``extra`` [E, width]: the
+        token vectors of ids from vocab_size on (textual-inversion embeddings, sdcore.embeddings).
         """
         blocks = self.transformer.resblocks
         layer = self.cfg.output_layer if output_layer is None else output_layer
@@ -119,4 +119,6 @@ class TextEncoder(nn.Module):
         if not pooled:
             return hidden
         eos = (tokens == tokens.max(dim=1, keepdim=True).values).int().argmax(dim=1)   # the first end-of-text token
-        return hidden, self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection
+        pooled = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos]
+        # FLUX reads CLIP-L's pooled output before any projection (transformers' pooler_output)
+        return hidden, pooled @ self.text_projection if self.cfg.projection_dim else pooled

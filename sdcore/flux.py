@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .mmdit import RMSNorm, modulate
@@ -32,6 +33,7 @@ from .unet import timestep_embedding
 
 FREQUENCY_DIM = 256
 TIME_FACTOR = 1000.0        # t ∈ [0, 1] and the guidance scale are embedded as 1000·t
+PATCH = 2
 
 
 @dataclass
@@ -51,6 +53,14 @@ class FluxConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def patch_size(self) -> int:              # the pipeline packs 2×2 latent pixels into one token
+        return PATCH
+
+    @property
+    def out_channels(self) -> int:            # the latent's channels: a token holds a 2×2 patch of them
+        return self.in_channels // PATCH ** 2
 
     @property
     def mlp_width(self) -> int:
@@ -234,3 +244,38 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = block(x, vec, rot)
         return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+def pack(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """latent [B, C, H, W] -> (tokens [B, HW/4, 4C], each a 2×2 patch with channels outermost; ids [B, HW/4, 3]:
+    (0, patch row, patch column))."""
+    b, c, h, w = latent.shape
+    tokens = rearrange(latent, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=PATCH, pw=PATCH)
+    ids = torch.zeros(h // PATCH, w // PATCH, 3, device=latent.device)
+    ids[..., 1] = torch.arange(h // PATCH, device=latent.device)[:, None]
+    ids[..., 2] = torch.arange(w // PATCH, device=latent.device)[None, :]
+    return tokens, ids.reshape(1, -1, 3).expand(b, -1, -1)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """pack's inverse: tokens [B, HW/4, 4C] -> latent [B, C, height, width]."""
+    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // PATCH, ph=PATCH, pw=PATCH)
+
+
+class LatentFlux(nn.Module):
+    """The transformer on the pipeline's terms (those of the UNet and the MMDiT): latents [B, 16, H, W] in and
+    velocities out, the time as 1000·σ, the text tokens (at positions (0, 0, 0)) and the pooled vector, and for
+    dev the guidance scale per row. ``cfg`` is the transformer's."""
+
+    def __init__(self, flux: Flux):
+        super().__init__()
+        self.flux, self.cfg = flux, flux.cfg
+
+    def forward(self, x, t, context, y, guidance=None):
+        """x [B, 16, H, W] (or fewer rows than t: a guided pair sharing its latent), t [B] = 1000·σ,
+        context [B, T, 4096], y [B, 768], guidance [B] -> velocity [B, 16, H, W]."""
+        img, img_ids = pack(x)
+        img, img_ids = (a.repeat(len(t) // a.shape[0], 1, 1) for a in (img, img_ids))
+        txt_ids = torch.zeros(len(t), context.shape[1], 3, device=x.device)
+        out = self.flux(img, img_ids, context, txt_ids, t / TIME_FACTOR, y, guidance)
+        return unpack(out, *x.shape[-2:])

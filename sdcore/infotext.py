@@ -80,6 +80,8 @@ def generation_fields(p, model_name: str, loras=(), embeddings=()) -> list[tuple
             fields.append(("Control preprocessor", "canny"))
     if p.refiner is not None:
         fields += [("Refiner", p.refiner.name), ("Refiner switch at", p.refiner_switch_at)]
+    if getattr(p, "guidance", None) is not None:          # FLUX dev's, under Forge's label
+        fields.append(("Distilled CFG Scale", p.guidance))
     if loras:
         fields.append(("Lora hashes", ", ".join(f"{f.name}: {f.short_hash}" for f in loras)))
     if embeddings:
@@ -126,6 +128,8 @@ def parse_infotext(text: str) -> dict:
     if "Control strength" in values:
         out["control_strength"] = float(values["Control strength"])
         out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
+    if "Distilled CFG Scale" in values:
+        out["guidance"] = float(values["Distilled CFG Scale"])
     if "Refiner" in values:              # a model name, as "model" is
         out["refiner"], out["refiner_switch_at"] = values["Refiner"], float(values["Refiner switch at"])
     for key, field in (("Lora hashes", "lora_hashes"), ("TI hashes", "embedding_hashes")):

@@ -14,7 +14,8 @@ from .cuda_graphs import CUDAGraphed, unwrapped
 from .device import resolve_device, resolve_dtype
 from .formats import CheckpointError, read_model
 from .formats.build import build
-from .formats.infer import POOLED_FAMILIES, REFINER, SD3, detect_v_prediction
+from .flux import Flux, LatentFlux
+from .formats.infer import FLUX, POOLED_FAMILIES, REFINER, SD3, detect_v_prediction
 from .mmdit import MMDiT
 from .t5 import T5Encoder
 from .t5_tokenizer import T5Tokenizer
@@ -33,8 +34,15 @@ AESTHETIC_SCORES = (6.0, 2.5)
 SD3_REQUEST_DEFAULTS = {"sample_method": "euler", "steps": 28, "cfg_scale": 7.0}
 SD35_REQUEST_DEFAULTS = {**SD3_REQUEST_DEFAULTS, "cfg_scale": 4.5}
 TURBO_REQUEST_DEFAULTS = {"steps": 4, "cfg_scale": 0.0}
-# The T5 tokens SD3 is conditioned on: diffusers' StableDiffusion3Pipeline's max_sequence_length (and sd.cpp's)
+# FLUX is distilled to be run without classifier-free guidance (one pass; cfg_scale 1): dev takes the guidance it
+# was distilled from as an input instead (FLUX_GUIDANCE, the reference's default) and is drawn in 20 steps or more,
+# schnell (no guidance input) in 4.
+FLUX_DEV_REQUEST_DEFAULTS = {"sample_method": "euler", "steps": 20, "cfg_scale": 1.0}
+FLUX_SCHNELL_REQUEST_DEFAULTS = {**FLUX_DEV_REQUEST_DEFAULTS, "steps": 4}
+FLUX_GUIDANCE = 3.5
+# The T5 tokens SD3 and FLUX schnell are conditioned on, and FLUX dev: diffusers' pipelines' max_sequence_length
 T5_TOKENS = 256
+FLUX_DEV_T5_TOKENS = 512
 
 
 class StableDiffusion:
@@ -47,8 +55,9 @@ class StableDiffusion:
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer = Tokenizer(pad_id=text_encoder.cfg.pad_id)
         self.tokenizer_2 = Tokenizer(pad_id=text_encoder_2.cfg.pad_id) if text_encoder_2 is not None else None
-        # SD3's T5-XXL (None: its tokens are zeros, as SD3 was trained to allow) and its tokenizer (sdcore.t5_tokenizer)
-        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+        # SD3's and FLUX's T5-XXL (SD3 without it: its tokens are zeros, as SD3 was trained to allow), its tokenizer
+        # (sdcore.t5_tokenizer), and how many tokens it reads
+        self.text_encoder_3, self.tokenizer_3, self.t5_tokens = text_encoder_3, tokenizer_3, T5_TOKENS
         self.native_size, self.device, self.dtype = native_size, torch.device(device), dtype
         self.vae_tiling = "auto"          # sdcore.tiling.MODES: VAE passes in tiles when they would not fit
         self.controlnet = None            # a sdcore.controlnet.ControlNet, set by attach_controlnet
@@ -63,7 +72,7 @@ class StableDiffusion:
 
     @property
     def inpainting(self) -> bool:
-        return self.family != SD3 and self.unet.cfg.in_channels == 9
+        return self.family not in (SD3, FLUX) and self.unet.cfg.in_channels == 9
 
     def compile(self):
         """Opt-in ``torch.compile`` of the UNet (inductor, weights frozen into the graph: inference only,
@@ -129,24 +138,24 @@ class StableDiffusion:
 
     @torch.inference_mode()
     def encode_t5(self, prompts: list[str]) -> torch.Tensor:
-        """SD3's T5 tokens [B, T5_TOKENS, 4096] of the prompts' text (the prompt language's brackets and weights
-        taken out: T5 reads the words), cut at T5_TOKENS with its end token; zeros without a T5 encoder."""
-        width = self.unet.cfg.context_dim
+        """T5's tokens [B, t5_tokens, 4096] of the prompts' text (the prompt language's brackets and weights
+        taken out: T5 reads the words), cut at t5_tokens with its end token; zeros without a T5 encoder."""
+        width, length = self.unet.cfg.context_dim, self.t5_tokens
         if self.text_encoder_3 is None:
-            return torch.zeros(len(prompts), T5_TOKENS, width, device=self.device, dtype=self.dtype)
+            return torch.zeros(len(prompts), length, width, device=self.device, dtype=self.dtype)
         # trailing whitespace dropped, as T5's SentencePiece does (the tokenizer.json conversion would add a "▁")
         texts = [prompt_language.plain(prompt_language.parse(p)).rstrip() for p in prompts]
         for text in texts:
-            if (n := self.tokenizer_3.count(text)) > T5_TOKENS:
-                log.warning("T5 reads the first %d of a prompt's %d tokens (the CLIPs read all of it)", T5_TOKENS - 1, n - 1)
-        ids, _ = self.tokenizer_3.encode(texts, T5_TOKENS)
+            if (n := self.tokenizer_3.count(text)) > length:
+                log.warning("T5 reads the first %d of a prompt's %d tokens", length - 1, n - 1)
+        ids, _ = self.tokenizer_3.encode(texts, length)
         return self.text_encoder_3(ids.to(self.device))          # no mask: SD3's T5 attends to its padding too
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
                      negative: list[bool] | None = None, original_size: tuple[int, int] | None = None,
                      target_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
-                     aesthetic_scores: tuple[float, float] = AESTHETIC_SCORES):
+                     aesthetic_scores: tuple[float, float] = AESTHETIC_SCORES, guidance: float | None = None):
         """What the UNet is conditioned on, one row per prompt: the hidden states [B, 77, C]; SDXL:
         {"context": hidden states, "y": the pooled output and the micro-conditioning [B, adm_in_channels]}.
         SDXL base's micro-conditioning embeds (original height, width, crop top, left, target height, width)
@@ -155,10 +164,18 @@ class StableDiffusion:
         (original height, width, crop top, left, aesthetic score), the score being ``aesthetic_scores[1]``
         for the rows ``negative`` marks as negative prompts and ``aesthetic_scores[0]`` elsewhere.
         SD3: {"context": the CLIPs' hidden states [B, 77·k, 2048] zero-padded to T5's width, then T5's
-        tokens along the sequence [B, 77·k + 256, 4096]; "y": the pooled outputs [B, 2048]}."""
+        tokens along the sequence [B, 77·k + 256, 4096]; "y": the pooled outputs [B, 2048]}.
+        FLUX: {"context": T5's tokens [B, 512 (dev) or 256, 4096]; "y": CLIP-L's pooled output [B, 768]; dev:
+        "guidance": ``guidance`` (None: FLUX_GUIDANCE) per row [B]}."""
         if self.family not in POOLED_FAMILIES:
             return self.encode_text(prompts, clip_skip)
         context, pooled = self.encode_text(prompts, clip_skip)
+        if self.family == FLUX:
+            cond = {"context": self.encode_t5(prompts).to(pooled.dtype), "y": pooled}
+            if self.unet.cfg.guidance_embed:
+                cond["guidance"] = torch.full((len(prompts),), FLUX_GUIDANCE if guidance is None else guidance,
+                                              device=self.device, dtype=torch.float32)
+            return cond
         if self.family == SD3:
             clip = F.pad(context, (0, self.unet.cfg.context_dim - context.shape[-1]))
             return {"context": torch.cat([clip, self.encode_t5(prompts).to(clip.dtype)], dim=1), "y": pooled}
@@ -242,15 +259,18 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
                                                             ("t5xxl", t5xxl))}
     parts = read_model(path, **separate)
     family = parts.family
-    if family == SD3 and prediction is not None:
-        raise CheckpointError("prediction applies to SD1/SD2/SDXL models; SD3 predicts the flow velocity")
-    if (family != SD3 and torch.device(device).type == "cpu" and dtype == torch.bfloat16
+    if parts.prediction == "flow" and prediction is not None:
+        raise CheckpointError(f"prediction applies to SD1/SD2/SDXL models; {family} predicts the flow velocity")
+    if (family not in (SD3, FLUX) and torch.device(device).type == "cpu" and dtype == torch.bfloat16
             and not parts.unet.cfg.head_dims().isdisjoint(cpu_attention.HEAD_DIMS)):
         cpu_attention.prepare()                     # SD1.5's level-0 attention kernel (built once, cached)
 
     def built(module_cls, part, what):
         return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir)
-    unet = built(MMDiT, parts.unet, "MMDiT") if family == SD3 else built(UNet, parts.unet, "UNet")
+    if family == FLUX:
+        unet = LatentFlux(built(Flux, parts.unet, "FLUX transformer"))
+    else:
+        unet = built(MMDiT, parts.unet, "MMDiT") if family == SD3 else built(UNet, parts.unet, "UNet")
     vae_model = built(AutoencoderKL, parts.vae, "VAE")
     text = built(TextEncoder, parts.text, "text encoder")
     text_2 = built(TextEncoder, parts.text_2, "second text encoder") if parts.text_2 is not None else None
@@ -263,19 +283,23 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     model = StableDiffusion(family=family, prediction=prediction, unet=unet, vae=vae_model, text_encoder=text,
                             name=name or default_name, native_size=native, device=device, dtype=dtype, source=path,
                             text_encoder_2=text_2, text_encoder_3=text_3,
-                            tokenizer_3=T5Tokenizer(parts.tokenizer_3) if family == SD3 else None)
+                            tokenizer_3=T5Tokenizer(parts.tokenizer_3) if parts.text_3 or family == SD3 else None)
     model.vae_tiling = vae_tiling
     model.flow_shift = parts.flow_shift or model.flow_shift
     if family == SD3:
         model.request_defaults = dict(SD35_REQUEST_DEFAULTS if unet.cfg.qk_norm else SD3_REQUEST_DEFAULTS)
         if "turbo" in os.path.basename(os.path.normpath(path)).lower():     # sd3.5_large_turbo.safetensors
             model.request_defaults.update(TURBO_REQUEST_DEFAULTS)
+    if family == FLUX:
+        dev = unet.cfg.guidance_embed
+        model.request_defaults = dict(FLUX_DEV_REQUEST_DEFAULTS if dev else FLUX_SCHNELL_REQUEST_DEFAULTS)
+        model.t5_tokens = FLUX_DEV_T5_TOKENS if dev else T5_TOKENS
     if taesd:
         attach_taesd(model, taesd, taesd_decode)
     elif taesd_decode:
         raise CheckpointError("taesd_decode needs a TAESD decoder (taesd)")
-    if control_net and family == SD3:
-        raise CheckpointError(f"{path} is an SD3 model: ControlNets for SD3 are not supported (only for SD1/SD2/SDXL)")
+    if control_net and family in (SD3, FLUX):
+        raise CheckpointError(f"{path} is an {family} model: ControlNets for it are not supported (only for SD1/SD2/SDXL)")
     if control_net and family != REFINER:      # a refiner finishes the image after the ControlNet's part
         attach_controlnet(model, load_controlnet(control_net, device, dtype, cache_dir))
     return model.use_cuda_graphs() if cuda_graphs else model

@@ -20,11 +20,11 @@ import samplers
 
 from . import taesd, tiling
 from .canny import canny
-from .formats.infer import REFINER, SD3
+from .formats.infer import FLUX, REFINER, SD3
 from .formats import CheckpointError
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
 from .lora import LoraError, apply_loras
-from .model import AESTHETIC_SCORES
+from .model import AESTHETIC_SCORES, FLUX_GUIDANCE
 
 log = logging.getLogger("sdcore.pipeline")
 SEED_MOD = 2 ** 64                     # torch.Generator seeds are unsigned 64-bit
@@ -71,6 +71,8 @@ class GenerationParams:
     # them on: the "ensemble of experts" split of SDXL's paper
     refiner: object | None = field(default=None, repr=False)
     refiner_switch_at: float = 0.8          # A1111's default
+    # FLUX dev's distilled guidance, an input of the network (None: sdcore.model.FLUX_GUIDANCE); other models take none
+    guidance: float | None = None
     # SDXL's micro-conditioning (other models ignore it): the size the picture "had" before it was cropped
     # at (crop_top, crop_left) and resized to target_size, all (width, height), None: the image's size;
     # the refiner's aesthetic scores for the prompt and the negative prompt
@@ -141,12 +143,19 @@ def generate(model, p: GenerationParams, progress=None) -> list[GeneratedImage]:
             image_seed = (seed + i) % SEED_MOD
             report = _step_reporter(progress, i, p.n)
             image, stopped = _generate_one(model, p, scheduler, image_seed, conds, init, report, guided_hint)
-            params = replace(p, seed=image_seed, scheduler=scheduler, n=1)
+            params = replace(p, seed=image_seed, scheduler=scheduler, n=1, guidance=_guidance(model, p))
             text = infotext(params, model.name, adapters, embeddings)
             out.append(GeneratedImage(image, image_seed, to_png(image, text), text))
             if stopped is not None and not stopped.skip:
                 break
     return out
+
+
+def _guidance(model, p: GenerationParams) -> float | None:
+    """The guidance input a FLUX dev model drew with (the infotext records it); None for the others."""
+    if model.family == FLUX and model.unet.cfg.guidance_embed:
+        return FLUX_GUIDANCE if p.guidance is None else p.guidance
+    return None
 
 
 def _step_reporter(progress, image: int, images: int):
@@ -158,7 +167,8 @@ def _step_reporter(progress, image: int, images: int):
 def _conditionings(model, p: GenerationParams):
     """(cond, uncond) of a request on ``model``; uncond None when the scale needs no unconditional pass."""
     kw = dict(clip_skip=p.clip_skip, original_size=p.original_size, target_size=p.target_size,
-              crop=(p.crop_top, p.crop_left), aesthetic_scores=(p.aesthetic_score, p.negative_aesthetic_score))
+              crop=(p.crop_top, p.crop_left), aesthetic_scores=(p.aesthetic_score, p.negative_aesthetic_score),
+              guidance=p.guidance)
     if not samplers.uses_guidance(p.cfg_scale):
         return model.conditioning([p.prompt], p.width, p.height, **kw), None
     both = model.conditioning([p.prompt, p.negative_prompt], p.width, p.height, negative=[False, True],
@@ -183,8 +193,11 @@ def _check(model, p: GenerationParams):
     for name, value in (("width", p.width), ("height", p.height)):
         if value % block:
             raise PipelineError(f"{name} must be a multiple of {block} for {model.name!r}, got {value}", name)
-    if model.family == SD3:
-        _check_sd3(model, p)
+    if model.family in (SD3, FLUX):
+        _check_flow(model, p)
+    if p.guidance is not None and not (model.family == FLUX and model.unet.cfg.guidance_embed):
+        raise PipelineError(f"guidance is an input of FLUX dev models only; {model.name!r} takes none (cfg_scale sets "
+                            "classifier-free guidance)", "guidance")
     try:
         samplers.get_sampler(samplers.check_sampler(p.sample_method), model.prediction)
     except ValueError as e:
@@ -222,24 +235,32 @@ def _check(model, p: GenerationParams):
                             "clip_skip")
 
 
-def _check_sd3(model, p: GenerationParams):
-    side = model.unet.cfg.pos_embed_max_size * 8 * model.unet.cfg.patch_size
+def _check_flow(model, p: GenerationParams):
+    """What the rectified-flow families (SD3, FLUX) cannot take."""
+    table = getattr(model.unet.cfg, "pos_embed_max_size", None)       # SD3's positions; FLUX rotates by any position
+    side = table * 8 * model.unet.cfg.patch_size if table else None
     for name, value in (("width", p.width), ("height", p.height)):
-        if value > side:
+        if side and value > side:
             raise PipelineError(f"{name} {value} is past what {model.name!r} can place: its position table covers "
                                 f"{side}×{side} pixels", name)
     if p.control_image is not None:
-        raise PipelineError(f"{model.name!r} is an SD3 model: ControlNets for SD3 are not supported", "control_image")
+        raise PipelineError(f"{model.name!r} is an {model.family} model: ControlNets for it are not supported",
+                            "control_image")
     if p.scheduler not in (None, FLOW_SCHEDULER):
-        raise PipelineError(f"{model.name!r} is a rectified-flow model with a schedule of its own (shifted by "
-                            f"{model.flow_shift}): scheduler must be {FLOW_SCHEDULER} or left out, got {p.scheduler!r}",
-                            "scheduler")
+        raise PipelineError(f"{model.name!r} is a rectified-flow model with a schedule of its own: scheduler must be "
+                            f"{FLOW_SCHEDULER} or left out, got {p.scheduler!r}", "scheduler")
     if p.refiner is not None:
-        raise PipelineError("a refiner finishes SDXL images; SD3 models take none", "refiner")
+        raise PipelineError(f"a refiner finishes SDXL images; {model.family} models take none", "refiner")
 
 
-def sigmas_for(model, scheduler: str, steps: int) -> torch.Tensor:
-    """The noise levels of a whole ``steps``-step run: the scheduler's, or a flow model's shifted ramp."""
+def sigmas_for(model, scheduler: str, steps: int, width: int, height: int) -> torch.Tensor:
+    """The noise levels of a whole ``steps``-step run: the scheduler's, or a flow model's own. SD3: the ramp
+    shifted by ``model.flow_shift``. FLUX dev: shifted by how many 2×2 patches the image has (flux_sigmas); schnell:
+    unshifted, from 1 down to 1/steps, as Black Forest Labs' and diffusers' pipelines run them."""
+    if model.family == FLUX:
+        if model.unet.cfg.guidance_embed:
+            return samplers.flux_sigmas(steps, (width // 16) * (height // 16))
+        return samplers.flow_sigmas(steps, shift=1.0, t_min=1 / steps)
     if model.prediction == "flow":
         return samplers.flow_sigmas(steps, shift=model.flow_shift)
     return samplers.get_sigmas(scheduler, steps)
@@ -255,7 +276,7 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
     def noise():
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(model.device)
 
-    sigmas = sigmas_for(model, scheduler, p.steps)
+    sigmas = sigmas_for(model, scheduler, p.steps, p.width, p.height)
     latent = None
     if init is not None:
         sigmas = samplers.img2img_sigmas(sigmas, p.strength)
@@ -305,9 +326,9 @@ def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
         x_in = x_in.to(model.dtype)
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
             x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
+        if guided_hint is None:       # SDXL, SD3: context and y; FLUX dev: and its guidance
+            return model.unet(x_in, t, **ctx) if isinstance(ctx, dict) else model.unet(x_in, t, ctx)
         context, y = (ctx["context"], ctx["y"]) if isinstance(ctx, dict) else (ctx, None)
-        if guided_hint is None:
-            return model.unet(x_in, t, context, y=y)
         control = control_residuals(model.controlnet, x_in, t, context, guided_hint, p.control_strength, y)
         return model.unet(x_in, t, context, y=y, control=control)
 

@@ -145,3 +145,93 @@ def sd3_diffusers_pipeline(sd: dict, folder):
         text_encoder_3=t5, tokenizer_3=T5TokenizerFast(tokenizer_file=str(tok_json)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# FLUX: its transformer at a small width with the real head width (128 = the RoPE axes' 16 + 56 + 56), CLIP-L as
+# SD3's (pooled output only), a T5 and the 16-channel VAE (FLUX's scale and shift)
+FLUX_CLIP_L = TextConfig(width=64, layers=3, heads=1, act="quick_gelu")
+FLUX_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16, scale_factor=0.3611,
+                     shift_factor=0.1159, quant_conv=False)
+
+
+def flux_config(dev: bool = True):
+    from sdcore.flux import FluxConfig
+    return FluxConfig(in_channels=64, width=256, heads=2, depth=2, depth_single=2, context_dim=SD3_T5["d_model"],
+                      pooled_dim=FLUX_CLIP_L.width, guidance_embed=dev)
+
+
+def flux_diffusers_transformer(dev: bool = True):
+    from diffusers import FluxTransformer2DModel
+    cfg = flux_config(dev)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=cfg.depth, num_single_layers=cfg.depth_single,
+                                  attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
+                                  joint_attention_dim=cfg.context_dim, pooled_projection_dim=cfg.pooled_dim,
+                                  guidance_embeds=dev).eval()
+
+
+def flux_files(folder, dev: bool = True, seed: int = 0) -> dict:
+    """The files a FLUX user has, random weights: the transformer alone in Black Forest Labs' names
+    (flux1-dev.safetensors), ae.safetensors (bare LDM names), clip_l.safetensors and t5xxl.safetensors (transformers'
+    names), and ComfyUI's all-in-one file of the four (model.diffusion_model., vae., text_encoders.*.transformer.).
+    Returns {name: state dict}, and under "diffusers" the transformer's in diffusers' names. (The transformer is made
+    in diffusers' names and renamed by our table, which tests/core/test_flux.py holds to diffusers' outputs:
+    diffusers' own single-file converter works at FLUX's full width only.)"""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from bench.references import hf_text_config
+    from sdcore.formats.files import Tensors
+    from sdcore.formats.layouts import flux_from_diffusers
+    from sdcore.vae import AutoencoderKL
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        theirs = random_init_(flux_diffusers_transformer(dev), seed).state_dict()
+        named = Tensors()
+        for k, v in theirs.items():
+            named.add(k, lambda v=v: v, v.shape)
+        parts = {"transformer": {k: thunk() for k, (thunk, _) in flux_from_diffusers(named).entries.items()},
+                 "ae": random_init_(AutoencoderKL(FLUX_VAE), seed + 1).state_dict(),
+                 "clip_l": {"text_model." + k: v for k, v in             # the files' names (transformers 5 drops it)
+                            random_init_(CLIPTextModel(hf_text_config(FLUX_CLIP_L)), seed + 2, gain=1.5).state_dict().items()},
+                 "t5xxl": {k: v for k, v in random_init_(T5EncoderModel(T5Config(**SD3_T5)), seed + 3).state_dict().items()
+                           if k != "encoder.embed_tokens.weight"}}
+    parts = {name: {k: v.detach().clone().contiguous() for k, v in sd.items()} for name, sd in parts.items()}
+    for name, sd in parts.items():
+        save_file(sd, str(folder / f"{name}.safetensors"))
+    prefixes = {"transformer": "model.diffusion_model.", "ae": "vae.", "clip_l": "text_encoders.clip_l.transformer.",
+                "t5xxl": "text_encoders.t5xxl.transformer."}
+    save_file({prefixes[name] + k: v for name, sd in parts.items() for k, v in sd.items()},
+              str(folder / "all_in_one.safetensors"))
+    parts["diffusers"] = theirs
+    return parts
+
+
+def flux_diffusers_pipeline(parts: dict, folder, dev: bool = True):
+    """diffusers' FluxPipeline holding those weights (diffusers' converters for the transformer and the VAE), with
+    the scheduler of the released dev / schnell folders."""
+    import gzip
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from bench.references import diffusers_vae_kwargs, hf_text_config
+    from bench.util import clip_tokenizer
+    from sdcore.t5_tokenizer import VOCAB
+    transformer = flux_diffusers_transformer(dev)
+    transformer.load_state_dict(parts["diffusers"])
+    vae = AutoencoderKL(**diffusers_vae_kwargs(FLUX_VAE)).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(parts["ae"]), dict(vae.config)))
+    clip = CLIPTextModel(hf_text_config(FLUX_CLIP_L)).eval()
+    clip.load_state_dict({k.removeprefix("text_model."): v for k, v in parts["clip_l"].items()})
+    t5 = T5EncoderModel(T5Config(**SD3_T5)).eval()
+    t5.load_state_dict(parts["t5xxl"], strict=False)
+    tok_json = folder / "t5-tokenizer.json"
+    tok_json.write_bytes(gzip.open(VOCAB).read())
+    scheduler = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096) if dev
+                 else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(), text_encoder_2=t5,
+                        tokenizer_2=T5TokenizerFast(tokenizer_file=str(tok_json)), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -21,7 +21,7 @@ from .infer import (flux_config_from_diffusers, infer_controlnet_config, infer_f
                     infer_t5_config, infer_text_config, infer_unet_config, infer_vae_config, mmdit_config_from_diffusers,
                     t5_config_from_transformers, text_config_from_diffusers,
                     unet_config_from_diffusers, vae_config_from_diffusers, vae_config_from_diffusers_names)
-from .infer import REFINER, SD3, SDXL_FAMILIES
+from .infer import FLUX, REFINER, SD3, SDXL_FAMILIES
 
 
 @dataclasses.dataclass
@@ -34,36 +34,38 @@ class Part:
 
 @dataclasses.dataclass
 class ModelParts:
-    family: str                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner" (infer.REFINER) | "sd3" (infer.SD3)
-    unet: Part                    # the denoising network: a UNet, or SD3's MMDiT
+    family: str                   # "sd1" | "sd2" | "sdxl" | "sdxl_refiner" (infer.REFINER) | "sd3" | "flux"
+    unet: Part                    # the denoising network: a UNet, SD3's MMDiT or FLUX's transformer
     vae: Part
-    text: Part | None             # None only for an SD3 file without its CLIPs (until --clip-l gives one)
+    text: Part | None             # None only for an SD3/FLUX file without its CLIP-L (until --clip-l gives one)
     prediction: str | None        # "eps" | "v" | "flow" when the checkpoint says; None: unknown
     native_size: int | None       # when the checkpoint says
     text_2: Part | None = None    # SDXL base's and SD3's second text encoder (OpenCLIP ViT-bigG)
-    text_3: Part | None = None    # SD3's T5-XXL encoder (optional: without it its tokens are zeros)
-    tokenizer_3: str | None = None    # a diffusers folder's T5 tokenizer (tokenizer_3/); None: the shipped one
+    text_3: Part | None = None    # the T5-XXL encoder: SD3's (optional: without it its tokens are zeros), FLUX's
+    tokenizer_3: str | None = None    # a diffusers folder's T5 tokenizer; None: the shipped one
     flow_shift: float | None = None   # a rectified-flow model's schedule shift (samplers.flow_sigmas)
 
 
 # What a family's files do not say, where it differs from SD1's: the VAE's latent scale (and shift) and the
 # native size
 FAMILY_DEFAULTS = {**{family: {"vae_scale": 0.13025, "native_size": 1024} for family in SDXL_FAMILIES},
-                   SD3: {"vae_scale": 1.5305, "vae_shift": 0.0609, "native_size": 1024, "flow_shift": 3.0}}
-SUPPORTED = "supported: SD1.x, SD2.x, SDXL base, its fine-tunes and its refiner, SD3 and SD3.5"
+                   SD3: {"vae_scale": 1.5305, "vae_shift": 0.0609, "native_size": 1024, "flow_shift": 3.0},
+                   FLUX: {"vae_scale": 0.3611, "vae_shift": 0.1159, "native_size": 1024}}
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base, its fine-tunes and its refiner, SD3, SD3.5, FLUX.1"
 # Single files of other families, by a key prefix any of which marks them, checked before our own
 # layouts (an SDXL file also has model.diffusion_model.input_blocks.*).
 REFUSED_FILES = [
-    (("model.diffusion_model.double_blocks.", "double_blocks.", "single_transformer_blocks."),
-     f"is a FLUX checkpoint ({SUPPORTED})"),
     (("control_model.", "input_hint_block.", "controlnet_cond_embedding."),
      "is a ControlNet, not a base model: pass it with --control-net"),
 ]
 # Diffusers pipelines of other families, by how their model_index.json's class name starts.
 REFUSED_PIPELINES = [
-    ("Flux", f"is a FLUX pipeline ({SUPPORTED})"),
+    ("FluxFill", f"is a FLUX Fill (inpainting) pipeline ({SUPPORTED})"),
+    ("FluxControl", f"is a FLUX Control pipeline ({SUPPORTED})"),
 ]
 SEPARATE_ENCODERS = ("clip_l", "clip_g", "t5xxl")     # read_model's options for text encoders in files of their own
+# which of them each family reads (and needs: all but T5 for SD3)
+FAMILY_ENCODERS = {SD3: SEPARATE_ENCODERS, FLUX: ("clip_l", "t5xxl")}
 
 
 def read_model(path: str | os.PathLike, vae: str | None = None, clip_l: str | None = None, clip_g: str | None = None,
@@ -79,22 +81,27 @@ def read_model(path: str | os.PathLike, vae: str | None = None, clip_l: str | No
         raise CheckpointError(f"{path}: its tensors do not make up a whole network ({type(e).__name__} {e} while reading "
                               "its configuration): is the file complete?") from None
     given = {name: value for name, value in zip(SEPARATE_ENCODERS, (clip_l, clip_g, t5xxl)) if value}
-    if given and parts.family != SD3:
-        raise CheckpointError(f"--{'/--'.join(n.replace('_', '-') for n in given)} give SD3's text encoders; {path} is "
-                              f"{parts.family}, whose encoders are in its own file")
+    takes = FAMILY_ENCODERS.get(parts.family, ())
+    if set(given) - set(takes):
+        options = "/".join("--" + n.replace("_", "-") for n in given if n not in takes)
+        raise CheckpointError(f"{options} give text encoders that {path} ({parts.family}) does not read"
+                              + ("" if takes else ": its encoders are in its own file"))
     if clip_l:
-        parts.text = read_clip(clip_l, SD3)
+        parts.text = read_clip(clip_l, parts.family)
     if clip_g:
-        parts.text_2 = read_clip(clip_g, SD3, second=True)
+        parts.text_2 = read_clip(clip_g, parts.family, second=True)
     if t5xxl:
         parts.text_3 = read_t5(t5xxl)
     if vae:
         parts.vae = read_vae(vae, parts.family)
     elif parts.vae.cfg is None:
-        raise CheckpointError(f"{path} has no VAE (first_stage_model.* tensors): pass one with --vae")
-    if parts.text is None or (parts.family == SD3 and parts.text_2 is None):
-        raise CheckpointError(f"{path} holds no CLIP text encoders (text_encoders.clip_l/clip_g): pass them with "
-                              "--clip-l and --clip-g (and T5-XXL with --t5xxl)")
+        raise CheckpointError(f"{path} has no VAE (first_stage_model.* tensors): pass one with --vae"
+                              + (" (FLUX's is ae.safetensors)" if parts.family == FLUX else ""))
+    missing = [n for n in takes if n != "t5xxl" or parts.family == FLUX
+               if getattr(parts, {"clip_l": "text", "clip_g": "text_2", "t5xxl": "text_3"}[n]) is None]
+    if parts.text is None or missing:
+        raise CheckpointError(f"{path} holds no {', '.join(missing) or 'text encoder'} text encoder: pass "
+                              f"{' and '.join('--' + n.replace('_', '-') for n in missing)}")
     _check_parts_agree(path, parts)
     return parts
 
@@ -111,6 +118,9 @@ def _check_parts_agree(path: str, parts: ModelParts) -> None:
                               "not of one family")
     if parts.family == SD3:
         _check_sd3_parts(path, parts)
+        return
+    if parts.family == FLUX:
+        _check_flux_parts(path, parts)
         return
     texts = [p.cfg for p in (parts.text, parts.text_2) if p is not None]
     width, u = sum(c.width for c in texts), parts.unet.cfg
@@ -142,6 +152,17 @@ def _check_sd3_parts(path: str, parts: ModelParts) -> None:
                               f"{m.context_dim} wide (T5-XXL's 4096)")
 
 
+def _check_flux_parts(path: str, parts: ModelParts) -> None:
+    """FLUX reads CLIP-L's pooled output (768) and T5-XXL's tokens (4096)."""
+    f, clip, t5 = parts.unet.cfg, parts.text.cfg, parts.text_3.cfg
+    if clip.width != f.pooled_dim:
+        raise CheckpointError(f"{path}: the FLUX transformer takes a pooled vector of {f.pooled_dim}; the CLIP "
+                              f"({parts.text.source}) gives {clip.width} (FLUX reads CLIP-L, 768 wide)")
+    if t5.width != f.context_dim:
+        raise CheckpointError(f"{path}: the T5 encoder ({parts.text_3.source}) is {t5.width} wide; the FLUX "
+                              f"transformer takes text {f.context_dim} wide (T5-XXL's 4096)")
+
+
 def read_single_file(path: str) -> ModelParts:
     """The LDM layout: model.diffusion_model.*, first_stage_model.*, cond_stage_model.* (SD1: a Hugging
     Face CLIPTextModel's names; SD2: OpenCLIP's, which are ours), and our sdcore.config metadata."""
@@ -150,8 +171,10 @@ def read_single_file(path: str) -> ModelParts:
     for prefixes, why in REFUSED_FILES:
         if t.has_prefix(*prefixes):
             raise CheckpointError(f"{path} {why}")
+    if t.has_prefix("model.diffusion_model.double_blocks.", "double_blocks.", FLUX_LAYOUT.diffusers):
+        return read_flow_file(path, tf, t, FLUX)
     if t.has_prefix("model.diffusion_model.joint_blocks.", "joint_blocks.", MMDIT.diffusers):
-        return read_sd3_file(path, tf, t)
+        return read_flow_file(path, tf, t, SD3)
     if t.has_prefix("cond_stage_model.") and t.has_prefix("conditioner."):
         raise CheckpointError(f"{path} mixes SD1/SD2 text-encoder tensors (cond_stage_model.*) with SDXL ones "
                               "(conditioner.*): it is not one checkpoint")
@@ -210,21 +233,27 @@ def family_latent_space(cfg, family: str, overrides: dict | None = None):
     return with_overrides(cfg, overrides)
 
 
-def read_sd3_file(path: str, tf: TensorFile, t: Tensors) -> ModelParts:
-    """Stability AI's SD3/SD3.5 single files: the MMDiT under model.diffusion_model. (or bare: a transformer-only
-    file), the VAE under first_stage_model., and in the "incl_clips" files the text encoders in Hugging Face's
-    names under text_encoders.clip_l., .clip_g. and .t5xxl. (each with a transformer. prefix)."""
+def read_flow_file(path: str, tf: TensorFile, t: Tensors, family: str) -> ModelParts:
+    """Single files of the rectified-flow families: Stability AI's SD3/SD3.5 and Black Forest Labs' FLUX. The
+    transformer under model.diffusion_model. (or bare: a transformer-only file, as flux1-dev.safetensors), the VAE
+    under first_stage_model. (ComfyUI's all-in-one FLUX files: vae.), and in the files that include them the text
+    encoders in Hugging Face's names under text_encoders.clip_l., .clip_g. and .t5xxl. (each with a transformer.
+    prefix)."""
     meta = read_metadata(tf)
-    encoders = {name: t.sub(f"text_encoders.{name}.transformer.") for name in SEPARATE_ENCODERS
+    encoders = {name: t.sub(f"text_encoders.{name}.transformer.") for name in FAMILY_ENCODERS[family]
                 if t.has_prefix(f"text_encoders.{name}.")}
     clip_l, clip_g, t5 = (encoders.get(name) for name in SEPARATE_ENCODERS)
+    if family == FLUX and not t.has_prefix("first_stage_model.") and t.has_prefix("vae.encoder."):
+        t.entries.update({"first_stage_model." + k: v for k, v in t.sub("vae.").entries.items()})
+    defaults = FAMILY_DEFAULTS[family]
     return ModelParts(
-        family=SD3, unet=transformer_part(t, MMDIT, meta, path), vae=_embedded_vae(t, SD3, meta, path),
-        text=_clip_part(clip_l, SD3, False, path) if clip_l else None,
-        text_2=_clip_part(clip_g, SD3, True, path) if clip_g else None,
+        family=family, unet=transformer_part(t, MMDIT if family == SD3 else FLUX_LAYOUT, meta, path),
+        vae=_embedded_vae(t, family, meta, path),
+        text=_clip_part(clip_l, family, False, path) if clip_l else None,
+        text_2=_clip_part(clip_g, family, True, path) if clip_g else None,
         text_3=t5_part(t5, path) if t5 else None,
-        prediction="flow", native_size=meta.get("native_size", FAMILY_DEFAULTS[SD3]["native_size"]),
-        flow_shift=meta.get("flow_shift", FAMILY_DEFAULTS[SD3]["flow_shift"]))
+        prediction="flow", native_size=meta.get("native_size", defaults["native_size"]),
+        flow_shift=meta.get("flow_shift", defaults.get("flow_shift")))
 
 
 def _clip_part(hf: Tensors, family: str, second: bool, source: str) -> Part:
@@ -251,11 +280,11 @@ def read_clip(path: str, family: str, second: bool = False) -> Part:
     if not os.path.isfile(path):
         raise CheckpointError(f"no such {what} file: {path}")
     t = from_file(TensorFile(path))
-    anchor = "text_model.embeddings.token_embedding.weight"
+    anchor = "embeddings.token_embedding.weight"
     key = next((k for k in t.keys() if k.endswith(anchor)), None)
     if key is None:
         raise CheckpointError(f"{path} is not a CLIP text encoder in Hugging Face's names (no {anchor})")
-    return _clip_part(t.sub(key[:-len(anchor)]), family, second, path)
+    return _clip_part(t.sub(key[:-len(anchor)].removesuffix("text_model.")), family, second, path)
 
 
 def read_t5(path: str) -> Part:
@@ -297,7 +326,7 @@ def read_pipeline_folder(path: str) -> ModelParts:
         if str(index.get("_class_name", "")).startswith(pipeline):
             raise CheckpointError(f"{path} {why}")
     if "transformer" in index:
-        return read_sd3_folder(path, index)
+        return read_flow_folder(path, index)
     unet_json = read_json(os.path.join(path, "unet", "config.json"))
     unet_cfg = unet_config_from_diffusers(unet_json)
     unet = layouts.renamed(component_weights(os.path.join(path, "unet"), "diffusion_pytorch_model"),
@@ -326,22 +355,26 @@ def read_pipeline_folder(path: str) -> ModelParts:
         else FAMILY_DEFAULTS.get(family, {}).get("native_size"), text_2=text_2)
 
 
-def read_sd3_folder(path: str, index: dict) -> ModelParts:
+def read_flow_folder(path: str, index: dict) -> ModelParts:
     """A diffusers StableDiffusion3Pipeline folder: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/
-    (bigG), text_encoder_3/ (T5-XXL; may be left out, "text_encoder_3": [null, null]) and their tokenizers."""
+    (bigG), text_encoder_3/ (T5-XXL; may be left out, "text_encoder_3": [null, null]) and their tokenizers; or a
+    FluxPipeline folder: transformer/, vae/, text_encoder/ (CLIP-L), text_encoder_2/ (T5-XXL), tokenizer_2/."""
     def present(component):
         return (index.get(component) or [None])[0] is not None and os.path.isdir(os.path.join(path, component))
-    tokenizer_3 = os.path.join(path, "tokenizer_3")
-    vae = read_vae(os.path.join(path, "vae"))
+    flux = str(index.get("_class_name", "")).startswith("Flux")
+    family, (t5, tokenizer) = (FLUX, ("text_encoder_2", "tokenizer_2")) if flux else (SD3, ("text_encoder_3", "tokenizer_3"))
+    tokenizer = os.path.join(path, tokenizer)
     scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-    shift = read_json(scheduler).get("shift") if os.path.exists(scheduler) else None
+    shift = read_json(scheduler).get("shift") if os.path.exists(scheduler) and not flux else None
     return ModelParts(
-        family=SD3, unet=read_transformer(os.path.join(path, "transformer"), MMDIT), vae=vae,
-        text=_text_from_folder(path, "text_encoder", "tokenizer", EOS, SD3) if present("text_encoder") else None,
-        text_2=_text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, SD3) if present("text_encoder_2") else None,
-        text_3=read_t5(os.path.join(path, "text_encoder_3")) if present("text_encoder_3") else None,
-        tokenizer_3=tokenizer_3 if os.path.isdir(tokenizer_3) else None, prediction="flow",
-        native_size=FAMILY_DEFAULTS[SD3]["native_size"], flow_shift=shift or FAMILY_DEFAULTS[SD3]["flow_shift"])
+        family=family, unet=read_transformer(os.path.join(path, "transformer"), FLUX_LAYOUT if flux else MMDIT),
+        vae=read_vae(os.path.join(path, "vae")),
+        text=_text_from_folder(path, "text_encoder", "tokenizer", EOS, family) if present("text_encoder") else None,
+        text_2=_text_from_folder(path, "text_encoder_2", "tokenizer_2", 0, SD3) if present("text_encoder_2") and not flux
+        else None,
+        text_3=read_t5(os.path.join(path, t5)) if present(t5) else None,
+        tokenizer_3=tokenizer if os.path.isdir(tokenizer) else None, prediction="flow",
+        native_size=FAMILY_DEFAULTS[family]["native_size"], flow_shift=shift or FAMILY_DEFAULTS[family].get("flow_shift"))
 
 
 def _text_from_folder(path: str, folder: str, tokenizer: str, pad: int, family: str) -> Part:
@@ -400,9 +433,9 @@ class TransformerLayout:
 MMDIT = TransformerLayout("SD3 transformer", "SD3Transformer2DModel", "joint_blocks.0.x_block.attn.qkv.weight",
                           "transformer_blocks.0.attn.to_q.weight", "mmdit", layouts.mmdit_from_diffusers,
                           infer_mmdit_config, mmdit_config_from_diffusers)
-FLUX = TransformerLayout("FLUX transformer", "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
-                         "single_transformer_blocks.0.proj_mlp.weight", "flux", layouts.flux_from_diffusers,
-                         infer_flux_config, flux_config_from_diffusers)
+FLUX_LAYOUT = TransformerLayout("FLUX transformer", "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
+                                "single_transformer_blocks.0.proj_mlp.weight", "flux", layouts.flux_from_diffusers,
+                                infer_flux_config, flux_config_from_diffusers)
 
 
 def read_transformer(path: str, layout: TransformerLayout) -> Part:

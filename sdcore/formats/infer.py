@@ -20,7 +20,8 @@ from .files import CheckpointError, Tensors
 REFINER = "sdxl_refiner"            # SDXL's refiner: OpenCLIP bigG alone, aesthetic-score conditioning
 SDXL_FAMILIES = ("sdxl", REFINER)   # SDXL's latent space, its VAE scale and its label-vector UNets
 SD3 = "sd3"                         # SD3 / SD3.5: MMDiT, CLIP-L + bigG + T5-XXL, 16-channel rectified flow
-POOLED_FAMILIES = SDXL_FAMILIES + (SD3,)    # those conditioned on the CLIP towers' projected pooled outputs
+FLUX = "flux"                       # FLUX.1 dev / schnell: its transformer, CLIP-L (pooled only) + T5-XXL
+POOLED_FAMILIES = SDXL_FAMILIES + (SD3, FLUX)   # those conditioned on the CLIP towers' pooled outputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,16 +95,17 @@ def text_role(family: str, second: bool = False) -> dict:
     """What a family's text encoder is, beyond its shapes. SD1's OpenAI CLIP-L: the last block, quick_gelu,
     pads with EOS; SD2's OpenCLIP-H: the penultimate block, gelu, pads with 0; SDXL's CLIP-L (first) and
     OpenCLIP bigG (second; the refiner's only one): each its penultimate block without the final LayerNorm,
-    padded as SD1's and SD2's. SD3's pair is SDXL's."""
-    openai_clip = (family == "sd1") or (family in ("sdxl", SD3) and not second)
+    padded as SD1's and SD2's. SD3's pair is SDXL's. FLUX's CLIP-L gives only its pooled output (the final
+    LayerNorm at the end-of-text token, unprojected)."""
+    openai_clip = family in ("sd1", FLUX) or (family in ("sdxl", SD3) and not second)
     return dict(act="quick_gelu" if openai_clip else "gelu", pad_id=EOS if openai_clip else 0,
-                output_layer=-1 if family == "sd1" else -2, final_norm=family not in POOLED_FAMILIES)
+                output_layer=-1 if family in ("sd1", FLUX) else -2, final_norm=family not in POOLED_FAMILIES)
 
 
 def infer_text_config(t: Tensors, family: str, second: bool = False) -> TextConfig:
     vocab, width = t.shape("token_embedding.weight")
     layers = len({k.split(".")[2] for k in t.keys() if k.startswith("transformer.resblocks.")})
-    projection = t.shape("text_projection")[1] if "text_projection" in t and family in POOLED_FAMILIES else None
+    projection = t.shape("text_projection")[1] if "text_projection" in t and family in (*SDXL_FAMILIES, SD3) else None
     return TextConfig(vocab_size=vocab, context_length=t.shape("positional_embedding")[0], width=width,
                       layers=layers, heads=max(1, width // 64), projection_dim=projection, **text_role(family, second))
 

@@ -69,7 +69,7 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
     from safetensors.torch import save_file
 
     from sdcore.formats.build import build
-    from sdcore.formats.checkpoints import FLUX, read_transformer
+    from sdcore.formats.checkpoints import FLUX_LAYOUT, read_transformer
     from sdcore.formats.files import config_to_metadata
     ref = _randomised(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
@@ -95,7 +95,7 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
         want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
                    txt_ids=txt_ids, guidance=scale).sample
     for name in ("transformer", "diffusers-names.safetensors", "flux1.safetensors", "comfy.safetensors"):
-        part = read_transformer(str(tmp_path / name), FLUX)
+        part = read_transformer(str(tmp_path / name), FLUX_LAYOUT)
         assert part.cfg == cfg, (name, part.cfg)
         model = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX", part.source)
         with torch.no_grad():

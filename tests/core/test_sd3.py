@@ -170,7 +170,7 @@ def test_bad_input(files, model, tmp_path):
     with pytest.raises(CheckpointError, match="makes 4-channel latents; the MMDiT draws 16-channel"):
         sdcore.load_model(files[0] / "sd3_tiny_incl_clips_t5xxl.safetensors", device="cpu",
                           vae=tmp_path / "sd1_vae.safetensors")
-    with pytest.raises(CheckpointError, match="ControlNets for SD3 are not supported"):
+    with pytest.raises(CheckpointError, match="ControlNets for it are not supported"):
         sdcore.load_model(files[0] / "sd3_tiny_incl_clips_t5xxl.safetensors", device="cpu",
                           control_net=tmp_path / "sd1_vae.safetensors")
     p = dict(prompt="x", width=64, height=64, steps=1)
