@@ -74,12 +74,15 @@ class Settings:
                                          "name without extension) gets its learned vectors", metavar="DIR",
                                    shown="none")
     vae: str | None = setting(None, "VAE weights replacing the checkpoint's own")
-    clip_l: str | None = setting(None, "SD3's CLIP-L text encoder (clip_l.safetensors) for a checkpoint without it",
-                                 metavar="PATH", shown="none: the checkpoint's own")
+    diffusion_model: str | None = setting(None, "a transformer-only file (flux1-dev.safetensors, a FLUX or SD3 GGUF), "
+                                                "served as --model is, beside --vae, --clip-l and --t5xxl (LlamaEdge's "
+                                                "and stable-diffusion.cpp's option)", metavar="PATH", shown="none")
+    clip_l: str | None = setting(None, "the CLIP-L text encoder (clip_l.safetensors) of an SD3 or FLUX checkpoint "
+                                       "without it", metavar="PATH", shown="none: the checkpoint's own")
     clip_g: str | None = setting(None, "SD3's OpenCLIP bigG text encoder (clip_g.safetensors) for a checkpoint without it",
                                  metavar="PATH", shown="none: the checkpoint's own")
-    t5xxl: str | None = setting(None, "SD3's T5-XXL text encoder (t5xxl_fp16.safetensors); without one (in the "
-                                      "checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
+    t5xxl: str | None = setting(None, "the T5-XXL text encoder (t5xxl_fp16.safetensors) of SD3 and FLUX; without one (in "
+                                      "the checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
                                 metavar="PATH", shown="none: the checkpoint's own, if any")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image; SD1/SD2/SDXL)")
     taesd: str | None = setting(None, "TAESD decoder weights (taesd_decoder.safetensors, taesdxl_decoder.safetensors "
@@ -176,7 +179,8 @@ class Settings:
     # --- derived values -----------------------------------------------------------------------------
     def model_specs(self) -> list[tuple[str, str]]:
         """(id, path) of each model to load; the first is the default."""
-        entries = self.models or [(None, str(DEFAULT_MODEL))]
+        entries = list(self.models) + ([(None, self.diffusion_model)] if self.diffusion_model else [])
+        entries = entries or [(None, str(DEFAULT_MODEL))]
         out: list[tuple[str, str]] = []
         for i, (name, path) in enumerate(entries):
             if name is None:
