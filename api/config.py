@@ -30,6 +30,7 @@ TRAINED_TAESD = WEIGHTS_DIR / "shapes-taesd.safetensors"      # distilled from T
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VAE_TILING_MODES = ("auto", "on", "off")          # sdcore.tiling.MODES (this module stays free of torch)
+QUANTIZED_WEIGHTS = ("dequantize", "keep")       # sdcore.model.QUANTIZED_WEIGHTS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -85,6 +86,10 @@ class Settings:
                                       "the checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
                                 metavar="PATH", shown="none: the checkpoint's own, if any")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image; SD1/SD2/SDXL)")
+    quantized_weights: str = setting("dequantize", "how GGUF-quantized and float8 weights are held: dequantize "
+                                                   "(to the compute dtype at load: fastest) or keep (as stored, each "
+                                                   "layer expanded when it runs: SD3's and FLUX's transformers and T5 "
+                                                   "take their file's size in memory)", choices=QUANTIZED_WEIGHTS)
     taesd: str | None = setting(None, "TAESD decoder weights (taesd_decoder.safetensors, taesdxl_decoder.safetensors "
                                       "or a diffusers AutoencoderTiny) for previews while sampling", metavar="PATH",
                                 shown="none: previews by a linear projection fitted to the VAE (the embedded default "

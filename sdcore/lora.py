@@ -18,6 +18,7 @@ import torch
 
 from .cuda_graphs import unwrapped
 from .formats.lora import EXTENSIONS, LoraError, LoraFile, read_lora, target_shape
+from .quant import QuantLinear
 
 __all__ = ["EXTENSIONS", "LoraError", "apply_loras", "available", "find_lora", "networks", "remove_loras",
            "resolve_loras"]
@@ -87,6 +88,9 @@ def apply_loras(model, loras: list[tuple[str, float]]) -> list[LoraFile]:
     if key == model.lora_key:
         return model.lora_files
     nets = networks(model)
+    if any(isinstance(m, QuantLinear) for net in nets.values() if net is not None for m in net.modules()):
+        raise LoraError(f"{model.name!r} holds its weights quantized (quantized_weights keep): adapters are merged into "
+                        "weights, which needs them dequantized at load")
     files = [read_lora(path, nets, model.family) for path, _ in loras]
     remove_loras(model)
     originals = model.lora_originals = {}

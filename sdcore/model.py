@@ -40,6 +40,9 @@ TURBO_REQUEST_DEFAULTS = {"steps": 4, "cfg_scale": 0.0}
 FLUX_DEV_REQUEST_DEFAULTS = {"sample_method": "euler", "steps": 20, "cfg_scale": 1.0}
 FLUX_SCHNELL_REQUEST_DEFAULTS = {**FLUX_DEV_REQUEST_DEFAULTS, "steps": 4}
 FLUX_GUIDANCE = 3.5
+# How GGUF-quantized and float8 weights are held: "dequantize" at load to the compute dtype, or "keep" them as stored
+# for the linear layers of the big networks (the denoising transformer or UNet, T5), expanded per call (sdcore.quant)
+QUANTIZED_WEIGHTS = ("dequantize", "keep")
 # The T5 tokens SD3 and FLUX schnell are conditioned on, and FLUX dev: diffusers' pipelines' max_sequence_length
 T5_TOKENS = 256
 FLUX_DEV_T5_TOKENS = 512
@@ -232,7 +235,8 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
                vae: str | None = None, name: str | None = None, control_net: str | None = None,
                cache_dir: str | None = None, cuda_graphs: bool = True, native_size: int | None = None,
                vae_tiling: str = "auto", taesd: str | None = None, taesd_decode: bool = False,
-               clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None) -> StableDiffusion:
+               clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None,
+               quantized_weights: str = "dequantize") -> StableDiffusion:
     """Load a single-file checkpoint (.safetensors/.ckpt/.gguf) or a diffusers folder: SD1.x, SD2.x, SDXL, SD3/3.5.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
@@ -246,11 +250,14 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     CUDA, replay the UNet and ControlNet as CUDA graphs (``StableDiffusion.use_cuda_graphs``).
     ``native_size``: the default side, overriding the file's. ``vae_tiling``: one of sdcore.tiling.MODES.
     ``taesd``: a TAESD decoder file/folder for previews (sdcore.previews); ``taesd_decode``: for final images too.
-    ``clip_l``, ``clip_g``, ``t5xxl``: SD3's text encoders in files of their own (sdcore.formats.read_model).
+    ``clip_l``, ``clip_g``, ``t5xxl``: SD3's and FLUX's text encoders in files of their own (sdcore.formats.read_model).
+    ``quantized_weights``: one of QUANTIZED_WEIGHTS.
     """
     path = os.fspath(path)
     if prediction not in (None, "eps", "v"):
         raise CheckpointError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    if quantized_weights not in QUANTIZED_WEIGHTS:
+        raise CheckpointError(f"quantized_weights must be one of {', '.join(QUANTIZED_WEIGHTS)}, not {quantized_weights!r}")
     if vae_tiling not in tiling.MODES:
         raise CheckpointError(f"vae_tiling must be one of {', '.join(tiling.MODES)}, not {vae_tiling!r}")
     device = resolve_device(device)
@@ -265,16 +272,17 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
             and not parts.unet.cfg.head_dims().isdisjoint(cpu_attention.HEAD_DIMS)):
         cpu_attention.prepare()                     # SD1.5's level-0 attention kernel (built once, cached)
 
-    def built(module_cls, part, what):
-        return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir)
+    def built(module_cls, part, what, big=False):
+        return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir,
+                     keep_quantized=big and quantized_weights == "keep")
     if family == FLUX:
-        unet = LatentFlux(built(Flux, parts.unet, "FLUX transformer"))
+        unet = LatentFlux(built(Flux, parts.unet, "FLUX transformer", big=True))
     else:
-        unet = built(MMDiT, parts.unet, "MMDiT") if family == SD3 else built(UNet, parts.unet, "UNet")
+        unet = built(MMDiT, parts.unet, "MMDiT", big=True) if family == SD3 else built(UNet, parts.unet, "UNet", big=True)
     vae_model = built(AutoencoderKL, parts.vae, "VAE")
     text = built(TextEncoder, parts.text, "text encoder")
     text_2 = built(TextEncoder, parts.text_2, "second text encoder") if parts.text_2 is not None else None
-    text_3 = built(T5Encoder, parts.text_3, "T5 encoder") if parts.text_3 is not None else None
+    text_3 = built(T5Encoder, parts.text_3, "T5 encoder", big=True) if parts.text_3 is not None else None
     prediction = prediction or parts.prediction
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"

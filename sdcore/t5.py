@@ -128,8 +128,9 @@ class GatedGELU(nn.Module):
     def forward(self, x):                                                # x [B, L, D]
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)      # [B, L, d_ff]
         # transformers keeps wo in float32 when it loads T5 in float16 (its _keep_in_fp32_modules); with wo
-        # cast to float32 here too, the product is computed (and the residual stream carried) in float32
-        return self.wo(h.to(self.wo.weight.dtype))
+        # cast to float32 here too, the product is computed (and the residual stream carried) in float32 (a wo kept
+        # quantized, sdcore.quant, computes in its input's dtype)
+        return self.wo(h.to(self.wo.weight.dtype) if isinstance(self.wo, nn.Linear) else h)
 
 
 class AttentionSublayer(nn.Module):

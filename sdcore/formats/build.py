@@ -5,8 +5,10 @@ the (memory-mapped) file, cast on its own to the load dtype. With a cache direct
 casts keeps the converted tensors there for later loads to map (``sdcore.weights_cache``).
 """
 import torch
+from torch import nn
 
 from .. import weights_cache
+from ..quant import QuantLinear
 from .files import CheckpointError, Tensors
 
 CAST_CHUNK = 1 << 20          # values per step of the two-step cast: 4 MiB of fp32 scratch, cache-resident
@@ -30,13 +32,16 @@ def cast(t: torch.Tensor, device, dtype, scratch: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, cache_dir=None):
+def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, cache_dir=None, keep_quantized=False):
     """Build ``module_cls(cfg)`` on the meta device and assign every parameter from ``tensors``.
     ``what`` names the network in errors; ``path`` is its source (errors, and the cache's key).
-    ``cache_dir``: keep the converted weights there (``weights_cache``) when loading converts them."""
+    ``cache_dir``: keep the converted weights there (``weights_cache``) when loading converts them.
+    ``keep_quantized``: linear layers whose weights the file stores quantized (GGUF blocks, float8) keep them so,
+    expanded per call (sdcore.quant.QuantLinear); the others are cast as usual."""
     with torch.device("meta"):
         module = module_cls(cfg)
-    wanted = module.state_dict()
+    kept = _kept_linears(module, tensors) if keep_quantized else {}
+    wanted = {k: v for k, v in module.state_dict().items() if k not in {name + ".weight" for name in kept}}
     missing = [k for k in wanted if k not in tensors]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} {what} tensors, e.g. {', '.join(missing[:3])}: "
@@ -48,16 +53,29 @@ def build(module_cls, cfg, tensors: Tensors, device, dtype, what, path, cache_di
         return cast(t, device, dtype, scratch) if t.is_floating_point() else t.to(device)
 
     sd = None
-    if cache_dir and torch.device(device).type == "cpu" and _converts(tensors, wanted, dtype):
+    if cache_dir and not kept and torch.device(device).type == "cpu" and _converts(tensors, wanted, dtype):
         sd = weights_cache.load(cache_dir, path, what, cfg, dtype, wanted, convert)
     if sd is None:
         sd = {k: convert(k) for k in wanted}
     try:
-        module.load_state_dict(sd, strict=True, assign=True)
+        missing = module.load_state_dict(sd, strict=not kept, assign=True).missing_keys
     except RuntimeError as e:
         first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{path}: {what} tensor shapes do not fit the inferred architecture ({first[:200]})") from None
+    assert set(missing) <= {name + ".weight" for name in kept}, missing
+    for name, (kind, stored) in kept.items():
+        parent, _, child = name.rpartition(".")
+        linear = module.get_submodule(name)
+        setattr(module.get_submodule(parent), child, QuantLinear(stored().to(device), kind, tuple(linear.weight.shape),
+                                                                 None if linear.bias is None else linear.bias.data))
     return module.eval().requires_grad_(False)
+
+
+def _kept_linears(module: nn.Module, tensors: Tensors) -> dict:
+    """{linear layer's name: (kind, thunk)} for the linear layers whose weight ``tensors`` stores quantized."""
+    return {name: tensors.stored[name + ".weight"] for name, sub in module.named_modules()
+            if isinstance(sub, nn.Linear) and name + ".weight" in tensors.stored
+            and tuple(tensors.shape(name + ".weight")) == tuple(sub.weight.shape)}
 
 
 def _converts(tensors: Tensors, wanted: dict, dtype) -> bool:

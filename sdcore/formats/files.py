@@ -64,6 +64,32 @@ class TensorFile:
     def keys(self):
         return self._keys
 
+    def stored_kind(self, key) -> str | None:
+        """How a tensor is stored when sdcore.quant can keep it so in memory: a GGUF block type ("Q8_0" ...) or
+        "float8"; None for the others (they are dequantized or cast at load)."""
+        from ..quant import BLOCK_BYTES, FLOAT8
+        if hasattr(self, "_gguf"):
+            name = self._gguf[key].tensor_type.name
+            return name if name in BLOCK_BYTES else None
+        if hasattr(self, "_file"):
+            return "float8" if self._file.get_slice(key).get_dtype() in ("F8_E4M3", "F8_E5M2") else None
+        return "float8" if self._dict[key].dtype in FLOAT8 else None
+
+    def stored(self, key) -> torch.Tensor:
+        """A tensor of ``stored_kind`` as stored: GGUF blocks as uint8 [blocks, bytes] (mapped from the file, not
+        copied), float8 as it is."""
+        if hasattr(self, "_gguf"):
+            import warnings
+
+            import numpy as np
+            t = self._gguf[key]
+            with warnings.catch_warnings():          # the map is read-only; nothing writes to it
+                warnings.simplefilter("ignore")
+                raw = torch.from_numpy(np.asarray(t.data).view(np.uint8))
+            from ..quant import BLOCK_BYTES
+            return raw.reshape(-1, BLOCK_BYTES[t.tensor_type.name])
+        return self.get(key)
+
 
 def read_gguf(path) -> tuple[dict, dict]:
     """(name -> the GGUF reader's tensor record, the file's string key-values: our metadata entry among them); a
@@ -140,8 +166,10 @@ def load_pickle(path) -> dict:
 class Tensors:
     """A merged, renamed view: ``key -> thunk producing the tensor`` (nothing read until asked)."""
 
-    def __init__(self, entries=None):
+    def __init__(self, entries=None, stored=None):
         self.entries: dict[str, tuple] = entries or {}     # key -> (thunk, shape)
+        # key -> (kind, thunk of the tensor as stored) where sdcore.quant can keep it quantized (TensorFile.stored)
+        self.stored: dict[str, tuple] = stored or {}
 
     def add(self, key, thunk, shape):
         self.entries[key] = (thunk, tuple(shape))
@@ -154,7 +182,8 @@ class Tensors:
 
     def sub(self, prefix):
         """The keys under ``prefix``, with it stripped."""
-        return Tensors({k[len(prefix):]: v for k, v in self.entries.items() if k.startswith(prefix)})
+        return Tensors({k[len(prefix):]: v for k, v in self.entries.items() if k.startswith(prefix)},
+                       {k[len(prefix):]: v for k, v in self.stored.items() if k.startswith(prefix)})
 
     def count(self, prefix: str) -> int:
         """How many numbered blocks ``prefix``N. there are (e.g. count("joint_blocks."))."""
@@ -175,6 +204,9 @@ def from_file(tf: TensorFile) -> Tensors:
     for k in tf.keys():
         if not IGNORED.match(k):
             t.add(k, (lambda k=k: tf.get(k)), tf.shape(k))
+            kind = tf.stored_kind(k)
+            if kind:
+                t.stored[k] = (kind, lambda k=k: tf.stored(k))
     return t
 
 

@@ -1,0 +1,131 @@
+"""The rectified-flow families against their references: ``python -m bench.flow [--runs 2] [--size 512]
+[--dtypes float32,bfloat16] [--only mmdit,t5,flux]`` (prints markdown).
+
+* MMDiT: one SD3-medium transformer call at full size (24 blocks of 1536, 2.0 B parameters), ours against
+  diffusers' SD3Transformer2DModel holding the same random weights (converted by diffusers' own single-file
+  converter), at ``--size``² with the 333 text tokens of a T5 request, a guided pair (batch 2).
+* T5: T5-XXL at full width (4096, 64 heads, feed-forward 10240) and ``--t5-layers`` of its 24 blocks, ours
+  against transformers' T5EncoderModel, 256 tokens, batch 2 (the prompt and the negative one). The cost per
+  block is the same at any depth: the ratio is the whole encoder's.
+* FLUX: the transformer at full width (3072, heads of 128) with ``--flux-blocks`` double and as many single
+  blocks, ours against diffusers' FluxTransformer2DModel, ``--size``², 512 text tokens, batch 1 (FLUX runs one
+  pass per step).
+
+Rounds are interleaved (ours, theirs, ours, ...) so a change in the machine's load hits both; the ratio column is
+ours ÷ theirs of the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from bench.util import interleave, log, machine_info
+from sdcore.formats.write import random_init_
+
+
+def _pair(fns_ours, fns_theirs, runs):
+    stats = interleave({"ours": fns_ours, "theirs": fns_theirs}, runs)
+    return stats["ours"], stats["theirs"]
+
+
+def mmdit(size: int, dtype, runs: int):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from sdcore.mmdit import MMDiT, MMDiTConfig
+    cfg = MMDiTConfig(depth=24, width=1536, pos_embed_max_size=192)
+    with torch.no_grad():
+        ours = random_init_(MMDiT(cfg), 0).to(dtype).eval()
+        theirs = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+        state = convert_sd3_transformer_checkpoint_to_diffusers(
+            {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()})
+        theirs.load_state_dict(state)
+        theirs = theirs.to(dtype).eval()
+        del state
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, size // 8, size // 8, generator=g).to(dtype)
+    ctx, y = torch.randn(2, 333, 4096, generator=g).to(dtype), torch.randn(2, 2048, generator=g).to(dtype)
+    t = torch.tensor([700.0, 700.0])
+    with torch.inference_mode():
+        return _pair(lambda: ours(x, t, ctx, y),
+                     lambda: theirs(x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t), runs)
+
+
+def t5(layers: int, dtype, runs: int):
+    import transformers
+
+    from sdcore.t5 import T5Config, T5Encoder
+    hf_cfg = transformers.T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=layers,
+                                   feed_forward_proj="gated-gelu", attn_implementation="sdpa")
+    with torch.no_grad():
+        theirs = random_init_(transformers.T5EncoderModel(hf_cfg), 0).eval()
+        ours = T5Encoder(T5Config(layers=layers)).eval()
+        ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if k != "encoder.embed_tokens.weight"})
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+    ids = torch.randint(0, 32000, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return _pair(lambda: ours(ids), lambda: theirs(ids).last_hidden_state, runs)
+
+
+def flux(size: int, blocks: int, dtype, runs: int):
+    from diffusers import FluxTransformer2DModel
+
+    from sdcore.flux import Flux, FluxConfig, pack
+    from sdcore.formats.files import Tensors
+    from sdcore.formats.layouts import flux_from_diffusers
+    with torch.no_grad():
+        theirs = random_init_(FluxTransformer2DModel(num_layers=blocks, num_single_layers=blocks, guidance_embeds=True), 0)
+        named = Tensors()
+        for k, v in theirs.state_dict().items():
+            named.add(k, lambda v=v: v, v.shape)
+        ours = Flux(FluxConfig(depth=blocks, depth_single=blocks)).eval()
+        ours.load_state_dict({k: thunk() for k, (thunk, _) in flux_from_diffusers(named).entries.items()})
+        ours, theirs = ours.to(dtype), theirs.eval().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    img, img_ids = pack(torch.randn(1, 16, size // 8, size // 8, generator=g))
+    img = img.to(dtype)
+    txt, y = torch.randn(1, 512, 4096, generator=g).to(dtype), torch.randn(1, 768, generator=g).to(dtype)
+    txt_ids, t, guidance = torch.zeros(1, 512, 3), torch.tensor([0.7]), torch.tensor([3.5])
+    with torch.inference_mode():
+        return _pair(lambda: ours(img, img_ids, txt, txt_ids, t, y, guidance),
+                     lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                                    img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance), runs)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--only", default="mmdit,t5,flux")
+    ap.add_argument("--t5-layers", type=int, default=4)
+    ap.add_argument("--flux-blocks", type=int, default=2)
+    args = ap.parse_args(argv)
+    log(machine_info("cpu"))
+    rows = []
+    for name in args.only.split(","):
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            log(f"{name} {dtype_name} ...")
+            if name == "mmdit":
+                what, (o, t) = f"MMDiT SD3-medium (24 blocks), {args.size}², batch 2", mmdit(args.size, dtype, args.runs)
+            elif name == "t5":
+                what = f"T5-XXL width, {args.t5_layers} of 24 blocks, 256 tokens, batch 2"
+                o, t = t5(args.t5_layers, dtype, args.runs)
+            else:
+                what, (o, t) = (f"FLUX width, {args.flux_blocks}+{args.flux_blocks} blocks, {args.size}², 512 tokens",
+                                flux(args.size, args.flux_blocks, dtype, args.runs))
+            rows.append((what, dtype_name, o, t))
+            gc.collect()
+    print("\n| network | dtype | ours, median [min–max] | reference | ours ÷ reference |")
+    print("|---|---|---|---|---|")
+    for what, dtype_name, o, t in rows:
+        print(f"| {what} | {dtype_name} | {o} | {t} | {o.median / t.median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
