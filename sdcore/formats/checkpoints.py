@@ -276,15 +276,8 @@ def hf_clip(hf: Tensors) -> Tensors:
 def read_clip(path: str, family: str, second: bool = False) -> Part:
     """A CLIP text encoder alone (clip_l.safetensors, clip_g.safetensors as ComfyUI and sd.cpp users have them):
     Hugging Face names, under any prefix (text_encoders.clip_g.transformer. ...)."""
-    what = "CLIP-G" if second else "CLIP-L"
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no such {what} file: {path}")
-    t = from_file(TensorFile(path))
-    anchor = "embeddings.token_embedding.weight"
-    key = next((k for k in t.keys() if k.endswith(anchor)), None)
-    if key is None:
-        raise CheckpointError(f"{path} is not a CLIP text encoder in Hugging Face's names (no {anchor})")
-    return _clip_part(t.sub(key[:-len(anchor)].removesuffix("text_model.")), family, second, path)
+    t, prefix = _encoder_file(path, "CLIP-G" if second else "CLIP-L", "embeddings.token_embedding.weight")
+    return _clip_part(t.sub(prefix.removesuffix("text_model.")), family, second, path)
 
 
 def read_t5(path: str) -> Part:
@@ -293,14 +286,19 @@ def read_t5(path: str) -> Part:
     if os.path.isdir(path):
         return t5_part(component_weights(path, "model"), path,
                        t5_config_from_transformers(read_json(os.path.join(path, "config.json"))))
+    t, prefix = _encoder_file(path, "T5", "encoder.block.0.layer.0.SelfAttention.q.weight")
+    return t5_part(t.sub(prefix), path)
+
+
+def _encoder_file(path: str, what: str, anchor: str) -> tuple[Tensors, str]:
+    """A text encoder's file, and the prefix its Hugging Face names sit under (found by the key ``anchor``)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"no such T5 file: {path}")
+        raise CheckpointError(f"no such {what} file: {path}")
     t = from_file(TensorFile(path))
-    anchor = "encoder.block.0.layer.0.SelfAttention.q.weight"
     key = next((k for k in t.keys() if k.endswith(anchor)), None)
     if key is None:
-        raise CheckpointError(f"{path} is not a T5 encoder in Hugging Face's names (no {anchor})")
-    return t5_part(t.sub(key[:-len(anchor)]), path)
+        raise CheckpointError(f"{path} is not a {what} text encoder in Hugging Face's names (no {anchor})")
+    return t, key[:-len(anchor)]
 
 
 def t5_part(t: Tensors, source: str, cfg=None) -> Part:
