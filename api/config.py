@@ -86,6 +86,9 @@ class Settings:
                                       "the checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
                                 metavar="PATH", shown="none: the checkpoint's own, if any")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image; SD1/SD2/SDXL)")
+    clip_on_cpu: bool = setting(False, "run the text encoders (CLIPs, T5) on the CPU while the model runs on the GPU: "
+                                       "they take no card memory and run once per request (stable-diffusion.cpp's "
+                                       "option)")
     quantized_weights: str = setting("dequantize", "how GGUF-quantized and float8 weights are held: dequantize "
                                                    "(to the compute dtype at load: fastest) or keep (as stored, each "
                                                    "layer expanded when it runs: SD3's and FLUX's transformers and T5 "

@@ -104,7 +104,8 @@ def load_models(settings) -> ModelRegistry:
                                          cuda_graphs=settings.cuda_graphs, native_size=sizes.get(name),
                                          vae_tiling=settings.vae_tiling, clip_l=settings.clip_l,
                                          clip_g=settings.clip_g, t5xxl=settings.t5xxl,
-                                         quantized_weights=settings.quantized_weights)
+                                         quantized_weights=settings.quantized_weights,
+                                         text_device="cpu" if settings.clip_on_cpu else None)
         if models[name].family == "sd3" and models[name].text_encoder_3 is None:
             log.warning("model %r has no T5-XXL encoder (give one with --t5xxl): it runs on its CLIPs alone, T5's "
                         "tokens zeros, which follows long prompts less closely", name)

@@ -129,9 +129,11 @@ class StableDiffusion:
             count = max(map(len, per_prompt))
             rows = [prompt_language.token_rows(c, BOS, EOS, tokenizer.pad_id, count) for c in per_prompt]
             ids, weights = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])     # [B·k, 77]
-            out = encoder(ids.to(self.device), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
-                          pooled=wants_pooled and i in pooling,
-                          extra=torch.cat(extra).to(self.device) if extra else None)
+            where = _device(encoder)
+            out = encoder(ids.to(where), output_layer=encoder.cfg.output_layer - (clip_skip - 1),
+                          pooled=wants_pooled and i in pooling, extra=torch.cat(extra).to(where) if extra else None)
+            out = tuple(o.to(self.device, self.dtype) for o in out) if isinstance(out, tuple) \
+                else out.to(self.device, self.dtype)                    # from the text_device (clip_on_cpu)
             h = prompt_language.apply_weights(out[0] if isinstance(out, tuple) else out, weights)
             hidden.append(h.reshape(len(prompts), -1, h.shape[-1]))
             if isinstance(out, tuple):
@@ -152,7 +154,8 @@ class StableDiffusion:
             if (n := self.tokenizer_3.count(text)) > length:
                 log.warning("T5 reads the first %d of a prompt's %d tokens", length - 1, n - 1)
         ids, _ = self.tokenizer_3.encode(texts, length)
-        return self.text_encoder_3(ids.to(self.device))          # no mask: SD3's T5 attends to its padding too
+        out = self.text_encoder_3(ids.to(_device(self.text_encoder_3)))   # no mask: SD3's T5 attends to its padding too
+        return out.to(self.device, self.dtype)
 
     @torch.inference_mode()
     def conditioning(self, prompts: list[str], width: int, height: int, clip_skip: int = 1,
@@ -198,6 +201,10 @@ class StableDiffusion:
                 f"device={self.device}, dtype={self.dtype})")
 
 
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def token_encoder(embeddings, tokenizer, cfg, extra: list):
     """text -> token ids, each textual-inversion embedding the text names (``embeddings``, an EmbeddingDir or
     None) as a tuple of new ids from ``cfg.vocab_size`` on, its vectors appended to ``extra``."""
@@ -236,7 +243,7 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
                cache_dir: str | None = None, cuda_graphs: bool = True, native_size: int | None = None,
                vae_tiling: str = "auto", taesd: str | None = None, taesd_decode: bool = False,
                clip_l: str | None = None, clip_g: str | None = None, t5xxl: str | None = None,
-               quantized_weights: str = "dequantize") -> StableDiffusion:
+               quantized_weights: str = "dequantize", text_device: str | None = None) -> StableDiffusion:
     """Load a single-file checkpoint (.safetensors/.ckpt/.gguf) or a diffusers folder: SD1.x, SD2.x, SDXL, SD3/3.5.
 
     ``device``, ``dtype``: "auto" (the server's default, sdcore.device: CUDA when there is a card;
@@ -251,7 +258,9 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     ``native_size``: the default side, overriding the file's. ``vae_tiling``: one of sdcore.tiling.MODES.
     ``taesd``: a TAESD decoder file/folder for previews (sdcore.previews); ``taesd_decode``: for final images too.
     ``clip_l``, ``clip_g``, ``t5xxl``: SD3's and FLUX's text encoders in files of their own (sdcore.formats.read_model).
-    ``quantized_weights``: one of QUANTIZED_WEIGHTS.
+    ``quantized_weights``: one of QUANTIZED_WEIGHTS. ``text_device``: where the text encoders run, when not on
+    ``device`` (stable-diffusion.cpp's --clip-on-cpu: "cpu" keeps T5-XXL and the CLIPs off a card's memory; they
+    run once per request), in that device's own "auto" dtype; their outputs are moved to ``device`` and ``dtype``.
     """
     path = os.fspath(path)
     if prediction not in (None, "eps", "v"):
@@ -272,17 +281,19 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
             and not parts.unet.cfg.head_dims().isdisjoint(cpu_attention.HEAD_DIMS)):
         cpu_attention.prepare()                     # SD1.5's level-0 attention kernel (built once, cached)
 
-    def built(module_cls, part, what, big=False):
-        return build(module_cls, part.cfg, part.tensors, device, dtype, what, part.source, cache_dir,
+    def built(module_cls, part, what, big=False, text=False):
+        where, kind = (resolve_device(text_device), resolve_dtype("auto", text_device)) if text and text_device \
+            else (device, dtype)
+        return build(module_cls, part.cfg, part.tensors, where, kind, what, part.source, cache_dir,
                      keep_quantized=big and quantized_weights == "keep")
     if family == FLUX:
         unet = LatentFlux(built(Flux, parts.unet, "FLUX transformer", big=True))
     else:
         unet = built(MMDiT, parts.unet, "MMDiT", big=True) if family == SD3 else built(UNet, parts.unet, "UNet", big=True)
     vae_model = built(AutoencoderKL, parts.vae, "VAE")
-    text = built(TextEncoder, parts.text, "text encoder")
-    text_2 = built(TextEncoder, parts.text_2, "second text encoder") if parts.text_2 is not None else None
-    text_3 = built(T5Encoder, parts.text_3, "T5 encoder", big=True) if parts.text_3 is not None else None
+    text = built(TextEncoder, parts.text, "text encoder", text=True)
+    text_2 = built(TextEncoder, parts.text_2, "second text encoder", text=True) if parts.text_2 is not None else None
+    text_3 = built(T5Encoder, parts.text_3, "T5 encoder", big=True, text=True) if parts.text_3 is not None else None
     prediction = prediction or parts.prediction
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"

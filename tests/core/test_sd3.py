@@ -180,3 +180,20 @@ def test_bad_input(files, model, tmp_path):
         with pytest.raises(PipelineError) as e:
             generate(model, GenerationParams(**{**p, **kw}))
         assert e.value.field == field, (kw, e.value.message)
+
+
+def test_text_encoders_on_another_device(files):
+    """text_device (--clip-on-cpu): the encoders are built there in that device's own dtype and their outputs come
+    to the model's device and dtype. On this CPU-only machine the two devices are one, so what is checked is the
+    dtype split: a bfloat16 model whose encoders run in the CPU's auto dtype conditions exactly as a model loaded
+    whole in that dtype, cast."""
+    from sdcore.device import resolve_dtype
+    path = files[0] / "sd3_tiny_incl_clips_t5xxl.safetensors"
+    split = sdcore.load_model(path, device="cpu", dtype=torch.bfloat16, text_device="cpu")
+    text_dtype = resolve_dtype("auto", "cpu")
+    assert {next(e.parameters()).dtype for e in (split.text_encoder, split.text_encoder_2, split.text_encoder_3)} == {text_dtype}
+    assert next(split.unet.parameters()).dtype == torch.bfloat16
+    whole = sdcore.load_model(path, device="cpu", dtype=text_dtype)
+    got, want = split.conditioning([PROMPT, NEGATIVE], 64, 64), whole.conditioning([PROMPT, NEGATIVE], 64, 64)
+    for key in ("context", "y"):
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], want[key].to(torch.bfloat16)), key
