@@ -1,15 +1,20 @@
 """The rectified-flow families against their references: ``python -m bench.flow [--runs 2] [--size 512]
-[--dtypes float32,bfloat16] [--only mmdit,t5,flux]`` (prints markdown).
+[--dtypes float32,bfloat16] [--only mmdit,t5,flux,rss]`` (prints markdown).
 
-* MMDiT: one SD3-medium transformer call at full size (24 blocks of 1536, 2.0 B parameters), ours against
+* mmdit: one SD3-medium transformer call at full size (24 blocks of 1536, 2.0 B parameters), ours against
   diffusers' SD3Transformer2DModel holding the same random weights (converted by diffusers' own single-file
   converter), at ``--size``² with the 333 text tokens of a T5 request, a guided pair (batch 2).
-* T5: T5-XXL at full width (4096, 64 heads, feed-forward 10240) and ``--t5-layers`` of its 24 blocks, ours
+* t5: T5-XXL at full width (4096, 64 heads, feed-forward 10240) and ``--t5-layers`` of its 24 blocks, ours
   against transformers' T5EncoderModel, 256 tokens, batch 2 (the prompt and the negative one). The cost per
   block is the same at any depth: the ratio is the whole encoder's.
-* FLUX: the transformer at full width (3072, heads of 128) with ``--flux-blocks`` double and as many single
+* flux: the transformer at full width (3072, heads of 128) with ``--flux-blocks`` double and as many single
   blocks, ours against diffusers' FluxTransformer2DModel, ``--size``², 512 text tokens, batch 1 (FLUX runs one
   pass per step).
+
+* rss: in a fresh process per dtype, the full-size SD3-medium transformer loaded from its float16 single file
+  (bench.util.sd3_medium_transformer, 4.2 GB) as the server loads it, then one guided step at ``--size``²: the
+  load time, the step time, and the process's peak resident memory (VmHWM: the file's mapped pages count while they
+  are read) and its own memory after the step (RssAnon).
 
 Rounds are interleaved (ours, theirs, ours, ...) so a change in the machine's load hits both; the ratio column is
 ours ÷ theirs of the medians.
@@ -18,6 +23,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -96,6 +105,42 @@ def flux(size: int, blocks: int, dtype, runs: int):
                                     img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance), runs)
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def rss_child(dtype_name: str, size: int) -> None:
+    from bench.util import sd3_medium_transformer
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import MMDIT, read_transformer
+    from sdcore.mmdit import MMDiT
+    path, _ = sd3_medium_transformer()
+    t0 = time.perf_counter()
+    part = read_transformer(str(path), MMDIT)
+    net = build(MMDiT, part.cfg, part.tensors, "cpu", getattr(torch, dtype_name), "MMDiT", str(path))
+    load = time.perf_counter() - t0
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(1, 16, size // 8, size // 8).to(dtype)
+    ctx, y = torch.randn(2, 333, 4096).to(dtype), torch.randn(2, 2048).to(dtype)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        net(x, torch.tensor([700.0, 700.0]), ctx, y)
+        step = time.perf_counter() - t0
+    print(json.dumps({"load_s": load, "step_s": step, "peak_mib": _status_mib("VmHWM"), "anon_mib": _status_mib("RssAnon")}))
+
+
+def rss(size: int, dtypes: list[str]) -> list[tuple]:
+    from bench.util import ROOT, sd3_medium_transformer
+    sd3_medium_transformer()                               # built (once) before any measurement
+    rows = []
+    for name in dtypes:
+        out = subprocess.run([sys.executable, "-m", "bench.flow", "--rss-child", name, "--size", str(size)], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        rows.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=2)
@@ -104,10 +149,22 @@ def main(argv=None):
     ap.add_argument("--only", default="mmdit,t5,flux")
     ap.add_argument("--t5-layers", type=int, default=4)
     ap.add_argument("--flux-blocks", type=int, default=2)
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rss_child:
+        return rss_child(args.rss_child, args.size)
     log(machine_info("cpu"))
     rows = []
+    if "rss" in args.only.split(","):
+        print(f"\n| SD3-medium transformer from its float16 file | load | one guided step, {args.size}² | peak RSS "
+              "| own memory after |")
+        print("|---|---|---|---|---|")
+        for name, r in rss(args.size, args.dtypes.split(",")):
+            print(f"| {name} | {r['load_s']:.1f} s | {r['step_s']:.1f} s | {r['peak_mib'] / 1024:.1f} GiB "
+                  f"| {r['anon_mib'] / 1024:.1f} GiB |")
     for name in args.only.split(","):
+        if name == "rss":
+            continue
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             log(f"{name} {dtype_name} ...")
@@ -121,6 +178,8 @@ def main(argv=None):
                                 flux(args.size, args.flux_blocks, dtype, args.runs))
             rows.append((what, dtype_name, o, t))
             gc.collect()
+    if not rows:
+        return
     print("\n| network | dtype | ours, median [min–max] | reference | ours ÷ reference |")
     print("|---|---|---|---|---|")
     for what, dtype_name, o, t in rows:

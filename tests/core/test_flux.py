@@ -101,3 +101,41 @@ def test_flux_files_in_both_layouts_load_equal(tmp_path):
         with torch.no_grad():
             got = model(img, img_ids[None], txt, txt_ids[None], t, y, scale)
         assert max_rel(got, want) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_full_width_flux_file_equals_diffusers(tmp_path, guidance=True):
+    """FLUX.1-dev at its full width (3072, 24 heads of 128, T5's 4096, CLIP-L's 768, the guidance embedding) with one
+    double- and one single-stream block: a file in Black Forest Labs' names, read by read_transformer, against
+    diffusers' FluxTransformer2DModel holding the weights diffusers' own single-file converter makes of that file
+    (which assumes the full width: here it applies). Schnell differs only by the guidance embedding's absence,
+    which the small test above covers."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from safetensors.torch import save_file
+
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import FLUX_LAYOUT, read_transformer
+    from sdcore.formats.write import random_init_
+    cfg = FluxConfig(depth=1, depth_single=1, guidance_embed=guidance)
+    with torch.no_grad():
+        state = {k: v.contiguous() for k, v in random_init_(Flux(cfg), 8).state_dict().items()}
+    save_file(state, str(tmp_path / "flux1.safetensors"))
+    part = read_transformer(str(tmp_path / "flux1.safetensors"), FLUX_LAYOUT)
+    assert part.cfg == cfg
+    g = torch.Generator().manual_seed(6)
+    img_ids, txt_ids = _ids(4, 6, 9)
+    img, txt, y = torch.randn(1, 24, 64, generator=g), torch.randn(1, 9, 4096, generator=g), torch.randn(1, 768, generator=g)
+    t, scale = torch.tensor([0.8]), torch.tensor([3.5]) if guidance else None
+    ours = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX", part.source)
+    with torch.no_grad():
+        got = ours(img, img_ids[None], txt, txt_ids[None], t, y, scale)
+    del ours
+    ref = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=guidance).eval()
+    missing, unexpected = ref.load_state_dict(convert_flux_transformer_checkpoint_to_diffusers(
+        {f"model.diffusion_model.{k}": v for k, v in state.items()}), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids,
+                   txt_ids=txt_ids, guidance=scale).sample
+    assert want.std() > 0.1
+    assert max_rel(got, want) < 1e-4, max_rel(got, want)
