@@ -177,6 +177,7 @@ def main(argv=None):
                 what, (o, t) = (f"FLUX width, {args.flux_blocks}+{args.flux_blocks} blocks, {args.size}², 512 tokens",
                                 flux(args.size, args.flux_blocks, dtype, args.runs))
             rows.append((what, dtype_name, o, t))
+            log(f"{what}, {dtype_name}: ours {o}, reference {t}, ratio {o.median / t.median:.2f}")
             gc.collect()
     if not rows:
         return

@@ -170,7 +170,7 @@ def test_cfg_0_and_1_run_without_the_unconditional_pass(model, cfg):
     the conditional prediction alone, one UNet row per step, the same image as at 1."""
     calls = []
     forward = model.unet.forward
-    model.unet.forward = lambda x, t, c, **kw: (calls.append(c.shape[0]), forward(x, t, c, **kw))[1]
+    model.unet.forward = lambda x, t, context, **kw: (calls.append(context.shape[0]), forward(x, t, context, **kw))[1]
     p = GenerationParams("x", negative_prompt="blurry", steps=2, width=64, height=64, cfg_scale=cfg)
     try:
         image = generate(model, p)[0].image
