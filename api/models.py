@@ -106,9 +106,6 @@ def load_models(settings) -> ModelRegistry:
                                          clip_g=settings.clip_g, t5xxl=settings.t5xxl,
                                          quantized_weights=settings.quantized_weights,
                                          text_device="cpu" if settings.clip_on_cpu else None)
-        if models[name].family == "sd3" and models[name].text_encoder_3 is None:
-            log.warning("model %r has no T5-XXL encoder (give one with --t5xxl): it runs on its CLIPs alone, T5's "
-                        "tokens zeros, which follows long prompts less closely", name)
         taesd = settings.taesd_for(path)
         if taesd:
             try:

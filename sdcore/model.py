@@ -294,6 +294,9 @@ def load_model(path: str, device="auto", dtype="auto", prediction: str | None = 
     text = built(TextEncoder, parts.text, "text encoder", text=True)
     text_2 = built(TextEncoder, parts.text_2, "second text encoder", text=True) if parts.text_2 is not None else None
     text_3 = built(T5Encoder, parts.text_3, "T5 encoder", big=True, text=True) if parts.text_3 is not None else None
+    if family == SD3 and text_3 is None:
+        log.warning("%s has no T5-XXL encoder (give one with --t5xxl): it runs on its CLIPs alone, T5's tokens zeros, "
+                    "which follows long prompts less closely", path)
     prediction = prediction or parts.prediction
     if prediction is None:
         prediction = detect_v_prediction(unet) if family == "sd2" else "eps"

@@ -142,7 +142,7 @@ def test_sdxl_pooled_output_comes_from_the_first_chunk():
     """The model's text path with SDXL's two (small) encoders: the pooled output is bigG's of the first chunk."""
     torch.manual_seed(0)
     te, te2 = random_init_(TextEncoder(SDXL_TEXT), 3), random_init_(TextEncoder(SDXL_TEXT_2), 4)
-    m = SimpleNamespace(family="sdxl", device=torch.device("cpu"),
+    m = SimpleNamespace(family="sdxl", device=torch.device("cpu"), dtype=torch.float32,
                         encoders=[(te, Tokenizer(pad_id=EOS)), (te2, Tokenizer(pad_id=0))])
     long = " ".join(WORDS[k % len(WORDS)] for k in range(100))
     with torch.inference_mode():
