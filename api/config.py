@@ -82,7 +82,8 @@ class Settings:
                                        "without it", metavar="PATH", shown="none: the checkpoint's own")
     clip_g: str | None = setting(None, "SD3's OpenCLIP bigG text encoder (clip_g.safetensors) for a checkpoint without it",
                                  metavar="PATH", shown="none: the checkpoint's own")
-    t5xxl: str | None = setting(None, "the T5-XXL text encoder (t5xxl_fp16.safetensors) of SD3 and FLUX; without one (in "
+    t5xxl: str | None = setting(None, "the T5-XXL text encoder (t5xxl_fp16.safetensors, or a GGUF such as "
+                                      "t5-v1_1-xxl-encoder-Q8_0.gguf) of SD3 and FLUX; without one (in "
                                       "the checkpoint or here) SD3 runs on its CLIPs alone, T5's tokens zeros",
                                 metavar="PATH", shown="none: the checkpoint's own, if any")
     control_net: str | None = setting(None, "ControlNet weights (enables control_image; SD1/SD2/SDXL)")

@@ -281,23 +281,28 @@ def read_clip(path: str, family: str, second: bool = False) -> Part:
 
 
 def read_t5(path: str) -> Part:
-    """A T5 encoder alone: a transformers T5EncoderModel folder (a diffusers pipeline's text_encoder_3/) or file
-    (t5xxl_fp16.safetensors, under any prefix)."""
+    """A T5 encoder alone: a transformers T5EncoderModel folder (a diffusers pipeline's text_encoder_3/), a file in
+    its names (t5xxl_fp16.safetensors, under any prefix; stable-diffusion.cpp's GGUFs keep them) or a GGUF in
+    llama.cpp's names (its converter's t5encoder files)."""
     if os.path.isdir(path):
         return t5_part(component_weights(path, "model"), path,
                        t5_config_from_transformers(read_json(os.path.join(path, "config.json"))))
-    t, prefix = _encoder_file(path, "T5", "encoder.block.0.layer.0.SelfAttention.q.weight")
-    return t5_part(t.sub(prefix), path)
+    t, prefix = _encoder_file(path, "T5", "encoder.block.0.layer.0.SelfAttention.q.weight", layouts.T5_GGUF_ANCHOR)
+    return t5_part(layouts.t5_from_gguf(t) if prefix is None else t.sub(prefix), path)
 
 
-def _encoder_file(path: str, what: str, anchor: str) -> tuple[Tensors, str]:
-    """A text encoder's file, and the prefix its Hugging Face names sit under (found by the key ``anchor``)."""
+def _encoder_file(path: str, what: str, anchor: str, llama_cpp_anchor: str = None) -> tuple[Tensors, str | None]:
+    """A text encoder's file, and the prefix its Hugging Face names sit under (found by the key ``anchor``); None
+    for a file in llama.cpp's GGUF names (found by ``llama_cpp_anchor``)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no such {what} file: {path}")
     t = from_file(TensorFile(path))
+    if llama_cpp_anchor and llama_cpp_anchor in t:
+        return t, None
     key = next((k for k in t.keys() if k.endswith(anchor)), None)
     if key is None:
-        raise CheckpointError(f"{path} is not a {what} text encoder in Hugging Face's names (no {anchor})")
+        names = "Hugging Face's or llama.cpp's names" if llama_cpp_anchor else "Hugging Face's names"
+        raise CheckpointError(f"{path} is not a {what} text encoder in {names} (no {anchor})")
     return t, key[:-len(anchor)]
 
 

@@ -58,6 +58,8 @@ def renamed(theirs: Tensors, name_map: dict, reshape=None) -> Tensors:
                 out.add(ours, lambda k=their_key: theirs.get(k)[:, :, None, None], (*shape, 1, 1))
             else:
                 out.add(ours, lambda k=their_key: theirs.get(k), shape)
+                if their_key in theirs.stored:                     # still keepable quantized under our name
+                    out.stored[ours] = theirs.stored[their_key]
     return out
 
 
@@ -294,3 +296,28 @@ def flux_from_diffusers(theirs: Tensors) -> Tensors:
         pairs += _linears(FLUX_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
         pairs += [(f"single_blocks.{i}.{o}", [f"single_transformer_blocks.{i}.{t}"]) for o, t in FLUX_SINGLE_NORMS.items()]
     return from_diffusers(theirs, pairs, {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")})
+
+
+# --- T5 encoder: llama.cpp's GGUF names (its converter's t5encoder files, e.g. t5-v1_1-xxl-encoder-Q8_0.gguf, the
+# quantized T5 most FLUX guides point to) -> transformers' T5EncoderModel names, which sdcore.t5 uses
+T5_GGUF_ANCHOR = "enc.blk.0.attn_q.weight"
+T5_GGUF_NAMES = {"token_embd": "shared", "enc.output_norm": "encoder.final_layer_norm"}
+T5_GGUF_BLOCK = {"attn_norm": "layer.0.layer_norm", "attn_q": "layer.0.SelfAttention.q", "attn_k": "layer.0.SelfAttention.k",
+                 "attn_v": "layer.0.SelfAttention.v", "attn_o": "layer.0.SelfAttention.o",
+                 "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias", "ffn_norm": "layer.1.layer_norm",
+                 "ffn_gate": "layer.1.DenseReluDense.wi_0", "ffn_up": "layer.1.DenseReluDense.wi_1",
+                 "ffn_down": "layer.1.DenseReluDense.wo"}
+
+
+def t5_from_gguf(theirs: Tensors) -> Tensors:
+    """A llama.cpp T5 encoder (enc.blk.N.attn_q.weight, ...) seen under transformers' names; the tensors are the
+    same, only named differently (no transposes or permutations). Names outside the encoder are left out."""
+    name_map = {}
+    for key in theirs.keys():
+        stem, _, param = key.rpartition(".")
+        parts = stem.split(".")
+        if stem in T5_GGUF_NAMES:
+            name_map[f"{T5_GGUF_NAMES[stem]}.{param}"] = key
+        elif parts[:2] == ["enc", "blk"] and len(parts) == 4 and parts[3] in T5_GGUF_BLOCK:
+            name_map[f"encoder.block.{parts[2]}.{T5_GGUF_BLOCK[parts[3]]}.{param}"] = key
+    return renamed(theirs, name_map)

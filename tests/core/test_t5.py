@@ -165,3 +165,50 @@ def test_float16_overflow_is_clamped_as_transformers_does(monkeypatch):
         want = ref(input_ids=ids).last_hidden_state
         got = ours(ids)
     assert got.dtype == torch.float16 and torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_a_gguf_in_llama_cpps_names_loads(tmp_path, kind):
+    """A T5 encoder GGUF as llama.cpp's converter writes it (the t5encoder files FLUX guides link): its names from
+    the gguf package's own tensor-name map, the one that converter uses, the whole-block 2-D weights Q8_0 or
+    float32. read_t5 sees it under transformers' names and, dequantized at load or kept quantized, it computes what
+    transformers' T5EncoderModel computes on the same (dequantized) weights."""
+    import gguf
+
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import read_t5
+    from sdcore.quant import QuantLinear
+    ref = _reference()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, SMALL["num_layers"])
+    path = tmp_path / "t5-v1_1-encoder.gguf"
+    w = gguf.GGUFWriter(str(path), "t5encoder")
+    held, quantized = {}, 0
+    for key, t in ref.state_dict().items():
+        if key == "encoder.embed_tokens.weight":                  # the tied alias: the converter writes one table
+            continue
+        name = names.get_name(key, try_suffixes=(".weight",))
+        a = t.numpy()
+        if kind == "Q8_0" and a.ndim == 2 and a.shape[1] % 32 == 0:
+            blocks = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            a, quantized = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape), quantized + 1
+        else:
+            w.add_tensor(name, a)
+        held[key] = torch.from_numpy(a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert quantized == (0 if kind == "F32" else 1 + 7 * SMALL["num_layers"])  # the table; q k v o wi_0 wi_1 wo
+    with torch.no_grad():
+        ref.load_state_dict(held, strict=False)
+    part = read_t5(str(path))
+    assert part.cfg == _ours(ref).cfg
+    ids, mask = _inputs(77, True)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        for keep in (False, True):
+            model = build(T5Encoder, part.cfg, part.tensors, "cpu", torch.float32, "T5", str(path), keep_quantized=keep)
+            kept = sum(isinstance(m, QuantLinear) for m in model.modules())
+            assert kept == (7 * SMALL["num_layers"] if keep and kind == "Q8_0" else 0)
+            assert max_rel(model(ids, mask), want) < 1e-5, keep
