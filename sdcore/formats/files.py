@@ -67,10 +67,10 @@ class TensorFile:
     def stored_kind(self, key) -> str | None:
         """How a tensor is stored when sdcore.quant can keep it so in memory: a GGUF block type ("Q8_0" ...) or
         "float8"; None for the others (they are dequantized or cast at load)."""
-        from ..quant import BLOCK_BYTES, FLOAT8
+        from ..quant import BLOCK_SIZES, FLOAT8
         if hasattr(self, "_gguf"):
             name = self._gguf[key].tensor_type.name
-            return name if name in BLOCK_BYTES else None
+            return name if name in BLOCK_SIZES else None
         if hasattr(self, "_file"):
             return "float8" if self._file.get_slice(key).get_dtype() in ("F8_E4M3", "F8_E5M2") else None
         return "float8" if self._dict[key].dtype in FLOAT8 else None
@@ -86,8 +86,8 @@ class TensorFile:
             with warnings.catch_warnings():          # the map is read-only; nothing writes to it
                 warnings.simplefilter("ignore")
                 raw = torch.from_numpy(np.asarray(t.data).view(np.uint8))
-            from ..quant import BLOCK_BYTES
-            return raw.reshape(-1, BLOCK_BYTES[t.tensor_type.name])
+            from ..quant import BLOCK_SIZES
+            return raw.reshape(-1, BLOCK_SIZES[t.tensor_type.name][1])
         return self.get(key)
 
 

@@ -1,12 +1,13 @@
 """Weights kept quantized in memory (sdcore.quant): each block format's expansion equals the gguf package's own
-dequantization bit for bit; a FLUX-shaped transformer in a Q8_0 / Q4_0 GGUF file (written with the gguf package's
-quantizers, Black Forest Labs' names as stable-diffusion.cpp's converter keeps them) and in float8 loads with its
-linear layers kept as stored, holds a fraction of the memory, and computes exactly what the same file dequantized
-at load computes."""
+dequantization bit for bit (the K-quants', which the package cannot write, on random blocks); a FLUX-shaped
+transformer in a Q8_0 / Q4_0 / Q4_K GGUF file (written with the gguf package, Black Forest Labs' names as
+stable-diffusion.cpp's converter keeps them) and in float8 loads with its linear layers kept as stored, holds a
+fraction of the memory, and computes exactly what the same file dequantized at load computes."""
 import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
@@ -14,26 +15,77 @@ from sdcore.flux import Flux, pack
 from sdcore.formats.build import build
 from sdcore.formats.checkpoints import FLUX_LAYOUT, read_transformer
 from sdcore.formats.write import random_init_
-from sdcore.quant import BLOCK_BYTES, QuantLinear, dequantize, stored_bytes
+from sdcore.quant import BLOCK_SIZES, QuantLinear, dequantize, stored_bytes
 from tiny_models import flux_config
 
 
-@pytest.mark.parametrize("kind", list(BLOCK_BYTES))
+K_QUANTS = [kind for kind in BLOCK_SIZES if kind.endswith("_K")]
+# where each K-quant block keeps its float16 d (and dmin), from gguf.quants' readers (the rest is packed integers)
+K_FLOAT16_AT = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def test_block_sizes_are_the_gguf_package_s():
+    assert set(K_QUANTS) == set(K_FLOAT16_AT)
+    for kind, size in BLOCK_SIZES.items():
+        assert gguf.constants.GGML_QUANT_SIZES[Q[kind]] == size, kind
+
+
+@pytest.mark.parametrize("kind", [kind for kind in BLOCK_SIZES if kind not in K_QUANTS])
 def test_each_block_format_expands_as_the_gguf_package_does(kind):
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 3, (64, 1))).astype(np.float32)
     blocks = gguf.quants.quantize(values, Q[kind])
     want = gguf.quants.dequantize(blocks, Q[kind]).reshape(-1, 32)
-    got = dequantize(torch.from_numpy(blocks.reshape(-1, BLOCK_BYTES[kind])), kind)
+    got = dequantize(torch.from_numpy(blocks.reshape(-1, BLOCK_SIZES[kind][1])), kind)
     assert np.abs(want - values.reshape(-1, 32)).max() > 0                     # it is lossy...
     assert torch.equal(got, torch.from_numpy(want))                            # ...and we lose exactly the same
 
 
+def random_k_blocks(kind: str, n: int, rng, d=None) -> np.ndarray:
+    """n random blocks of a K-quant [n, bytes] (the gguf package cannot quantize these): random bytes, with finite
+    float16 d and dmin, of magnitudes from 1e-6 (subnormal) to 1 unless ``d`` gives d (and dmin = 7.5·d)."""
+    blocks = rng.integers(0, 256, size=(n, BLOCK_SIZES[kind][1]), dtype=np.uint8)
+    for i, at in enumerate(K_FLOAT16_AT[kind]):
+        value = rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 0, n) if d is None else np.full(n, d * (1, 7.5)[i])
+        blocks[:, at:at + 2] = value.astype(np.float16).view(np.uint8).reshape(n, 2)
+    return blocks
+
+
+@pytest.mark.parametrize("kind", K_QUANTS)
+def test_each_k_quant_expands_as_the_gguf_package_does(kind):
+    blocks = random_k_blocks(kind, 2048, np.random.default_rng(K_QUANTS.index(kind)))
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, Q[kind]))
+    got = dequantize(torch.from_numpy(blocks), kind)
+    assert got.shape == (2048, 256) and want.shape == (2048, 256) and torch.isfinite(want).all()
+    assert (want != 0).float().mean() > 0.8 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_a_k_quant_linear_layer_computes_with_the_reference_weight(kind):
+    out_features, in_features = 24, 512
+    rng = np.random.default_rng(7)
+    blocks = random_k_blocks(kind, out_features * in_features // 256, rng, d=0.001)
+    weight = torch.from_numpy(gguf.quants.dequantize(blocks, Q[kind]).reshape(out_features, in_features))
+    bias = torch.from_numpy(rng.standard_normal(out_features).astype(np.float32))
+    layer = QuantLinear(torch.from_numpy(blocks), kind, (out_features, in_features), bias)
+    x = torch.randn(3, 5, in_features, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer.weight_as(torch.float32), weight)
+    assert torch.equal(layer(x), F.linear(x, weight, bias))
+
+
 def _write_gguf(path, state: dict, kind: str):
+    """``state`` with its 2-D tensors of whole blocks in ``kind``, the rest in F32. K-quants are random blocks (the
+    gguf package cannot quantize them) with about the replaced weight's spread, centered: with sc, q and m uniform,
+    E[d·sc·q] = d·31.5·7.5 = E[7.5·d·m] and the spread is about 258·d."""
+    rng = np.random.default_rng(3)
     w = gguf.GGUFWriter(str(path), "flux")
     for name, t in state.items():
         a = t.float().numpy()
-        if a.ndim == 2 and a.shape[1] % 32 == 0:
+        weights, _ = BLOCK_SIZES[kind]
+        if a.ndim == 2 and a.shape[1] % weights == 0 and kind.endswith("_K"):
+            blocks = random_k_blocks(kind, a.size // weights, rng, d=float(a.std()) / 258)
+            w.add_tensor(name, blocks.reshape(a.shape[0], -1), raw_dtype=Q[kind])
+        elif a.ndim == 2 and a.shape[1] % weights == 0:
             w.add_tensor(name, gguf.quants.quantize(a, Q[kind]), raw_dtype=Q[kind])
         else:
             w.add_tensor(name, a)
@@ -56,7 +108,7 @@ def _inputs():
         torch.randn(1, 64, generator=g), torch.tensor([3.5])
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "float8"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_K", "float8"])
 def test_kept_weights_compute_what_dequantized_ones_do(state, tmp_path, kind):
     if kind == "float8":
         path = tmp_path / "flux1-dev-fp8.safetensors"
@@ -68,10 +120,13 @@ def test_kept_weights_compute_what_dequantized_ones_do(state, tmp_path, kind):
     full = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX transformer", str(path))
     kept = build(Flux, part.cfg, part.tensors, "cpu", torch.float32, "FLUX transformer", str(path), keep_quantized=True)
     linears = [m for m in kept.modules() if isinstance(m, QuantLinear)]
+    # those of whole blocks: every linear layer of this model has a whole number of 32; of 256, all but two
+    weights = BLOCK_SIZES[kind][0] if kind in BLOCK_SIZES else 1
+    whole = sum(isinstance(m, torch.nn.Linear) and m.in_features % weights == 0 for m in full.modules())
     dense = sum(isinstance(m, torch.nn.Linear) for m in full.modules())
-    assert len(linears) == dense                       # every linear layer of this model has a whole-block width
+    assert len(linears) == whole > dense - 3
     assert {m.kind for m in linears} == {kind}
-    assert stored_bytes(kept) < stored_bytes(full) * {"Q8_0": 0.35, "Q4_0": 0.2, "float8": 0.3}[kind]
+    assert stored_bytes(kept) < stored_bytes(full) * {"Q8_0": 0.35, "Q4_0": 0.2, "Q4_K": 0.2, "float8": 0.3}[kind]
     with torch.inference_mode():
         want, got = full(*_inputs()), kept(*_inputs())
     assert want.std() > 0.1 and torch.equal(got, want)
