@@ -1,5 +1,5 @@
 """The rectified-flow families against their references: ``python -m bench.flow [--runs 2] [--size 512]
-[--dtypes float32,bfloat16] [--only mmdit,t5,flux,rss]`` (prints markdown).
+[--dtypes float32,bfloat16] [--only mmdit,t5,flux,flux-q8,rss]`` (prints markdown).
 
 * mmdit: one SD3-medium transformer call at full size (24 blocks of 1536, 2.0 B parameters), ours against
   diffusers' SD3Transformer2DModel holding the same random weights (converted by diffusers' own single-file
@@ -10,6 +10,10 @@
 * flux: the transformer at full width (3072, heads of 128) with ``--flux-blocks`` double and as many single
   blocks, ours against diffusers' FluxTransformer2DModel, ``--size``², 512 text tokens, batch 1 (FLUX runs one
   pass per step).
+
+* flux-q8: the same FLUX blocks read from one Q8_0 GGUF (random blocks), their linear layers kept as Q8_0 and
+  expanded per call (``quantized_weights="keep"``) against the file dequantized at load: the ratio less 1 is the
+  cost of the expansion per step.
 
 * rss: in a fresh process per dtype, the full-size SD3-medium transformer loaded from its float16 single file
   (bench.util.sd3_medium_transformer, 4.2 GB) as the server loads it, then one guided step at ``--size``²: the
@@ -105,6 +109,31 @@ def flux(size: int, blocks: int, dtype, runs: int):
                                     img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance), runs)
 
 
+def flux_q8(size: int, blocks: int, dtype, runs: int):
+    """The same FLUX blocks from one Q8_0 GGUF: weights kept as Q8_0 and expanded per call ("ours") against the
+    same file dequantized at load ("reference")."""
+    import tempfile
+
+    from bench.flux_gguf import write_q8_gguf
+    from sdcore.flux import Flux, FluxConfig, pack
+    from sdcore.formats.build import build
+    from sdcore.formats.checkpoints import FLUX_LAYOUT, read_transformer
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Flux(FluxConfig(depth=blocks, depth_single=blocks)).state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/flux-Q8_0.gguf"
+        write_q8_gguf(path, shapes, "flux", 0)
+        part = read_transformer(path, FLUX_LAYOUT)
+        kept = build(Flux, part.cfg, part.tensors, "cpu", dtype, "FLUX", path, keep_quantized=True)
+        dense = build(Flux, part.cfg, part.tensors, "cpu", dtype, "FLUX", path)
+        g = torch.Generator().manual_seed(0)
+        img, img_ids = pack(torch.randn(1, 16, size // 8, size // 8, generator=g))
+        img, txt, y = img.to(dtype), torch.randn(1, 512, 4096, generator=g).to(dtype), torch.randn(1, 768, generator=g).to(dtype)
+        args = (img, img_ids, txt, torch.zeros(1, 512, 3), torch.tensor([0.7]), y, torch.tensor([3.5]))
+        with torch.inference_mode():
+            return _pair(lambda: kept(*args), lambda: dense(*args), runs)
+
+
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
@@ -173,9 +202,13 @@ def main(argv=None):
             elif name == "t5":
                 what = f"T5-XXL width, {args.t5_layers} of 24 blocks, 256 tokens, batch 2"
                 o, t = t5(args.t5_layers, dtype, args.runs)
-            else:
+            elif name == "flux":
                 what, (o, t) = (f"FLUX width, {args.flux_blocks}+{args.flux_blocks} blocks, {args.size}², 512 tokens",
                                 flux(args.size, args.flux_blocks, dtype, args.runs))
+            else:
+                what = (f"FLUX width, {args.flux_blocks}+{args.flux_blocks} blocks, {args.size}², Q8_0 kept vs "
+                        "dequantized at load")
+                o, t = flux_q8(args.size, args.flux_blocks, dtype, args.runs)
             rows.append((what, dtype_name, o, t))
             log(f"{what}, {dtype_name}: ours {o}, reference {t}, ratio {o.median / t.median:.2f}")
             gc.collect()

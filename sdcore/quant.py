@@ -104,10 +104,11 @@ def dequantize(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     if kind not in LAYOUTS:
         raise ValueError(f"no in-memory expansion for {kind}")
     f = _fields(blocks, kind)
+    # the common types in place on one float32 buffer: this runs for every layer at every step
     if kind == "Q8_0":
-        return f["d"] * f["qs"].contiguous().view(torch.int8).float()
+        return f["qs"].contiguous().view(torch.int8).float().mul_(f["d"])
     if kind == "Q4_0":
-        return f["d"] * (_unpack(f["qs"], 4).float() - 8)
+        return _unpack(f["qs"], 4).float().sub_(8).mul_(f["d"])
     if kind == "Q4_1":
         return f["d"] * _unpack(f["qs"], 4).float() + f["m"]
     if kind in ("Q5_0", "Q5_1"):
