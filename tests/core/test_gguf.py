@@ -109,6 +109,36 @@ def test_a_cut_gguf_is_refused_clearly(source, tmp_path):
         load_model(str(tmp_path / "text.gguf"), device="cpu", dtype="float32")
 
 
+def test_a_language_model_gguf_and_an_unsupported_type_are_refused_clearly(source, tmp_path, default_model_path):
+    """An LLM's GGUF (llama.cpp's names) is not taken for a checkpoint; a tensor of a type the gguf package cannot
+    expand (Q8_1, an intermediate type of llama.cpp's that no converter writes to files) names itself and its type."""
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((10, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint"):
+        load_model(str(tmp_path / "llama.gguf"), device="cpu", dtype="float32")
+    w = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "sd1")
+    for key, value in TensorFile(default_model_path).metadata.items():
+        w.add_string(key, value)
+    odd = next(k for k, v in source.items() if v.ndim == 2 and v.shape[1] % 32 == 0)
+    for name, t in source.items():
+        if name == odd:
+            blocks, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+            w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // blocks * size), np.uint8), raw_dtype=Q.Q8_1)
+        else:
+            w.add_tensor(name, t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=f"{odd}: the GGUF type Q8_1 is not supported"):
+        load_model(str(tmp_path / "q8_1.gguf"), device="cpu", dtype="float32")
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_safetensors_load_as_their_values(source, tmp_path, default_model_path, fp8):
     """fp8 checkpoints (flux1-dev-fp8 and the like): the weights stored in float8 load as exactly those values in
