@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from sdcore.formats import layouts
+from sdcore.formats.lora import fused_rows
+from sdcore.lora import networks
 
 # What classic LoRA trainers target: the attention and feed-forward layers, and the text encoders' ones
 ATTENTION = re.compile(r"(attn[12]\.to_(q|k|v|out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2)\.weight$")
@@ -102,3 +104,52 @@ def write_lora(path, model, layout="kohya", kind="lora", convolutions=False, ran
             f.pop("alpha")                     # these layouts store none: the scale is 1
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return written
+
+
+# SD3's and FLUX's transformers: what their trainers (sd-scripts, ai-toolkit) change, every Linear of the blocks
+# and of the final layer
+TRANSFORMER = re.compile(r"(blocks\.\d+\..+|final_layer\.(linear|adaLN_modulation\.1))\.weight$")
+
+
+def transformer_modules(model) -> list[tuple[str, list[tuple[str, tuple | None]], tuple, bool]]:
+    """(our module path, [(diffusers module path, our rows it fills)], our weight shape, whether our rows are
+    diffusers' with the two halves exchanged) of every Linear an SD3 or FLUX adapter changes; several diffusers
+    modules where ours stacks them (q, k, v)."""
+    transformer = networks(model)["unet"]
+    sd = transformer.state_dict()
+    pairs, swapped = layouts.transformer_names(transformer.cfg)
+    out = []
+    for ours, theirs in pairs:
+        if ours in sd and sd[ours].dim() == 2 and TRANSFORMER.search(ours):
+            rows = fused_rows(sd[ours].shape, len(theirs))
+            out.append((ours[:-len(".weight")], [(t[:-len(".weight")], r) for t, r in zip(theirs, rows)],
+                        tuple(sd[ours].shape), ours in swapped))
+    return out
+
+
+def write_transformer_lora(path, model, layout="peft", rank=4, seed=0) -> None:
+    """A random LoRA for ``model``'s SD3/FLUX transformer at ``path``, the same change in every ``layout``:
+    "peft" (transformer.<diffusers path>.lora_A/lora_B, one per diffusers module, no alpha), "kohya"
+    (lora_unet_<our path, underscores>.lora_down/lora_up/alpha) or "comfy" (diffusion_model.<our path>.lora_A/
+    lora_B/alpha). Ours stacks q, k and v in one weight: the kohya and ComfyUI files hold their three changes as one
+    LoRA of three times the rank (up block-diagonal, downs stacked), alpha = that rank, as sd-scripts writes it."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for ours, parts, shape, swapped in transformer_modules(model):
+        ups, downs = [], []
+        for _, rows in parts:
+            up, down = _low_rank((rows[1] - rows[0] if rows else shape[0], shape[1]), rank, g)
+            ups.append(up), downs.append(down)
+        if layout == "peft":
+            for (theirs, _), up, down in zip(parts, ups, downs):
+                tensors |= {f"transformer.{theirs}.lora_A.weight": down, f"transformer.{theirs}.lora_B.weight": up}
+            continue
+        up, down, alpha = torch.block_diag(*ups), torch.cat(downs), torch.tensor(float(rank * len(parts)))
+        up = torch.cat(up.chunk(2)[::-1]) if swapped else up
+        if layout == "kohya":
+            name = "lora_unet_" + ours.replace(".", "_")
+            tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": alpha}
+        else:
+            name = "diffusion_model." + ours
+            tensors |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up, f"{name}.alpha": alpha}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

@@ -17,6 +17,7 @@ import os
 import torch
 
 from .cuda_graphs import unwrapped
+from .flux import LatentFlux
 from .formats.lora import EXTENSIONS, LoraError, LoraFile, read_lora, target_shape
 from .quant import QuantLinear
 
@@ -25,8 +26,11 @@ __all__ = ["EXTENSIONS", "LoraError", "apply_loras", "available", "find_lora", "
 
 
 def networks(model) -> dict:
-    """The networks adapters change: the UNet and the text encoder(s), unwrapped from compiled code."""
-    return {"unet": unwrapped(model.unet), "text": model.text_encoder, "text_2": model.text_encoder_2}
+    """The networks adapters change: the UNet (or transformer) and the text encoders, unwrapped from compiled code."""
+    unet = unwrapped(model.unet)
+    unet = unet.flux if isinstance(unet, LatentFlux) else unet      # its parameters under the layout's names
+    return {"unet": unet, "text": model.text_encoder, "text_2": model.text_encoder_2,
+            "text_3": model.text_encoder_3}
 
 
 def find_lora(directory: str, name: str) -> str:

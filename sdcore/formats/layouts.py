@@ -14,6 +14,7 @@ import re
 import torch
 
 from ..clip import TextEncoder
+from ..flux import FluxConfig
 from ..unet import UNetConfig
 from .files import Tensors
 
@@ -248,17 +249,21 @@ def from_diffusers(theirs: Tensors, pairs, swapped=()) -> Tensors:
     return out
 
 
-def mmdit_from_diffusers(theirs: Tensors) -> Tensors:
-    """A diffusers SD3Transformer2DModel state dict under our names. Beyond names: q, k, v are separate there
-    (fused here), and the modulations that give two vectors, the final layer's and the last block's text side,
-    give (scale, shift) there and (shift, scale) here."""
-    depth = theirs.count("transformer_blocks.")
+def mmdit_names(depth: int) -> tuple[list, set]:
+    """An MMDiT of ``depth`` joint blocks: (our key, their keys) for every tensor (several: q, k, v fused by rows
+    here), and our keys whose two halves are exchanged there: the modulations that give two vectors, the final
+    layer's and the last block's text side, give (scale, shift) there and (shift, scale) here."""
     pairs = [("pos_embed", ["pos_embed.pos_embed"])] + _linears({k: v for k, v in MMDIT_NAMES.items() if k != "pos_embed"})
     for i in range(depth):
         pairs += _linears(MMDIT_BLOCK, f"joint_blocks.{i}.", f"transformer_blocks.{i}.")
     swapped = {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")}
     swapped |= {f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.{p}" for p in ("weight", "bias")}
-    return from_diffusers(theirs, pairs, swapped)
+    return pairs, swapped
+
+
+def mmdit_from_diffusers(theirs: Tensors) -> Tensors:
+    """A diffusers SD3Transformer2DModel state dict under our names."""
+    return from_diffusers(theirs, *mmdit_names(theirs.count("transformer_blocks.")))
 
 
 # --- FLUX: Black Forest Labs' names (ours) <-> diffusers' FluxTransformer2DModel ------------------------------
@@ -284,10 +289,9 @@ FLUX_SINGLE = {"modulation.lin": "norm.linear", "linear1": ["attn.to_q", "attn.t
 FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 
 
-def flux_from_diffusers(theirs: Tensors) -> Tensors:
-    """A diffusers FluxTransformer2DModel state dict under our names (q, k, v and the single blocks' MLP input
-    fused into one projection here; the final modulation's halves swapped, as for MMDiT)."""
-    depth, depth_single = theirs.count("transformer_blocks."), theirs.count("single_transformer_blocks.")
+def flux_names(depth: int, depth_single: int) -> tuple[list, set]:
+    """FLUX's (our key, their keys) pairs and swapped keys, as ``mmdit_names``: q, k, v (and the single blocks' MLP
+    input) fused into one projection here; the final modulation's halves exchanged."""
     pairs = _linears(FLUX_NAMES)
     for i in range(depth):
         pairs += _linears(FLUX_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
@@ -295,7 +299,20 @@ def flux_from_diffusers(theirs: Tensors) -> Tensors:
     for i in range(depth_single):
         pairs += _linears(FLUX_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
         pairs += [(f"single_blocks.{i}.{o}", [f"single_transformer_blocks.{i}.{t}"]) for o, t in FLUX_SINGLE_NORMS.items()]
-    return from_diffusers(theirs, pairs, {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")})
+    return pairs, {f"final_layer.adaLN_modulation.1.{p}" for p in ("weight", "bias")}
+
+
+def flux_from_diffusers(theirs: Tensors) -> Tensors:
+    """A diffusers FluxTransformer2DModel state dict under our names."""
+    return from_diffusers(theirs, *flux_names(theirs.count("transformer_blocks."),
+                                              theirs.count("single_transformer_blocks.")))
+
+
+def transformer_names(cfg) -> tuple[list, set]:
+    """The name table of a loaded MMDiT or FLUX transformer, from its configuration."""
+    if isinstance(cfg, FluxConfig):
+        return flux_names(cfg.depth, cfg.depth_single)
+    return mmdit_names(cfg.depth)
 
 
 # --- T5 encoder: llama.cpp's GGUF names (its converter's t5encoder files, e.g. t5-v1_1-xxl-encoder-Q8_0.gguf, the

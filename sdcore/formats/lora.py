@@ -4,11 +4,14 @@ An adapter stores, per module of the network it was trained on, a low-rank (or o
 factorisation of a weight change. Its keys name the module in one of several layouts:
 
     kohya / A1111     lora_unet_<module path, dots as underscores>.<factor>    (UNet: diffusers' paths for
-                      SD1/SD2, the LDM ones for SDXL), lora_te_ (SD1/SD2 text encoder, Hugging Face paths),
-                      lora_te1_ / lora_te2_ (SDXL's CLIP ViT-L / OpenCLIP bigG)
-    diffusers / PEFT  unet.<module path>.<factor>, text_encoder.<path>, text_encoder_2.<path>; the factor as
-                      lora_A/lora_B (PEFT), lora.down/lora.up or lora_linear_layer.down/up (older diffusers,
-                      whose attention processors also write ``attn1.processor.to_q_lora``)
+                      SD1/SD2, the LDM ones for SDXL; SD3 / FLUX: Stability's / Black Forest Labs' paths),
+                      lora_te_ (SD1/SD2 text encoder, Hugging Face paths), lora_te1_ / lora_te2_ / lora_te3_
+                      (CLIP ViT-L / OpenCLIP bigG / T5)
+    diffusers / PEFT  unet.<module path>.<factor> (SD3 / FLUX: transformer.<diffusers path>), text_encoder.<path>,
+                      text_encoder_2.<path>, text_encoder_3.<path>; the factor as lora_A/lora_B (PEFT), lora.down/
+                      lora.up or lora_linear_layer.down/up (older diffusers, whose attention processors also write
+                      ``attn1.processor.to_q_lora``)
+    ComfyUI           diffusion_model.<Black Forest Labs' / Stability's path>.<factor>
 
 and the factors are one of (W the module's weight, [out, in] or [out, in, kh, kw]; r the rank):
 
@@ -21,7 +24,9 @@ scaled by ``alpha / r`` when the file stores an alpha (LoKr: only when one facto
 multiplier the prompt asks for. Module paths are matched on our parameter names through the same layout
 tables the checkpoints use (``layouts``), so any network the loader reads takes adapters in every layout,
 and a module the file names that the model lacks, or whose shape differs, tells that the adapter was made
-for another model.
+for another model. Where one of our weights is several of theirs stacked by rows (q, k and v in one
+projection), a change to one of theirs lands in its rows; where ours holds two halves in the other order
+(SD3's and FLUX's final modulation), the change's halves are exchanged.
 """
 from __future__ import annotations
 
@@ -36,14 +41,17 @@ import struct
 import torch
 
 from . import layouts
+from ..unet import UNetConfig
 from .files import CheckpointError, TensorFile, from_file
 
 log = logging.getLogger("sdcore.lora")
 
 EXTENSIONS = (".safetensors", ".ckpt", ".pt")
-# Which network a key prefix addresses ("text": the first text encoder, "text_2": SDXL's second)
-NETWORK_PREFIXES = [("lora_unet_", "unet"), ("lora_te1_", "text"), ("lora_te2_", "text_2"), ("lora_te_", "text"),
-                    ("unet.", "unet"), ("text_encoder_2.", "text_2"), ("text_encoder.", "text"),
+# Which network a key prefix addresses: "unet" the denoiser (a UNet, or SD3's / FLUX's transformer), "text" the
+# first text encoder (CLIP-L), "text_2" SDXL's and SD3's second (bigG), "text_3" SD3's and FLUX's T5
+NETWORK_PREFIXES = [("lora_unet_", "unet"), ("lora_te1_", "text"), ("lora_te2_", "text_2"), ("lora_te3_", "text_3"),
+                    ("lora_te_", "text"), ("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
+                    ("text_encoder_2.", "text_2"), ("text_encoder_3.", "text_3"), ("text_encoder.", "text"),
                     ("base_model.model.", "unet"), ("lora_unet.", "unet")]
 # Key endings -> the factor they hold, in every layout's spelling
 FACTORS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
@@ -63,11 +71,12 @@ class LoraError(CheckpointError):
 
 @dataclasses.dataclass
 class Target:
-    """The parameter a module's change lands in: network, our key, and (the text encoder's fused q/k/v)
-    which rows of it."""
+    """The parameter a module's change lands in: network, our key, (a fused q/k/v) which rows of it, and whether
+    its two halves are in the other order in ours."""
     network: str
     key: str
     rows: tuple[int, int] | None = None
+    swapped: bool = False
 
 
 @dataclasses.dataclass
@@ -101,7 +110,8 @@ class Patch:
         scale = self.alpha / rank if self.alpha is not None and rank else 1.0
         if d.numel() != shape.numel():
             raise ValueError(f"{tuple(d.shape)} vs {tuple(shape)}")
-        return d.reshape(shape) * (scale * multiplier)
+        d = d.reshape(shape) * (scale * multiplier)
+        return torch.cat(d.chunk(2)[::-1]) if self.target.swapped else d
 
 
 def _factor(f: dict, a: str, b: str, t: str) -> torch.Tensor:
@@ -141,37 +151,56 @@ def _module_key(key: str) -> tuple[str, str, str] | None:
     return network, _normalise(module), factor
 
 
+def fused_rows(shape, n: int) -> list[tuple[int, int] | None]:
+    """The rows each of ``n`` projections stacked in a weight of ``shape`` [out, in] holds: q, k and v read the
+    width they write (``in`` rows each); a last one beyond them (FLUX's single blocks' MLP input) the rest."""
+    if n == 1:
+        return [None]
+    bounds = [i * shape[1] for i in range(n)] + [shape[0]]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def target_table(networks: dict) -> dict[str, dict[str, Target]]:
-    """Per network ("unet", "text", "text_2"): module path (underscores) -> Target, under every name the
-    module has in the layouts we read: ours (LDM; OpenCLIP's for text) and diffusers' / Hugging Face's.
-    A name two different parameters would share is left out (a file naming it is refused as unknown)."""
+    """Per network ("unet", "text", "text_2", "text_3"): module path (underscores) -> Target, under every name the
+    module has in the layouts we read: ours (LDM, Stability's or Black Forest Labs'; OpenCLIP's for CLIP) and
+    diffusers' / Hugging Face's. A name two different parameters would share is left out (a file naming it is
+    refused as unknown)."""
     tables = {}
     for network, module in networks.items():
         if module is None:
             continue
-        keys = [k for k, v in module.state_dict().items() if v.dim() >= 2 and k.endswith("weight")]
+        state = module.state_dict()
+        keys = [k for k, v in state.items() if v.dim() >= 2 and k.endswith("weight")]
         names: dict[str, Target | None] = {}
 
         def add(name, target):
-            name = _normalise(name)
+            name = _normalise(name[:-len(".weight")])
             names[name] = target if names.get(name, target) == target else None
 
-        if network == "unet":
+        if network == "unet" and isinstance(module.cfg, UNetConfig):
             theirs = layouts.unet_name_map(keys, module.cfg)
             for k in keys:
-                add(k[:-len(".weight")], Target(network, k))
-                add(theirs[k][:-len(".weight")], Target(network, k))
+                add(k, Target(network, k))
+                add(theirs[k], Target(network, k))
+        elif network == "unet":                          # SD3's MMDiT, FLUX
+            pairs, swapped = layouts.transformer_names(module.cfg)
+            for ours, hf in pairs:
+                if ours in keys:
+                    add(ours, Target(network, ours))
+                    for name, rows in zip(hf, fused_rows(state[ours].shape, len(hf))):
+                        add(name, Target(network, ours, rows, ours in swapped))
+        elif network == "text_3":                        # T5: Hugging Face's names are ours
+            for k in keys:
+                add(k, Target(network, k))
         else:
-            width = module.cfg.width
             for k in keys:
                 if k in layouts.TEXT_NAMES:           # embeddings and projection: adapters leave them
                     continue
                 hf = layouts.text_hf_names(k)
-                for i, name in enumerate(hf):
-                    rows = (i * width, (i + 1) * width) if len(hf) > 1 else None
-                    add("text_model." + name[:-len(".weight")], Target(network, k, rows))
+                for name, rows in zip(hf, fused_rows(state[k].shape, len(hf))):
+                    add("text_model." + name, Target(network, k, rows))
                     if len(hf) == 1:
-                        add(k[:-len(".weight")], Target(network, k))
+                        add(k, Target(network, k))
         tables[network] = {n: t for n, t in names.items() if t is not None}
     return tables
 
@@ -198,8 +227,9 @@ def short_hash(path: str) -> str:
 
 
 def read_lora(path: str, networks: dict, family: str) -> LoraFile:
-    """Read ``path`` and match every module it changes to ``networks`` ({"unet": UNet, "text": TextEncoder,
-    "text_2": TextEncoder or None}) of a ``family`` model; LoraError when it does not fit them."""
+    """Read ``path`` and match every module it changes to ``networks`` ({"unet": UNet, MMDiT or Flux, "text":
+    TextEncoder, "text_2": TextEncoder or None, "text_3": T5Encoder or None}) of a ``family`` model; LoraError when
+    it does not fit them."""
     path = os.fspath(path)
     name = os.path.splitext(os.path.basename(path))[0]
     try:

@@ -129,3 +129,18 @@ def test_refusals(built, tmp_path):
         with pytest.raises(PipelineError) as e:
             generate(model, GenerationParams(**{**p, **kw}))
         assert e.value.field == field, (kw, e.value.message)
+
+
+def test_a_lora_changes_the_image_and_its_removal_restores_it(built, tmp_path):
+    """A FLUX LoRA (sd-scripts' names) through the pipeline: the image changes, the infotext names it, and the next
+    request without it draws the first image again, bit for bit."""
+    from bench.lora_files import write_transformer_lora
+    _, _, model, _ = built
+    write_transformer_lora(tmp_path / "grain.safetensors", model, layout="kohya", seed=1)
+    params = dict(prompt=PROMPT, width=64, height=64, steps=2, cfg_scale=1.0, sample_method="euler", seed=5)
+    plain = generate(model, GenerationParams(**params))[0]
+    adapted = generate(model, GenerationParams(**params, loras=[(str(tmp_path / "grain.safetensors"), 0.8)]))[0]
+    again = generate(model, GenerationParams(**params))[0]
+    assert (pixels(adapted.image).float() - pixels(plain.image).float()).abs().mean() > 1
+    assert 'Lora hashes: "grain: ' in adapted.parameters
+    assert torch.equal(pixels(again.image), pixels(plain.image))
