@@ -51,29 +51,16 @@ def sd3(tmp_path_factory):
     return model, ref
 
 
-class FluxLoras(FluxLoraLoaderMixin):
-    """diffusers' FLUX LoRA loading and fusing on its transformer alone."""
-    hf_device_map = None
-    text_encoder = None
+def _diffusers_loader(mixin, transformer):
+    """diffusers' LoRA loading and fusing (``mixin``: a pipeline's) on its transformer alone."""
+    class Loader(mixin):
+        hf_device_map = None
+        text_encoder = text_encoder_2 = None
+        components = property(lambda self: {"transformer": self.transformer})
 
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
-
-
-class SD3Loras(SD3LoraLoaderMixin):
-    hf_device_map = None
-    text_encoder = text_encoder_2 = None
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    @property
-    def components(self):
-        return {"transformer": self.transformer}
+    loader = Loader()
+    loader.transformer = transformer
+    return loader
 
 
 def _flux_io(model):
@@ -129,7 +116,7 @@ def test_merged_adapter_equals_diffusers_fused(family, layout, flux, sd3, tmp_pa
         adapter = load_file(path)
         save_file({k: v for k, v in adapter.items() if "_linear1." not in k and "final_layer" not in k}, str(path))
     ref = copy.deepcopy(ref)                          # the fixture's stays as it was
-    loader = (FluxLoras if family == "flux" else SD3Loras)(ref)
+    loader = _diffusers_loader(FluxLoraLoaderMixin if family == "flux" else SD3LoraLoaderMixin, ref)
     loader.load_lora_weights(str(path), adapter_name="a")
     loader.fuse_lora(components=["transformer"], lora_scale=MULTIPLIER)
     loader.unload_lora_weights()                      # the fused weights stay
