@@ -165,8 +165,10 @@ def sdcpp_run(paths: dict, size: int, steps: int, threads: int) -> dict:
     if line is None:
         raise RuntimeError(f"stable-diffusion.cpp failed (exit {out.returncode}):\n{text[-3000:]}")
     result = json.loads(line[len("RESULT "):])
-    # its progress callback reports each step's seconds (and may report the VAE decode too: the first steps count)
-    result["step_s"] = sum(result["steps"][:steps]) / steps if result["steps"] else float("nan")
+    # its progress callback reports each step's seconds, after a first report of 0 before the first step (and may
+    # report the VAE decode after them): the first ``steps`` after that
+    times = result["steps"][1:] if result["steps"][:1] == [0.0] else result["steps"]
+    result["step_s"] = sum(times[:steps]) / steps if len(times) >= steps else float("nan")
     return result
 
 
