@@ -291,7 +291,7 @@ def read_t5(path: str) -> Part:
     return t5_part(layouts.t5_from_gguf(t) if prefix is None else t.sub(prefix), path)
 
 
-def _encoder_file(path: str, what: str, anchor: str, llama_cpp_anchor: str = None) -> tuple[Tensors, str | None]:
+def _encoder_file(path: str, what: str, anchor: str, llama_cpp_anchor: str | None = None) -> tuple[Tensors, str | None]:
     """A text encoder's file, and the prefix its Hugging Face names sit under (found by the key ``anchor``); None
     for a file in llama.cpp's GGUF names (found by ``llama_cpp_anchor``)."""
     if not os.path.isfile(path):

@@ -184,8 +184,9 @@ def target_table(networks: dict) -> dict[str, dict[str, Target]]:
                 add(theirs[k], Target(network, k))
         elif network == "unet":                          # SD3's MMDiT, FLUX
             pairs, swapped = layouts.transformer_names(module.cfg)
+            weights = set(keys)
             for ours, hf in pairs:
-                if ours in keys:
+                if ours in weights:
                     add(ours, Target(network, ours))
                     for name, rows in zip(hf, fused_rows(state[ours].shape, len(hf))):
                         add(name, Target(network, ours, rows, ours in swapped))
