@@ -31,11 +31,43 @@ def unwrapped(net):
     return getattr(net, "_orig_mod", net)
 
 
+def _flatten(args, named):
+    """(the tensors of a call, in order, and its layout: what _rebuild needs to call again with other tensors of
+    the same shapes). Positional arguments are tensors; a named one is a tensor, a list of tensors (ControlNet
+    residuals) or a constant that is part of the signature (None, SD3's skipped layers)."""
+    tensors, layout = list(args), [len(args)]
+    for name in sorted(named):
+        value = named[name]
+        if torch.is_tensor(value):
+            tensors.append(value)
+            layout.append((name, "tensor"))
+        elif isinstance(value, list) and all(torch.is_tensor(v) for v in value):
+            tensors.extend(value)
+            layout.append((name, "list", len(value)))
+        else:
+            layout.append((name, "constant", tuple(value) if isinstance(value, list) else value))
+    return tensors, tuple(layout)
+
+
+def _rebuild(tensors, layout):
+    """(args, named) from _flatten's tensors and layout."""
+    n_args, *rest = layout
+    args, at, named = tensors[:n_args], n_args, {}
+    for name, kind, *extra in rest:
+        if kind == "tensor":
+            named[name], at = tensors[at], at + 1
+        elif kind == "list":
+            named[name], at = list(tensors[at:at + extra[0]]), at + extra[0]
+        else:
+            named[name] = extra[0]
+    return args, named
+
+
 class CUDAGraphed:
     def __init__(self, fn, module: torch.nn.Module):
-        """``fn(*tensors, control=None)``: the network to capture (``module`` or ``torch.compile(module)``):
-        the UNet ``(x, t, ctx, control=residuals)`` or the ControlNet ``(x, t, ctx, guided_hint)``, returning a
-        tensor or a list of them; ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
+        """``fn(*tensors, **named)``: the network to capture (``module`` or ``torch.compile(module)``):
+        the UNet ``(x, t, ctx, control=residuals)``, SDXL's and the transformers' ``(x, t, context=, y=, ...)`` or
+        the ControlNet ``(x, t, ctx, guided_hint)``, returning a tensor or a list of them; ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
         self.fn, self.module = fn, module
         self.graphs = OrderedDict()     # input signature -> (static inputs, static output, graph) or None
         self.pool = None                # one memory pool shared by all graphs (they never run at once)
@@ -44,21 +76,20 @@ class CUDAGraphed:
     def __getattr__(self, name):        # only reached for names this wrapper does not have
         return getattr(self.__dict__["module"], name)
 
-    def __call__(self, *args, control=None):
-        kw = {} if control is None else {"control": control}
+    def __call__(self, *args, **named):
         if not self._replayable(args[0]):
-            return self.fn(*args, **kw)
-        inputs = (*args, *(control or ()))
-        key = (len(args), control is None, args[0].device) + tuple((tuple(v.shape), v.dtype) for v in inputs)
+            return self.fn(*args, **named)
+        inputs, layout = _flatten(args, named)
+        key = (layout, args[0].device) + tuple((tuple(v.shape), v.dtype) for v in inputs)
         with self.lock:
             if key in self.graphs:
                 self.graphs.move_to_end(key)
             else:
-                self.graphs[key] = self._capture(inputs, len(args), control is not None)
+                self.graphs[key] = self._capture(inputs, layout)
                 if len(self.graphs) > MAX_GRAPHS:
                     self.graphs.popitem(last=False)
             if self.graphs[key] is None:
-                return self.fn(*args, **kw)
+                return self.fn(*args, **named)
             static_inputs, out, graph = self.graphs[key]
             for static, value in zip(static_inputs, inputs):
                 static.copy_(value)
@@ -69,22 +100,22 @@ class CUDAGraphed:
     def _replayable(x) -> bool:
         return x.is_cuda and torch.is_inference_mode_enabled()
 
-    def _capture(self, inputs, n_args, has_control):
+    def _capture(self, inputs, layout):
         """(static inputs, static output, graph), or None where this network cannot be captured (it
         then runs uncaptured for this signature, with a warning)."""
         try:
-            return self._try_capture(inputs, n_args, has_control)
+            return self._try_capture(inputs, layout)
         except Exception as e:          # e.g. a host sync inside the network: capture is an optimisation
             log.warning("CUDA graph capture failed for shapes %s; running without a graph: %s",
                         [tuple(a.shape) for a in inputs], e)
             return None
 
-    def _try_capture(self, inputs, n_args, has_control):
+    def _try_capture(self, inputs, layout):
         static = [a.clone() for a in inputs]
 
         def run():
-            kw = {"control": static[n_args:]} if has_control else {}
-            return self.fn(*static[:n_args], **kw)
+            args, named = _rebuild(static, layout)
+            return self.fn(*args, **named)
 
         out, graph = self._record(run, inputs[0].device)
         return static, out, graph

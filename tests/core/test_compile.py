@@ -123,6 +123,31 @@ def _graphed_on_cpu(fn, module, fail_on=()):
     return OnCPU(fn, module)
 
 
+def test_cuda_graph_wrapper_replays_named_inputs_and_keys_on_constants():
+    # SDXL and the transformers take their text as context= and y= (FLUX dev: guidance=), SD3's skip-layer pass
+    # names the blocks it leaves out: named tensors are copied in like positional ones, a constant is part of the
+    # signature.
+    import torch
+    seen = []
+
+    def fn(x, t, context=None, y=None, skip_layers=()):
+        seen.append(skip_layers)
+        return x * t[:, None, None, None] + context.sum() + y.sum() * (1 + len(skip_layers))
+
+    graphed = _graphed_on_cpu(fn, None)
+    g = torch.Generator().manual_seed(1)
+    calls = [dict(x=torch.randn(1, 4, 8, 8, generator=g), t=torch.rand(1, generator=g),
+                  context=torch.randn(1, 5, 3, generator=g), y=torch.randn(1, 6, generator=g)) for _ in range(2)]
+    with torch.inference_mode():
+        for skip in ((), (7, 8, 9), [7, 8, 9]):
+            for c in calls:
+                got = graphed(c["x"], c["t"], context=c["context"], y=c["y"], skip_layers=skip)
+                torch.testing.assert_close(got, fn(c["x"], c["t"], context=c["context"], y=c["y"], skip_layers=skip),
+                                           rtol=0, atol=0)
+    assert len(graphed.captured) == 2            # one per constant: a list of layers is the tuple's signature
+    assert {tuple(s) for s in seen} == {(), (7, 8, 9)}
+
+
 def test_cuda_graph_wrapper_keys_copies_and_evicts(monkeypatch, caplog):
     import torch
 
@@ -153,7 +178,7 @@ def test_cuda_graph_wrapper_keys_copies_and_evicts(monkeypatch, caplog):
             out3 = graphed(torch.randn(1, 4, 12, 12, generator=g), t, ctx)    # capture fails: runs without a graph
         assert "CUDA graph capture failed" in caplog.text and out3.shape == (2, 4, 12, 12)
         # MAX_GRAPHS 2: the plain 8×8 signature, least recently used, was dropped for the failed 12×12 one
-        assert [(k[1], k[3][0]) for k in graphed.graphs] == [(False, (1, 4, 8, 8)), (True, (1, 4, 12, 12))]
+        assert [(k[0][1:] != (), k[2][0]) for k in graphed.graphs] == [(True, (1, 4, 8, 8)), (False, (1, 4, 12, 12))]
         assert list(graphed.graphs.values())[-1] is None
         graphed(x1, t, ctx)                                             # back: captured again
         assert graphed.captured[-1] == (2, 4, 8, 8) and len(graphed.captured) == 4
