@@ -67,7 +67,8 @@ class CUDAGraphed:
     def __init__(self, fn, module: torch.nn.Module):
         """``fn(*tensors, **named)``: the network to capture (``module`` or ``torch.compile(module)``):
         the UNet ``(x, t, ctx, control=residuals)``, SDXL's and the transformers' ``(x, t, context=, y=, ...)`` or
-        the ControlNet ``(x, t, ctx, guided_hint)``, returning a tensor or a list of them; ``module``: the plain one, whose attributes (``cfg``, ...) this wrapper exposes."""
+        the ControlNet ``(x, t, ctx, guided_hint)``, returning a tensor or a list of them; ``module``: the plain
+        one, whose attributes (``cfg``, ...) this wrapper exposes."""
         self.fn, self.module = fn, module
         self.graphs = OrderedDict()     # input signature -> (static inputs, static output, graph) or None
         self.pool = None                # one memory pool shared by all graphs (they never run at once)
