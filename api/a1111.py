@@ -400,6 +400,7 @@ def _parse_common(body: dict, st, defaults: dict, rid: str) -> tuple[_Fields, di
               scheduler=schedule,
               seed=seed, clip_skip=_get_int(f, "clip_skip", clip_skip, 1, MAX_CLIP_SKIP),
               **P.get_refiner(f, "refiner_checkpoint", lambda name: _served(st, name), P.defaults()["refiner_switch_at"]),
+              **P.get_skip_layer_guidance(f),
               **{**_sdxl_options(stored, None), **_sdxl_options(override, "override_settings")})
     kw["loras"] = P.get_loras(f, prompt, negative, st.models.lora_dir)
     # Forge's field for FLUX dev's distilled guidance (its default, 3.5, is the model's own: not sent means that)

@@ -60,6 +60,23 @@ def _micro_fields(defaults: dict) -> dict:
     }
 
 
+def _slg_fields(defaults: dict) -> dict:
+    lo, hi = P.SKIP_LAYER_RANGE
+    return {
+        "slg_scale": {"type": "number", "minimum": P.SLG_SCALE_RANGE[0], "maximum": P.SLG_SCALE_RANGE[1],
+                      "default": defaults["slg_scale"], "description": "SD3 models only: skip-layer guidance scale (0: "
+                      "off; it acts only with cfg_scale guidance). SD3.5 medium's card uses 2.5."},
+        "skip_layers": {"type": "array", "minItems": 1, "maxItems": hi, "default": list(defaults["skip_layers"]),
+                        "items": {"type": "integer", "minimum": lo, "maximum": hi},
+                        "description": "With slg_scale: the joint blocks the weakened pass leaves out (each below the "
+                                       "model's depth). In a form: \"7,8,9\"."},
+        **{name: {"type": "number", "minimum": P.FRACTION_RANGE[0], "maximum": P.FRACTION_RANGE[1],
+                  "default": defaults[name], "description": f"With slg_scale: the fraction of the steps where it "
+                  f"{what} (steps i with steps·start < i < steps·end); start < end."}
+           for name, what in (("skip_layer_start", "starts"), ("skip_layer_end", "ends"))},
+    }
+
+
 def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
     lo_seed, hi_seed = P.SEED_RANGE
     defaults = P.defaults()
@@ -118,6 +135,7 @@ def _common_fields(limits: P.Limits, model_ids: list[str]) -> dict:
                               "maximum": P.REFINER_SWITCH_RANGE[1], "default": defaults["refiner_switch_at"],
                               "description": "With refiner: the fraction of the steps drawn before it takes over."},
         **_micro_fields(defaults),
+        **_slg_fields(defaults),
         "lora": _lora_field(),
         "response_format": {"type": "string", "enum": list(P.RESPONSE_FORMATS),
                             "default": defaults["response_format"],
@@ -291,6 +309,7 @@ def _a1111_request(limits: P.Limits, img2img: bool) -> dict:
                                 "maximum": P.REFINER_SWITCH_RANGE[1], "default": P.defaults()["refiner_switch_at"]},
                                "The fraction of the steps drawn before the refiner takes over."),
         "lora": _lora_field(),
+        **_slg_fields(P.defaults()),
         "send_images": f(flag, "Return the images (default true)."),
         "save_images": f(flag, "Also store them in /v1/files (default false)."),
     }

@@ -58,6 +58,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 CFG_SCALE_RANGE = (0.0, 30.0)
 GUIDANCE_RANGE = (0.0, 30.0)             # FLUX dev's distilled guidance (an input of the network)
+SLG_SCALE_RANGE = (0.0, 30.0)            # SD3's skip-layer guidance
+SKIP_LAYER_RANGE = (0, 255)              # joint block numbers (the model's depth bounds them further)
+FRACTION_RANGE = (0.0, 1.0)
 CONTROL_STRENGTH_RANGE = (0.0, 2.0)
 STRENGTH_RANGE = (0.0, 1.0)
 REFINER_SWITCH_RANGE = (0.0, 1.0)        # the fraction of the steps drawn before the refiner takes over
@@ -463,6 +466,28 @@ def get_stream(f: _Fields, n: int, response_format: str | None) -> dict:
     return {"stream": stream, "partial_images": partial}
 
 
+def get_skip_layer_guidance(f: _Fields) -> dict:
+    """SD3's skip-layer guidance: slg_scale, skip_layers (a JSON array of block numbers, or in a form "7,8,9"),
+    skip_layer_start and skip_layer_end (defaults: GenerationParams'). The core checks what needs the model or
+    applies only when slg_scale is on: the blocks against its depth, start < end."""
+    d = defaults()
+    out = {"slg_scale": _get_float(f, "slg_scale", d["slg_scale"], *SLG_SCALE_RANGE)}
+    for name in ("skip_layer_start", "skip_layer_end"):
+        out[name] = _get_float(f, name, d[name], *FRACTION_RANGE)
+    if f.has("skip_layers"):
+        sent, lo, hi = f.get("skip_layers"), *SKIP_LAYER_RANGE
+        v = sent
+        if f.is_form and isinstance(v, str):
+            items = [x.strip() for x in v.strip().strip("[]").split(",")]
+            v = [int(x) for x in items] if all(_INT_RE.fullmatch(x) for x in items) else None
+        if not (isinstance(v, list) and 0 < len(v) <= hi and all(type(x) is int and lo <= x <= hi for x in v)):
+            got = repr(sent) if isinstance(sent, str) else _type_name(sent) if not isinstance(sent, list) else sent
+            raise invalid("skip_layers", f"'skip_layers' must be a non-empty array of block numbers from {lo} to "
+                                         f"{hi} (in a form: \"7,8,9\"), got {got}.", "invalid_type")
+        out["skip_layers"] = tuple(v)
+    return out
+
+
 def get_micro_conditioning(f: _Fields) -> dict:
     """SDXL's size/crop micro-conditioning and the refiner's aesthetic scores (defaults: GenerationParams')."""
     d, lo, hi = defaults(), *MICRO_SIDE_RANGE
@@ -514,6 +539,7 @@ def _parse_common(f: _Fields, limits: Limits, models) -> dict:
                                            d["apply_canny_preprocessor"]),
         **get_refiner(f, "refiner", models.find, d["refiner_switch_at"]),
         **get_micro_conditioning(f),
+        **get_skip_layer_guidance(f),
     )
     kw["loras"] = get_loras(f, kw["prompt"], kw["negative_prompt"], models.lora_dir)
     response_format = _get_choice(f, "response_format", d["response_format"], RESPONSE_FORMATS)

@@ -14,7 +14,15 @@ dpm++2mv2 refuses flow models):
     x = samplers.add_noise(noise(), sigmas[0], "flow")      # = ε at σ = 1; img2img: latent=x0
     x = samplers.get_sampler("euler", "flow")(denoise, x, sigmas, noise=noise, callback=cb)
 """
-from .denoiser import GUIDANCE_OFF, PREDICTIONS, add_noise, get_scalings, make_denoiser, uses_guidance
+from .denoiser import (
+    GUIDANCE_OFF,
+    PREDICTIONS,
+    add_noise,
+    get_scalings,
+    make_denoiser,
+    skip_layer_window,
+    uses_guidance,
+)
 from .sampling import (
     ANCESTRAL,
     FLOW_UNSUPPORTED,
@@ -64,5 +72,5 @@ __all__ = [
     "check_scheduler", "default_scheduler", "flow_shift", "flow_sigma_to_t", "flow_sigmas", "flow_t_to_sigma",
     "flow_time_shift", "flux_mu", "flux_sigmas", "get_ancestral_step", "get_ancestral_step_flow", "get_sampler",
     "get_scalings", "get_sigmas", "img2img_sigmas", "make_denoiser", "model_sigmas", "sigma_to_t", "t_to_sigma",
-    "to_d", "uses_guidance",
+    "skip_layer_window", "to_d", "uses_guidance",
 ]

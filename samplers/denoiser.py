@@ -71,7 +71,16 @@ def uses_guidance(cfg_scale) -> bool:
     return cfg_scale not in GUIDANCE_OFF
 
 
-def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0, share_latent=False):
+def skip_layer_window(sigmas, start, stop):
+    """The noise levels (σ_high, σ_low) over which skip-layer guidance acts in a run over ``sigmas`` (N steps): those
+    of the steps i with N·start < i < N·stop, diffusers' SD3 rule (i counted from 0; stable-diffusion.cpp counts
+    from 1, so its window starts and ends one step earlier). None when no step falls inside."""
+    n = len(sigmas) - 1
+    inside = [i for i in range(n) if n * start < i < n * stop]
+    return (sigmas[inside[0]], sigmas[inside[-1]]) if inside else None
+
+
+def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7.0, share_latent=False, slg=None):
     """Wrap `unet_fn(x_in, t, ctx) -> F` (eps, v or flow velocity) as `denoise(x, sigma) -> D`.
 
     - x_in = c_in·x (x itself for "flow"); t = sigma_to_t(σ) (1000·σ for "flow") as a [B] tensor on
@@ -83,6 +92,11 @@ def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7
       the velocities, as diffusers' SD3 pipeline does, is mixing the x₀ estimates).
     - share_latent: under guidance unet_fn gets x_in once, [B] against t and ctx of 2B rows, instead of
       [x_in, x_in] (sdcore's UNet then runs its layers before the text enters once, not twice).
+    - slg: skip-layer guidance (SD3.5's), ``(weak_fn, scale, window)``: under guidance, at a σ within
+      window = (σ_high, σ_low) (skip_layer_window), F += scale·(F_c − F_w), where F_w = weak_fn(x_in, t, cond) is the
+      conditional output of the network with some of its blocks left out. Guidance pushes away from what the
+      weakened network draws, towards the structure the left-out blocks contribute (diffusers' SD3 pipeline;
+      one more call on B rows at the steps inside the window).
     - sigma: python float, 0-dim tensor, or a [B] tensor of per-sample levels.
     - The returned function has `denoise.prediction = prediction`: the ancestral samplers check it
       against their `flow` argument (sampling.py).
@@ -106,9 +120,19 @@ def make_denoiser(unet_fn, prediction="eps", cond=None, uncond=None, cfg_scale=7
             out = unet_fn(x_pair, torch.cat([t, t]), _cat(uncond, cond)).to(x.dtype)
             out_u, out_c = out.chunk(2)
             out = out_u + cfg_scale * (out_c - out_u)
+            if slg is not None and _within(sigma, slg[2]):
+                weak_fn, scale, _ = slg
+                out = out + scale * (out_c - weak_fn(x_in, t, cond).to(x.dtype))
         else:
             out = unet_fn(x_in, t, cond).to(x.dtype)
         return c_skip * x + c_out * out
 
     denoise.prediction = prediction
     return denoise
+
+
+def _within(sigma, window) -> bool:
+    if window is None:
+        return False
+    high, low = window
+    return bool(((low <= sigma) & (sigma <= high)).all())

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 
+from samplers import uses_guidance
+
 # Our sampler and schedule names -> the labels AUTOMATIC1111 shows and writes. A sampler without an A1111
 # counterpart keeps a label in the same style; a sampler registered at run time is written by its name.
 SAMPLER_LABELS = {
@@ -80,6 +82,9 @@ def generation_fields(p, model_name: str, loras=(), embeddings=()) -> list[tuple
             fields.append(("Control preprocessor", "canny"))
     if p.refiner is not None:
         fields += [("Refiner", p.refiner.name), ("Refiner switch at", p.refiner_switch_at)]
+    if getattr(p, "slg_scale", 0) and uses_guidance(p.cfg_scale):       # skip-layer guidance acted (needs CFG)
+        fields += [("SLG scale", p.slg_scale), ("SLG layers", " ".join(map(str, p.skip_layers))),
+                   ("SLG start", p.skip_layer_start), ("SLG end", p.skip_layer_end)]
     if getattr(p, "guidance", None) is not None:          # FLUX dev's, under Forge's label
         fields.append(("Distilled CFG Scale", p.guidance))
     if loras:
@@ -128,6 +133,9 @@ def parse_infotext(text: str) -> dict:
     if "Control strength" in values:
         out["control_strength"] = float(values["Control strength"])
         out["apply_canny_preprocessor"] = values.get("Control preprocessor") == "canny"
+    if "SLG scale" in values:
+        out.update(slg_scale=float(values["SLG scale"]), skip_layers=tuple(int(v) for v in values["SLG layers"].split()),
+                   skip_layer_start=float(values["SLG start"]), skip_layer_end=float(values["SLG end"]))
     if "Distilled CFG Scale" in values:
         out["guidance"] = float(values["Distilled CFG Scale"])
     if "Refiner" in values:              # a model name, as "model" is

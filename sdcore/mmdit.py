@@ -212,10 +212,11 @@ class MMDiT(nn.Module):
         top, left = (m - h) // 2, (m - w) // 2
         return self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
-    def forward(self, x, t, context, y):
+    def forward(self, x, t, context, y, skip_layers=()):
         """x [B, C, H, W], t [B] (σ·1000), context [B, L, context_dim], y [B, pooled_dim] -> velocity [B, C, H, W].
         x may have fewer rows than t (a guided pair sharing its latent, samplers.make_denoiser's share_latent):
-        its tokens are then repeated to t's rows."""
+        its tokens are then repeated to t's rows. The joint blocks numbered in ``skip_layers`` are passed over,
+        both streams going on unchanged (skip-layer guidance's weakened model)."""
         p = self.cfg.patch_size
         _, _, height, width = x.shape
         h, w = height // p, width // p
@@ -224,8 +225,9 @@ class MMDiT(nn.Module):
         tokens = tokens.repeat(b // tokens.shape[0], 1, 1)
         c = self.t_embedder(timestep_embedding(t, FREQUENCY_DIM).to(x.dtype)) + self.y_embedder(y)
         ctx = self.context_embedder(context)
-        for block in self.joint_blocks:
-            ctx, tokens = block(ctx, tokens, c)
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip_layers:
+                ctx, tokens = block(ctx, tokens, c)
         out = self.final_layer(tokens, c)                                   # [B, h·w, p·p·C]
         out = out.view(b, h, w, p, p, self.cfg.in_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, self.cfg.in_channels, height, width)

@@ -82,6 +82,14 @@ class GenerationParams:
     crop_left: int = 0
     aesthetic_score: float = AESTHETIC_SCORES[0]
     negative_aesthetic_score: float = AESTHETIC_SCORES[1]
+    # Skip-layer guidance (SD3 and SD3.5; stable-diffusion.cpp's names and defaults): with slg_scale > 0 and
+    # classifier-free guidance on, the steps from skip_layer_start to skip_layer_end (fractions of the run) are
+    # also guided away from the conditional output of the transformer with the joint blocks skip_layers left out
+    # (samplers.make_denoiser). SD3.5 medium's model card uses scale 2.5 on these blocks.
+    slg_scale: float = 0.0
+    skip_layers: tuple[int, ...] = (7, 8, 9)
+    skip_layer_start: float = 0.01
+    skip_layer_end: float = 0.2
     # Adapters merged into the model for this request (sdcore.lora): (file, multiplier) pairs, e.g. those the
     # prompt's <lora:NAME:W> tags name (sdcore.lora.resolve_loras); the tags themselves are not encoded
     loras: list = field(default_factory=list)
@@ -195,6 +203,8 @@ def _check(model, p: GenerationParams):
             raise PipelineError(f"{name} must be a multiple of {block} for {model.name!r}, got {value}", name)
     if model.family in (SD3, FLUX):
         _check_flow(model, p)
+    if p.slg_scale:
+        _check_skip_layers(model, p)
     if p.guidance is not None and not (model.family == FLUX and model.unet.cfg.guidance_embed):
         raise PipelineError(f"guidance is an input of FLUX dev models only; {model.name!r} takes none (cfg_scale sets "
                             "classifier-free guidance)", "guidance")
@@ -253,6 +263,28 @@ def _check_flow(model, p: GenerationParams):
         raise PipelineError(f"a refiner finishes SDXL images; {model.family} models take none", "refiner")
 
 
+def _check_skip_layers(model, p: GenerationParams):
+    if model.family != SD3:
+        raise PipelineError(f"skip-layer guidance (slg_scale) is for SD3 models; {model.name!r} is {model.family}",
+                            "slg_scale")
+    depth = model.unet.cfg.depth
+    if not p.skip_layers or not all(0 <= i < depth for i in p.skip_layers):
+        raise PipelineError(f"skip_layers must name joint blocks of {model.name!r}, from 0 to {depth - 1}; got "
+                            f"{list(p.skip_layers)}", "skip_layers")
+    if not 0 <= p.skip_layer_start < p.skip_layer_end <= 1:
+        raise PipelineError(f"skip-layer guidance needs 0 <= skip_layer_start < skip_layer_end <= 1, got "
+                            f"{p.skip_layer_start} and {p.skip_layer_end}", "skip_layer_start")
+
+
+def _skip_layer_guidance(model, p: GenerationParams, unet_fn, sigmas):
+    """make_denoiser's ``slg`` for this run (None: off, or no step inside its window)."""
+    if not (p.slg_scale and samplers.uses_guidance(p.cfg_scale)):
+        return None
+    window = samplers.skip_layer_window(sigmas, p.skip_layer_start, p.skip_layer_end)
+    skip = tuple(sorted(set(p.skip_layers)))
+    return (lambda x_in, t, ctx: unet_fn(x_in, t, ctx, skip_layers=skip), p.slg_scale, window) if window else None
+
+
 def sigmas_for(model, scheduler: str, steps: int, width: int, height: int) -> torch.Tensor:
     """The noise levels of a whole ``steps``-step run: the scheduler's, or a flow model's own. SD3: the ramp
     shifted by ``model.flow_shift``. FLUX dev: shifted by how many 2×2 patches the image has (flux_sigmas); schnell:
@@ -309,7 +341,7 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
                 if progress:
                     progress(first + i, total, dt, denoised)
 
-            denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init)
+            denoise = _denoiser(part_model, p, cond, uncond, part_extra, hint, init, part_sigmas)
             sample = samplers.get_sampler(p.sample_method, part_model.prediction)
             x = sample(denoise, x, part_sigmas, noise=noise, callback=callback)
     except Interrupt as stop:          # the picture so far: the latest estimate of the finished latent
@@ -319,20 +351,22 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
     return tensor_to_image(decode_latent(model, x)[0]), stopped
 
 
-def _denoiser(model, p, cond, uncond, extra, guided_hint, init):
-    """The guided denoiser D(x, σ) of one model: its UNet (+ an inpainting UNet's extra input, + the
-    ControlNet's residuals), classifier-free guidance, and the original latent kept outside a mask."""
-    def unet_fn(x_in, t, ctx):
+def _denoiser(model, p, cond, uncond, extra, guided_hint, init, sigmas):
+    """The guided denoiser D(x, σ) of one model over the noise levels ``sigmas``: its UNet (+ an inpainting UNet's
+    extra input, + the ControlNet's residuals), classifier-free and skip-layer guidance, and the original latent
+    kept outside a mask."""
+    def unet_fn(x_in, t, ctx, **skip):
         x_in = x_in.to(model.dtype)
         if extra is not None:                    # inpainting UNet: + mask + masked-image latent
             x_in = torch.cat([x_in, extra.expand(x_in.shape[0], -1, -1, -1)], dim=1)
         if guided_hint is None:       # SDXL, SD3: context and y; FLUX dev: and its guidance
-            return model.unet(x_in, t, **ctx) if isinstance(ctx, dict) else model.unet(x_in, t, ctx)
+            return model.unet(x_in, t, **ctx, **skip) if isinstance(ctx, dict) else model.unet(x_in, t, ctx)
         context, y = (ctx["context"], ctx["y"]) if isinstance(ctx, dict) else (ctx, None)
         control = control_residuals(model.controlnet, x_in, t, context, guided_hint, p.control_strength, y)
         return model.unet(x_in, t, context, y=y, control=control)
 
-    denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True)
+    denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True,
+                                     slg=_skip_layer_guidance(model, p, unet_fn, sigmas))
     if init is not None and init["keep"] is not None and extra is None:
         denoise = _keep_outside_mask(denoise, init["original"], init["keep"])
     return denoise

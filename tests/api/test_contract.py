@@ -5,6 +5,7 @@ and the API maps them to request fields; the size is decided once, by the parser
 import base64
 import dataclasses
 import io
+import json
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_documented_defaults_are_the_generation_params_defaults(tmp_path):
     core = {f.name: f.default for f in dataclasses.fields(GenerationParams)}
     documented = {n: p["default"] for n, p in props.items() if "default" in p and n in core}
     assert {"n", "steps", "width", "cfg_scale", "sample_method", "seed", "strength"} <= set(documented)
-    assert documented == {n: core[n] for n in documented}
+    assert documented == {n: json.loads(json.dumps(core[n])) for n in documented}      # as JSON has them
     assert params.defaults() == {**{n: v for n, v in core.items() if v is not dataclasses.MISSING},
                                  "response_format": "url"}
 

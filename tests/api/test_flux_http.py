@@ -69,3 +69,7 @@ def test_guidance_out_of_range_or_for_another_model_is_a_400(client, tmp_path, d
     app, _ = make_app(tmp_path / "sd1", stub=generate, model=sd1)
     err = error_of(app.test_client().post("/v1/images/generations", json={**BODY, "size": "64x64"}), 400)
     assert err["param"] == "guidance" and "FLUX dev" in err["message"]
+    for c in (client, app.test_client()):               # skip-layer guidance is SD3's
+        body = {k: v for k, v in BODY.items() if k != "guidance"} | {"size": "64x64", "slg_scale": 2.5}
+        err = error_of(c.post("/v1/images/generations", json=body), 400)
+        assert err["param"] == "slg_scale" and "SD3" in err["message"], err

@@ -53,6 +53,31 @@ def test_generation_equals_diffusers(client, built):
     assert (pixels(img).int() - want.int()).abs().max() <= 1
 
 
+def test_skip_layer_guidance_equals_diffusers(client, built):
+    """diffusers' SD3 pipeline with skip_guidance_layers: of 6 steps, those with 6·start < i < 6·end (i = 1, 2 for
+    start 0.01, end 0.5) also get scale·(v_c − v_skip). Over a form as over JSON; the image records it."""
+    _, pipe = built
+    slg = {"slg_scale": 2.8, "skip_layers": [1], "skip_layer_start": 0.01, "skip_layer_end": 0.5}
+    body = {**BODY, "steps": 6, **slg}
+    img = _image(client.post("/v1/images/generations", json=body))
+    plain = _image(client.post("/v1/images/generations", json={**body, "slg_scale": 0}))
+    form = {k: str(v) for k, v in body.items()} | {"skip_layers": "1"}
+    assert np.array_equal(np.asarray(_image(client.post("/v1/images/generations", data=form))), np.asarray(img))
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(BODY["seed"]))
+    with torch.no_grad():
+        ref = pipe(BODY["prompt"], negative_prompt=BODY["negative_prompt"], height=64, width=64, num_inference_steps=6,
+                   guidance_scale=5.0, latents=noise, output_type="np", skip_guidance_layers=[1],
+                   skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01,
+                   skip_layer_guidance_stop=0.5).images[0]
+    want = torch.from_numpy(np.round(ref * 255).astype(np.uint8)).permute(2, 0, 1)
+    assert (pixels(img).int() - want.int()).abs().max() <= 1
+    assert (pixels(img).int() - pixels(plain).int()).abs().float().mean() > 2          # it does guide
+    fields = split_infotext(img.text["parameters"])[2]
+    slg_fields = (fields["SLG scale"], fields["SLG layers"], fields["SLG start"], fields["SLG end"])
+    assert slg_fields == ("2.8", "1", "0.01", "0.5")
+    assert "SLG scale" not in split_infotext(plain.text["parameters"])[2]
+
+
 def test_family_defaults_and_edits(client):
     body = {k: v for k, v in BODY.items() if k not in ("steps", "cfg_scale", "sample_method")}
     fields = split_infotext(_image(client.post("/v1/images/generations", json=body)).text["parameters"])[2]
@@ -79,6 +104,13 @@ def test_a_prompt_past_t5s_window_is_cut_there(built):
     ({"size": "512x512"}, "width"),                   # past the small model's position table (16×16 patches)
     ({"scheduler": "karras"}, "scheduler"),
     ({"sample_method": "dpm++2mv2"}, "sample_method"),
+    ({"slg_scale": 2.5, "skip_layers": [3]}, "skip_layers"),          # the small model has joint blocks 0-2
+    ({"slg_scale": 2.5, "skip_layers": []}, "skip_layers"),
+    ({"slg_scale": 2.5, "skip_layers": "7,8"}, "skip_layers"),       # JSON takes an array
+    ({"slg_scale": 2.5, "skip_layers": [1.0]}, "skip_layers"),
+    ({"slg_scale": -1}, "slg_scale"),
+    ({"slg_scale": 2.5, "skip_layer_start": 0.5, "skip_layer_end": 0.5}, "skip_layer_start"),
+    ({"skip_layer_end": 1.5}, "skip_layer_end"),
 ])
 def test_what_sd3_cannot_do_is_a_400(client, change, param):
     err = error_of(client.post("/v1/images/generations", json={**BODY, **change}), 400)

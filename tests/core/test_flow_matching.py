@@ -159,6 +159,28 @@ def test_guidance_on_the_velocity_is_guidance_on_D(share_latent):
         assert rel_err(guided(x, s), want) <= 1e-13
 
 
+def test_skip_layer_guidance_adds_its_term_inside_its_window_only():
+    # D = D_u + cfg·(D_c − D_u) + slg·(D_c − D_w) at the steps i with N·start < i < N·stop, D_w being the weakened
+    # network's conditional estimate; elsewhere plain CFG, and without guidance nothing at all.
+    net, weak = ToyVelocity(), ToyVelocity(seed=5)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=F64)
+    cond, uncond = torch.randn(1, 8, generator=g, dtype=F64), torch.randn(1, 8, generator=g, dtype=F64)
+    sigmas = samplers.flow_sigmas(10, shift=3.0)
+    window = samplers.skip_layer_window(sigmas, 0.01, 0.2)
+    assert window == (sigmas[1], sigmas[1])                   # 10 steps: 0.1 < i < 2, i.e. step 1 alone
+    assert samplers.skip_layer_window(sigmas, 0.3, 0.35) is None and samplers.skip_layer_window(sigmas, 0, 1)[1] == sigmas[9]
+    window = samplers.skip_layer_window(sigmas, 0.01, 0.5)    # steps 1-4
+    d = samplers.make_denoiser(net, "flow", cond, uncond, 4.5, slg=(weak, 3.0, window))
+    plain = samplers.make_denoiser(net, "flow", cond, uncond, 4.5)
+    d_c, d_w = samplers.make_denoiser(net, "flow", cond), samplers.make_denoiser(weak, "flow", cond)
+    for i, sigma in enumerate(sigmas[:-1]):
+        want = plain(x, sigma) + (3.0 * (d_c(x, sigma) - d_w(x, sigma)) if 1 <= i <= 4 else 0)
+        assert rel_err(d(x, sigma), want) <= 1e-13, i
+    off = samplers.make_denoiser(net, "flow", cond, uncond, 1.0, slg=(weak, 3.0, window))
+    assert torch.equal(off(x, sigmas[2]), d_c(x, sigmas[2]))
+
+
 # ------------------------------------------------------------------------ euler against diffusers
 
 

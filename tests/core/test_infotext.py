@@ -71,6 +71,19 @@ def test_a1111_reads_every_field_back(p, model):
     assert (back["prompt"], back["negative_prompt"]) == (p.prompt, p.negative_prompt)
 
 
+def test_skip_layer_guidance_is_recorded_when_it_acts_and_read_back():
+    p = GenerationParams("a fox", steps=28, cfg_scale=4.5, sample_method="euler", scheduler="discrete", slg_scale=2.5,
+                         skip_layers=(7, 8, 9), skip_layer_start=0.01, skip_layer_end=0.2)
+    text = infotext(p, "sd3.5_medium")
+    got = a1111_parse(text)
+    assert (got["SLG scale"], got["SLG layers"], got["SLG start"], got["SLG end"]) == ("2.5", "7 8 9", "0.01", "0.2")
+    back = parse_infotext(text)
+    assert (back["slg_scale"], back["skip_layers"], back["skip_layer_start"], back["skip_layer_end"]) == (
+        2.5, (7, 8, 9), 0.01, 0.2)
+    for off in (dict(slg_scale=0.0), dict(cfg_scale=1.0)):          # off, or no guidance for it to act in
+        assert "SLG" not in infotext(GenerationParams(**{**vars(p), **off}), "m")
+
+
 def test_layout_as_a1111_writes_it():
     text = format_infotext("p", "", [("Steps", 1), ("Sampler", "Euler"), ("Model", None), ("Size", "64x64")])
     assert text == "p\nSteps: 1, Sampler: Euler, Size: 64x64"       # no negative line when empty; None omitted
