@@ -4,7 +4,9 @@ Merged, not hooked: each changed weight becomes W + multiplier · scale · ΔW i
 it costs without adapters and every path that reads the weights (eager, CUDA graphs, the weights cache's
 mapped tensors) sees the change. Before the first change to a weight its original is kept; taking the
 adapters off copies the originals back, so the weights return bit for bit (no drift, however many sets
-are applied in turn). A request asking for the set already applied changes nothing.
+are applied in turn). A request asking for the set already applied changes nothing. The exception: a layer
+whose weight is kept quantized (sdcore.quant) has no float weight to merge into; its changes are held beside it
+and added to the weight it expands at each call (the same numbers as merged into the dequantized weight).
 
 Cost (docs/BENCHMARKS.md): one matrix product per changed module on a change of set, plus the originals
 of the changed weights held while adapters are on. A model compiled with torch.compile has its weights
@@ -16,9 +18,9 @@ import os
 
 import torch
 
-from .cuda_graphs import unwrapped
+from .cuda_graphs import CUDAGraphed, unwrapped
 from .flux import LatentFlux
-from .formats.lora import EXTENSIONS, LoraError, LoraFile, read_lora, target_shape
+from .formats.lora import EXTENSIONS, LoraError, LoraFile, kept_layer, read_lora, target_shape
 from .quant import QuantLinear
 
 __all__ = ["EXTENSIONS", "LoraError", "apply_loras", "available", "find_lora", "networks", "remove_loras",
@@ -92,15 +94,18 @@ def apply_loras(model, loras: list[tuple[str, float]]) -> list[LoraFile]:
     if key == model.lora_key:
         return model.lora_files
     nets = networks(model)
-    if any(isinstance(m, QuantLinear) for net in nets.values() if net is not None for m in net.modules()):
-        raise LoraError(f"{model.name!r} holds its weights quantized (quantized_weights keep): adapters are merged into "
-                        "weights, which needs them dequantized at load")
     files = [read_lora(path, nets, model.family) for path, _ in loras]
     remove_loras(model)
-    originals = model.lora_originals = {}
+    originals, any_kept = {}, False
+    model.lora_originals = originals
     for file, (_, multiplier) in zip(files, loras):
         for patch in file.patches:
             t = patch.target
+            kept = kept_layer(nets[t.network], t.key)
+            if kept is not None:            # no float weight to merge into: added at each call (sdcore.quant)
+                kept.adapters.append((patch, t.rows, multiplier))
+                any_kept = True
+                continue
             param = nets[t.network].get_parameter(t.key)
             if (t.network, t.key) not in originals:
                 originals[(t.network, t.key)] = param.detach().clone()
@@ -108,24 +113,30 @@ def apply_loras(model, loras: list[tuple[str, float]]) -> list[LoraFile]:
             delta = patch.delta(target_shape(nets[t.network], t), multiplier).to(param.device)
             view.copy_(view.float().add_(delta))
     model.lora_key, model.lora_files = key, files
-    _changed(model)
+    _changed(model, recapture=any_kept)
     return files
 
 
 @torch.inference_mode()
 def remove_loras(model) -> None:
     """Copy the originals back: the weights are bit for bit those loaded."""
-    originals = model.lora_originals
-    if originals:
-        nets = networks(model)
-        for (network, key), original in originals.items():
-            nets[network].get_parameter(key).data.copy_(original)
-        _changed(model)
+    originals, nets = model.lora_originals, networks(model)
+    kept = [m for net in nets.values() if net is not None for m in net.modules()
+            if isinstance(m, QuantLinear) and m.adapters]
+    for m in kept:
+        m.adapters.clear()
+    for (network, key), original in originals.items():
+        nets[network].get_parameter(key).data.copy_(original)
+    if originals or kept:
+        _changed(model, recapture=bool(kept))
     model.lora_originals, model.lora_key, model.lora_files = {}, (), []
 
 
-def _changed(model) -> None:
-    """Compiled code holds the weights it was compiled with: compile again from the changed module."""
+def _changed(model, recapture: bool) -> None:
+    """Compiled code holds the weights it was compiled with: compile again from the changed module. Captured CUDA
+    graphs read merged weights where they lie, but not changes held beside kept-quantized layers (``recapture``)."""
+    if recapture and isinstance(model.unet, CUDAGraphed):
+        model.unet.graphs.clear()
     if model.compiled:
         torch._dynamo.reset()             # else the cache hands back the code holding the old weights
         model.unet = unwrapped(model.unet)

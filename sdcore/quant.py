@@ -134,18 +134,30 @@ def dequantize(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """``nn.Linear`` whose weight stays as stored: GGUF blocks (``blocks`` [out·in / weights per block, bytes],
-    uint8) or float8 (``blocks`` [out, in]); expanded to the input's dtype for each call."""
+    uint8) or float8 (``blocks`` [out, in]); expanded to the input's dtype for each call. Adapters (sdcore.lora)
+    cannot be merged into the blocks: their changes are held beside them, as (change, rows, multiplier), and added
+    to the expanded weight in each call, as the merge would add them to a dequantized one."""
 
     def __init__(self, blocks: torch.Tensor, kind: str, shape: tuple[int, int], bias: torch.Tensor | None):
         super().__init__()
         self.kind, self.out_features, self.in_features = kind, *shape
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.adapters = []          # (patch with .delta(shape, multiplier), rows or None, multiplier)
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     def weight_as(self, dtype) -> torch.Tensor:
         if self.kind == "float8":
-            return self.blocks.to(dtype)
-        return dequantize(self.blocks, self.kind).to(dtype).view(self.out_features, self.in_features)
+            w = self.blocks.to(dtype)
+        else:
+            w = dequantize(self.blocks, self.kind).to(dtype).view(self.out_features, self.in_features)
+        for patch, rows, multiplier in self.adapters:      # each added in float32 and rounded, as merged ones are
+            view = w[rows[0]:rows[1]] if rows else w
+            view.copy_(view.float().add_(patch.delta(view.shape, multiplier).to(w.device)))
+        return w
 
     def forward(self, x):
         return F.linear(x, self.weight_as(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -169,8 +169,8 @@ def target_table(networks: dict) -> dict[str, dict[str, Target]]:
     for network, module in networks.items():
         if module is None:
             continue
-        state = module.state_dict()
-        keys = [k for k, v in state.items() if v.dim() >= 2 and k.endswith("weight")]
+        shapes = weight_shapes(module)
+        keys = list(shapes)
         names: dict[str, Target | None] = {}
 
         def add(name, target):
@@ -188,7 +188,7 @@ def target_table(networks: dict) -> dict[str, dict[str, Target]]:
             for ours, hf in pairs:
                 if ours in weights:
                     add(ours, Target(network, ours))
-                    for name, rows in zip(hf, fused_rows(state[ours].shape, len(hf))):
+                    for name, rows in zip(hf, fused_rows(shapes[ours], len(hf))):
                         add(name, Target(network, ours, rows, ours in swapped))
         elif network == "text_3":                        # T5: Hugging Face's names are ours
             for k in keys:
@@ -198,7 +198,7 @@ def target_table(networks: dict) -> dict[str, dict[str, Target]]:
                 if k in layouts.TEXT_NAMES:           # embeddings and projection: adapters leave them
                     continue
                 hf = layouts.text_hf_names(k)
-                for name, rows in zip(hf, fused_rows(state[k].shape, len(hf))):
+                for name, rows in zip(hf, fused_rows(shapes[k], len(hf))):
                     add("text_model." + name, Target(network, k, rows))
                     if len(hf) == 1:
                         add(k, Target(network, k))
@@ -206,8 +206,26 @@ def target_table(networks: dict) -> dict[str, dict[str, Target]]:
     return tables
 
 
+def weight_shapes(network) -> dict[str, torch.Size]:
+    """The shapes of a network's matrices and kernels by key; a layer whose weight is kept quantized (sdcore.quant)
+    is listed under the ``.weight`` key its float twin has."""
+    out = {k: v.shape for k, v in network.state_dict().items() if v.dim() >= 2 and k.endswith("weight")}
+    for name, m in network.named_modules():
+        if hasattr(m, "weight_shape"):
+            out[f"{name}.weight"] = m.weight_shape
+    return out
+
+
+def kept_layer(network, key: str):
+    """The layer (sdcore.quant.QuantLinear) whose kept-quantized weight ``key`` names, or None for a parameter."""
+    path, _, leaf = key.rpartition(".")
+    m = network.get_submodule(path) if leaf == "weight" else None
+    return m if hasattr(m, "weight_shape") else None
+
+
 def target_shape(network, target: Target) -> torch.Size:
-    shape = network.get_parameter(target.key).shape
+    kept = kept_layer(network, target.key)
+    shape = kept.weight_shape if kept is not None else network.get_parameter(target.key).shape
     return torch.Size((target.rows[1] - target.rows[0], *shape[1:])) if target.rows else shape
 
 

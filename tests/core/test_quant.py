@@ -3,6 +3,8 @@ dequantization bit for bit (the K-quants', which the package cannot write, on ra
 transformer in a Q8_0 / Q4_0 / Q4_K GGUF file (written with the gguf package, Black Forest Labs' names as
 stable-diffusion.cpp's converter keeps them) and in float8 loads with its linear layers kept as stored, holds a
 fraction of the memory, and computes exactly what the same file dequantized at load computes."""
+from dataclasses import replace
+
 import gguf
 import numpy as np
 import pytest
@@ -153,5 +155,21 @@ def test_a_whole_flux_model_with_kept_weights_draws_the_dequantized_image(tmp_pa
     p = GenerationParams(prompt="a lantern", width=64, height=64, steps=2, cfg_scale=1.0, sample_method="euler", seed=3)
     images = {how: np.asarray(generate(m, p)[0].image) for how, m in models.items()}
     assert images["keep"].std() > 10 and np.array_equal(images["keep"], images["dequantize"])
+    # Adapters: held beside the kept layers and added at each call, the same numbers as merged into the dequantized
+    # weights (a FLUX LoRA in sd-scripts' layout, its q/k/v stacked, and a T5 one); off again, the image is back
+    from bench.lora_files import write_transformer_lora
+    write_transformer_lora(tmp_path / "flux-lora.safetensors", models["dequantize"], layout="kohya", seed=9)
+    key, g = "encoder.block.0.layer.0.SelfAttention.q", torch.Generator().manual_seed(2)
+    width = models["dequantize"].text_encoder_3.get_parameter(key + ".weight").shape
+    save_file({f"lora_te3_{key.replace('.', '_')}.lora_up.weight": torch.randn(width[0], 4, generator=g),
+               f"lora_te3_{key.replace('.', '_')}.lora_down.weight": torch.randn(4, width[1], generator=g)},
+              str(tmp_path / "t5-lora.safetensors"))
+    loras = [(str(tmp_path / "flux-lora.safetensors"), 0.8), (str(tmp_path / "t5-lora.safetensors"), 0.5)]
+    kept_bytes = stored_bytes(models["keep"].unet)
+    adapted = {how: np.asarray(generate(m, replace(p, loras=loras))[0].image) for how, m in models.items()}
+    assert np.array_equal(adapted["keep"], adapted["dequantize"])
+    assert np.abs(adapted["keep"].astype(int) - images["keep"]).mean() > 2          # the adapters do change it
+    assert stored_bytes(models["keep"].unet) == kept_bytes                          # nothing dequantized to hold it
+    assert np.array_equal(np.asarray(generate(models["keep"], p)[0].image), images["keep"])
     with pytest.raises(sdcore.CheckpointError, match="quantized_weights"):
         sdcore.load_model(tmp_path / "flux1-schnell-Q8_0.gguf", quantized_weights="packed", **kw)
