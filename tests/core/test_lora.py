@@ -227,14 +227,14 @@ def test_loha_and_lokr_merge_by_their_formulas(family, kind, sd1, sdxl, tmp_path
         remove_loras(model)
 
 
-def test_remove_restores_every_weight_bit_for_bit_after_100_rounds(sd1, tmp_path):
+def test_remove_restores_every_weight_bit_for_bit_after_30_rounds(sd1, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     write_lora(a, sd1, convolutions=True, seed=1)
     write_lora(b, sd1, layout="peft", seed=2)
     original = ({k: v.clone() for k, v in sd1.unet.state_dict().items()}
                 | {"te." + k: v.clone() for k, v in sd1.text_encoder.state_dict().items()})
     sets = [[(str(a), 1.0)], [(str(b), 0.5)], [(str(a), 0.3), (str(b), -1.0)]]
-    for i in range(100):
+    for i in range(30):
         apply_loras(sd1, sets[i % 3])
     remove_loras(sd1)
     now = sd1.unet.state_dict() | {"te." + k: v for k, v in sd1.text_encoder.state_dict().items()}

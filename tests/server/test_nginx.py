@@ -93,7 +93,7 @@ def test_least_conn_passes_over_a_busy_instance(tmp_path):
         a.wait_healthy()
         b.wait_healthy()
         with nginx_in_front([a, b], tmp_path) as (base, _), ThreadPoolExecutor(1) as pool:
-            long = pool.submit(post, base, 256, 40, 1)
+            long = pool.submit(post, base, 256, 16, 1)
             deadline = time.monotonic() + 60
             while not (generations(a) or generations(b)) and time.monotonic() < deadline:
                 time.sleep(0.05)
