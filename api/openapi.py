@@ -309,7 +309,7 @@ def _a1111_request(limits: P.Limits, img2img: bool) -> dict:
                                 "maximum": P.REFINER_SWITCH_RANGE[1], "default": P.defaults()["refiner_switch_at"]},
                                "The fraction of the steps drawn before the refiner takes over."),
         "lora": _lora_field(),
-        **_slg_fields(P.defaults()),
+        **{name: {**schema, "nullable": True} for name, schema in _slg_fields(P.defaults()).items()},
         "send_images": f(flag, "Return the images (default true)."),
         "save_images": f(flag, "Also store them in /v1/files (default false)."),
     }

@@ -109,7 +109,7 @@ def test_a_prompt_past_t5s_window_is_cut_there(built):
     ({"slg_scale": 2.5, "skip_layers": "7,8"}, "skip_layers"),       # JSON takes an array
     ({"slg_scale": 2.5, "skip_layers": [1.0]}, "skip_layers"),
     ({"slg_scale": -1}, "slg_scale"),
-    ({"slg_scale": 2.5, "skip_layer_start": 0.5, "skip_layer_end": 0.5}, "skip_layer_start"),
+    ({"slg_scale": 2.5, "skip_layers": [1], "skip_layer_start": 0.5, "skip_layer_end": 0.5}, "skip_layer_start"),
     ({"skip_layer_end": 1.5}, "skip_layer_end"),
 ])
 def test_what_sd3_cannot_do_is_a_400(client, change, param):
