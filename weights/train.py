@@ -114,10 +114,11 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt_vae.step()
         st["step"] += 1
-        if st["step"] % args.log_every == 0 or st["step"] == args.vae_steps:
+        entry = {"stage": "vae", "step": st["step"], "loss": loss.item()}     # every step: the loss curve
+        st["log"].append(entry)
+        if st["step"] % args.log_every == 0 or st["step"] == args.vae_steps:     # the held-out check costs more
             with torch.no_grad():
-                val = psnr(vae.decode(vae.encode(held_out)), held_out)
-            st["log"].append({"stage": "vae", "step": st["step"], "loss": loss.item(), "psnr": val})
+                val = entry["psnr"] = psnr(vae.decode(vae.encode(held_out)), held_out)
             print(f"vae step {st['step']}/{args.vae_steps} loss {loss.item():.4f} held-out PSNR {val:.2f} dB "
                   f"({time.time() - t0:.0f} s)", flush=True)
         if st["step"] % args.save_every == 0:
@@ -167,8 +168,8 @@ def main(argv=None):
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
         st["step"] += 1
+        st["log"].append({"stage": "unet", "step": st["step"], "loss": loss.item()})
         if st["step"] % args.log_every == 0 or st["step"] == args.unet_steps:
-            st["log"].append({"stage": "unet", "step": st["step"], "loss": loss.item()})
             print(f"unet step {st['step']}/{args.unet_steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
         if st["step"] % args.save_every == 0:
             checkpoint()

@@ -26,7 +26,7 @@ def test_classifier_reads_the_drawings_back():
 def test_training_recipe_runs_and_its_loss_goes_down(tmp_path):
     out = tmp_path / "m.safetensors"
     train.main(["--vae-steps", "30", "--vae-batch", "8", "--unet-steps", "40", "--batch", "12", "--pool", "128",
-                "--log-every", "1", "--save-every", "1000", "--work", str(tmp_path / "work"), "--out", str(out)])
+                "--log-every", "1000", "--save-every", "1000", "--work", str(tmp_path / "work"), "--out", str(out)])
     log = torch.load(next((tmp_path / "work").glob("state-*.pt")), weights_only=False)["log"]
     vae = [e["loss"] for e in log if e["stage"] == "vae"]
     unet = [e["loss"] for e in log if e["stage"] == "unet"]
