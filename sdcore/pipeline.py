@@ -276,7 +276,7 @@ def _check_skip_layers(model, p: GenerationParams):
                             f"{p.skip_layer_start} and {p.skip_layer_end}", "skip_layer_start")
 
 
-def _skip_layer_guidance(model, p: GenerationParams, unet_fn, sigmas):
+def _skip_layer_guidance(p: GenerationParams, unet_fn, sigmas):
     """make_denoiser's ``slg`` for this run (None: off, or no step inside its window)."""
     if not (p.slg_scale and samplers.uses_guidance(p.cfg_scale)):
         return None
@@ -366,7 +366,7 @@ def _denoiser(model, p, cond, uncond, extra, guided_hint, init, sigmas):
         return model.unet(x_in, t, context, y=y, control=control)
 
     denoise = samplers.make_denoiser(unet_fn, model.prediction, cond, uncond, p.cfg_scale, share_latent=True,
-                                     slg=_skip_layer_guidance(model, p, unet_fn, sigmas))
+                                     slg=_skip_layer_guidance(p, unet_fn, sigmas))
     if init is not None and init["keep"] is not None and extra is None:
         denoise = _keep_outside_mask(denoise, init["original"], init["keep"])
     return denoise
