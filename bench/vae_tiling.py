@@ -1,8 +1,10 @@
 """Tiled VAE decode against the whole decode: ``python -m bench.vae_tiling [--sizes 1024] [--out FILE]``.
 
-For each VAE and size, the same latent is decoded whole and in tiles (sdcore.tiling), each in a fresh
-process so that its peak resident memory is its own: seconds, the peak RSS above the process's RSS
-before the decode, and the pixel difference of the two images (mean and max, 0-255). The VAEs: the
+For each VAE and size, the same latent is decoded three ways, each in a fresh process so that its peak
+resident memory is its own: whole (its full-resolution layers in bands of rows, sdcore.vae.in_bands, as
+the server decodes), whole at once (every layer over the whole map, the bands turned off), and in tiles
+(sdcore.tiling). Figures: seconds, the peak RSS above the process's RSS before the decode, and the pixel
+difference from the whole decode (mean and max, 0-255). The VAEs: the
 default model's (trained, so its images and their difference mean something) and the full-size
 SD1.5-shaped one of bench.util's random checkpoint (the memory and time of a real-sized decoder). The
 latent is a trained VAE's encoding of a smooth random picture, so that it looks like a real latent.
@@ -24,10 +26,15 @@ def _status_mib(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def child(path: str, size: int, tiled: bool, out: str) -> None:
+MODES = ("whole", "at_once", "tiled")
+
+
+def child(path: str, size: int, mode: str, out: str) -> None:
     """One decode in this process; writes the image and its figures to ``out``."""
     import sdcore
-    from sdcore import tiling
+    from sdcore import tiling, vae
+    if mode == "at_once":
+        vae.BAND_BYTES = float("inf")
     model = sdcore.load_model(path, device="cpu", dtype=torch.float32)
     default = sdcore.load_model("weights/shapes-sd1.safetensors", device="cpu", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -40,7 +47,7 @@ def child(path: str, size: int, tiled: bool, out: str) -> None:
         with open("/proc/self/clear_refs", "w") as f:         # "5": the peak (VmHWM) starts again from now
             f.write("5")
         t0 = time.perf_counter()
-        image = tiling.decode(model.vae, latent) if tiled else model.vae.decode(latent).float()
+        image = tiling.decode(model.vae, latent) if mode == "tiled" else model.vae.decode(latent).float()
         seconds = time.perf_counter() - t0
     peak = _status_mib("VmHWM")
     torch.save({"image": ((image.clamp(-1, 1) + 1) * 127.5).round(), "seconds": seconds, "peak": peak - before}, out)
@@ -49,14 +56,14 @@ def child(path: str, size: int, tiled: bool, out: str) -> None:
 def measure(path: str, size: int) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for tiled in (False, True):
-            out = os.path.join(tmp, f"{tiled}.pt")
-            subprocess.run([sys.executable, "-m", "bench.vae_tiling", "--child", path, str(size), str(int(tiled)), out],
-                           check=True)
-            rows[tiled] = torch.load(out)
-    diff = (rows[True]["image"] - rows[False]["image"]).abs()
-    return {"whole_s": rows[False]["seconds"], "tiled_s": rows[True]["seconds"], "whole_mib": rows[False]["peak"],
-            "tiled_mib": rows[True]["peak"], "mean": diff.mean().item(), "max": diff.max().item()}
+        for mode in MODES:
+            out = os.path.join(tmp, f"{mode}.pt")
+            subprocess.run([sys.executable, "-m", "bench.vae_tiling", "--child", path, str(size), mode, out], check=True)
+            rows[mode] = torch.load(out)
+    diff = {mode: (rows[mode]["image"] - rows["whole"]["image"]).abs() for mode in MODES[1:]}
+    return {**{f"{mode}_s": rows[mode]["seconds"] for mode in MODES}, **{f"{mode}_mib": rows[mode]["peak"] for mode in MODES},
+            **{f"{mode}_mean": d.mean().item() for mode, d in diff.items()},
+            **{f"{mode}_max": d.max().item() for mode, d in diff.items()}}
 
 
 def main(argv=None):
@@ -66,19 +73,21 @@ def main(argv=None):
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        path, size, tiled, out = a.child
-        return child(path, int(size), tiled == "1", out)
+        path, size, mode, out = a.child
+        return child(path, int(size), mode, out)
     from bench.util import sd15_checkpoint
     vaes = {"default model (trained)": "weights/shapes-sd1.safetensors", "SD1.5-shaped (random)": sd15_checkpoint()}
     lines = [f"\n## VAE tiling, {datetime.datetime.now():%Y-%m-%d %H:%M}, {torch.get_num_threads()} threads, float32\n",
-             "| VAE | size | whole s | tiled s | whole peak MiB | tiled peak MiB | mean diff | max diff |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| VAE | size | whole s | at once s | tiled s | whole peak MiB | at once peak MiB | tiled peak MiB "
+             "| at once diff mean / max | tiled diff mean / max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, path in vaes.items():
         for size in map(int, a.sizes.split(",")):
             r = measure(path, size)
             print(json.dumps({"vae": name, "size": size, **r}), flush=True)
-            lines.append(f"| {name} | {size}² | {r['whole_s']:.1f} | {r['tiled_s']:.1f} | {r['whole_mib']:.0f} | "
-                         f"{r['tiled_mib']:.0f} | {r['mean']:.2f} | {r['max']:.0f} |")
+            lines.append(f"| {name} | {size}² | " + " | ".join(f"{r[m + '_s']:.1f}" for m in MODES) + " | "
+                         + " | ".join(f"{r[m + '_mib']:.0f}" for m in MODES) + " | "
+                         + " | ".join(f"{r[m + '_mean']:.2f} / {r[m + '_max']:.0f}" for m in MODES[1:]) + " |")
     with open(a.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

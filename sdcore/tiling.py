@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .vae import shared_norm_statistics
+from .vae import BAND_BYTES, shared_norm_statistics
 
 MODES = ("auto", "on", "off")
 DECODE_TILE, DECODE_OVERLAP = 64, 16           # latent pixels: 512-pixel tiles overlapping by 128 pixels
@@ -101,11 +101,13 @@ def encode(vae, img: torch.Tensor) -> torch.Tensor:
 
 
 def decode_bytes(latent_h: int, latent_w: int, itemsize: int) -> int:
-    """A rough bound on an untiled decode's peak: a few full-size 256-channel activations of the last
-    decoder levels, plus the mid-block attention's token-by-token matrix (where it is materialized)."""
+    """A rough bound on an untiled decode's peak: the last level's first block holds its 256-channel
+    full-size input and its two 128-channel outputs (the layers run in bands, so no normalised or
+    upsampled copy is whole), a few bands, and the mid-block attention's token-by-token matrix (where it
+    is materialized)."""
     pixels = latent_h * latent_w * DOWNSCALE ** 2
     tokens = latent_h * latent_w
-    return (4 * 256 * pixels + tokens * tokens) * itemsize
+    return (2 * 256 * pixels + tokens * tokens) * itemsize + 8 * BAND_BYTES
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -26,24 +26,48 @@ class VAEConfig:
     quant_conv: bool = True        # the 1×1 convolutions before and after the latent (not in SD3, FLUX)
 
 
-# Inside shared_norm_statistics(): {layer: (mean, var) [B, groups]} each GroupNorm records on first use and
-# normalises with afterwards. A context variable, so that two threads decoding at once do not mix.
+# Inside shared_norm_statistics(): {layer: (mean, var) [B, groups, 1]} each GroupNorm records on first use
+# and normalises with afterwards. A context variable, so that two threads decoding at once do not mix.
 _NORM_STATS: ContextVar[dict | None] = ContextVar("vae_norm_stats", default=None)
+
+# Feature maps larger than this go through the norm, SiLU and convolution of a full-resolution layer in
+# bands of rows (see in_bands): at 1024² a 256-channel float32 map is 1 GiB, and holding its normalised
+# copy, its upsampled copy and the reordered copy the convolution kernel makes would cost as much again
+# each.
+BAND_BYTES = 16 << 20
 
 
 class GroupNorm(nn.GroupNorm):
-    """torch's GroupNorm, whose statistics can be taken from another input (see shared_norm_statistics)."""
+    """torch's GroupNorm, whose statistics can be taken once and applied to parts of the picture: to its
+    bands (in_bands) or to tiles normalised alike (shared_norm_statistics)."""
 
     def forward(self, x):
-        stats = _NORM_STATS.get()
-        if stats is None:
+        if _NORM_STATS.get() is None:
             return super().forward(x)
-        groups = x.float().reshape(x.shape[0], self.num_groups, -1)
-        if self not in stats:
-            stats[self] = (groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True))
-        mean, var = stats[self]
-        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape).to(x.dtype)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
+        return self.normalize(x, *self.statistics(x))
+
+    def statistics(self, x):
+        """(mean, biased variance) [B, groups, 1] in float32; inside shared_norm_statistics(), those of
+        the first input this layer saw there."""
+        shared = _NORM_STATS.get()
+        if shared is not None and self in shared:
+            return shared[self]
+        groups = x.reshape(x.shape[0], self.num_groups, -1)
+        # group by group, so that a half-precision map is never copied whole into float32
+        var, mean = (torch.stack(t, 1) for t in zip(*(
+            torch.var_mean(groups[:, g].float(), -1, correction=0, keepdim=True) for g in range(self.num_groups))))
+        if shared is not None:
+            shared[self] = (mean, var)
+        return mean, var
+
+    def normalize(self, x, mean, var):
+        """x [B, C, h, w] (the whole picture or rows of it) normalised with the given statistics, in float32
+        per channel: x·a + b, a = weight/√(var + eps), b = bias − mean·a."""
+        b, c = x.shape[:2]
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, 1)       # [B, C, 1]
+        scale = scale * self.weight.float()[:, None]
+        shift = self.bias.float()[:, None] - mean.repeat_interleave(c // self.num_groups, 1) * scale
+        return torch.addcmul(shift[..., None], x.float(), scale[..., None]).to(x.dtype)
 
 
 @contextmanager
@@ -62,6 +86,44 @@ def Norm(channels, groups):
     return GroupNorm(groups, channels, eps=1e-6)
 
 
+def in_bands(conv: nn.Conv2d, rows, height: int, band: int) -> torch.Tensor:
+    """conv (stride 1, zero padding keeping the size) over a picture of ``height`` rows that is never
+    held whole: ``rows(lo, hi)`` makes its rows lo..hi-1, and the output is computed ``band`` rows at a
+    time, each from its rows plus the padding's worth above and below (zeros past the picture's edge).
+    Every output pixel sees exactly the inputs it sees in one whole convolution."""
+    pad = conv.padding[0]
+    out = None
+    for r0 in range(0, height, band):
+        r1 = min(r0 + band, height)
+        lo, hi = max(r0 - pad, 0), min(r1 + pad, height)
+        part = rows(lo, hi)
+        if (lo, hi) != (r0 - pad, r1 + pad):                  # at the top or bottom edge
+            part = F.pad(part, (0, 0, lo - (r0 - pad), (r1 + pad) - hi))
+        y = F.conv2d(part, conv.weight, conv.bias, padding=(0, conv.padding[1]))
+        if out is None:
+            out = y.new_empty(y.shape[0], y.shape[1], height, y.shape[3])
+        out[:, :, r0:r1] = y
+    return out
+
+
+def band_rows(x: torch.Tensor, scale: int = 1) -> int | None:
+    """Rows per band for a full-resolution layer over x (upsampled ``scale`` times), or None where x
+    goes whole: small enough, or while training (the bands are written into a tensor in place)."""
+    row = x.shape[0] * x.shape[1] * x.shape[3] * scale * x.element_size()
+    if torch.is_grad_enabled() or x.numel() * x.element_size() * scale * scale <= BAND_BYTES:
+        return None
+    return max(1, BAND_BYTES // row)
+
+
+def norm_silu_conv(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(silu(norm(x))), a large x in bands: only a band of the normalised map exists at a time."""
+    band = band_rows(x)
+    if band is None:
+        return conv(F.silu(norm(x)))
+    mean, var = norm.statistics(x)
+    return in_bands(conv, lambda lo, hi: F.silu(norm.normalize(x[:, :, lo:hi], mean, var), inplace=True), x.shape[2], band)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
@@ -71,9 +133,15 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        h = norm_silu_conv(self.norm1, self.conv1, x)
+        h = norm_silu_conv(self.norm2, self.conv2, h)
+        return h.add_(self.shortcut(x) if hasattr(self, "nin_shortcut") else x)
+
+    def shortcut(self, x):                             # the 1×1 convolution to the new width, in bands if large
+        band = band_rows(x)
+        if band is None:
+            return self.nin_shortcut(x)
+        return in_bands(self.nin_shortcut, lambda lo, hi: x[:, :, lo:hi], x.shape[2], band)
 
 
 class AttnBlock(nn.Module):
@@ -109,7 +177,14 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        band = band_rows(x, scale=2)
+        if band is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+        def rows(lo, hi):                              # upsampled row j is input row j // 2
+            part = F.interpolate(x[:, :, lo // 2:(hi + 1) // 2], scale_factor=2.0, mode="nearest")
+            return part[:, :, lo % 2:lo % 2 + hi - lo]
+        return in_bands(self.conv, rows, 2 * x.shape[2], band)
 
 
 class Mid(nn.Module):
@@ -132,10 +207,17 @@ class Level(nn.Module):
         if resample_name:
             setattr(self, resample_name, resample)
 
-    def forward(self, x):
-        for block in self.block:
-            x = block(x)
-        return getattr(self, self.resample_name)(x) if self.resample_name else x
+    def layers(self):
+        return [*self.block, getattr(self, self.resample_name)] if self.resample_name else list(self.block)
+
+
+def through(levels, h):
+    """h through the levels' layers one after another. Not level by level: a level called with h would
+    keep its input alive until its last block, and at full resolution that map is a GiB."""
+    for level in levels:
+        for layer in level.layers():
+            h = layer(h)
+    return h
 
 
 class Encoder(nn.Module):
@@ -154,13 +236,10 @@ class Encoder(nn.Module):
         self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
     def downsample(self, x):                           # [B, 3, H, W] -> [B, C, H/8, W/8]: convolutions and norms
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return h
+        return through(self.down, self.conv_in(x))
 
     def middle(self, h):                               # -> [B, 2z, H/8, W/8] (mean, logvar); attention over all of h
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return norm_silu_conv(self.norm_out, self.conv_out, self.mid(h))
 
     def forward(self, x):
         return self.middle(self.downsample(x))
@@ -185,9 +264,7 @@ class Decoder(nn.Module):
         return self.mid(self.conv_in(z))
 
     def upsample(self, h):                             # -> [B, 3, 8h, 8w]: convolutions and norms
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return norm_silu_conv(self.norm_out, self.conv_out, through(reversed(self.up), h))
 
     def forward(self, z):
         return self.upsample(self.middle(z))

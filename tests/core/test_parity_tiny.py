@@ -310,3 +310,29 @@ def test_a_16_channel_vae_without_quant_convs_and_with_a_shift_matches_diffusers
         from sdcore.formats.checkpoints import read_vae
         part = read_vae(str(tmp_path / "vae"))
         assert (part.cfg.z_channels, part.cfg.quant_conv, part.cfg.shift_factor) == (16, False, pytest.approx(0.0609))
+
+
+def test_vae_full_resolution_layers_in_bands_match_diffusers(monkeypatch):
+    """With bands a few rows high (so that every full-resolution layer runs in several, and the last band
+    is short), decode and encode still equal diffusers' AutoencoderKL, which convolves whole maps; while
+    training (gradients on) no layer runs in bands, and the gradient reaches the weights."""
+    from sdcore import vae as vae_module
+    vae = random_init_(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)), 11)
+    dv = refs.diffusers_vae_from_ours(vae)
+    g = torch.Generator().manual_seed(3)
+    x, img = torch.randn(2, 4, 13, 9, generator=g), torch.rand(1, 3, 52, 44, generator=g) * 2 - 1
+    bands = []
+    real = vae_module.in_bands
+    monkeypatch.setattr(vae_module, "in_bands", lambda conv, rows, height, band: bands.append(-(-height // band))
+                        or real(conv, rows, height, band))
+    monkeypatch.setattr(vae_module, "BAND_BYTES", 2 * 32 * 44 * 4 * 5)       # 5 rows of a 32-channel, 44-wide map
+    with torch.no_grad():
+        assert refs.max_abs(vae.decode(x), dv.decode(x / vae.cfg.scale_factor).sample) <= TOL
+        assert min(bands) >= 2 and len(bands) >= 10
+        bands.clear()
+        assert refs.max_abs(vae.encode(img), dv.encode(img).latent_dist.mean * vae.cfg.scale_factor) <= TOL
+        assert min(bands) >= 2
+    bands.clear()
+    loss = vae.decode(x).square().mean()
+    loss.backward()
+    assert bands == [] and vae.decoder.up[0].block[0].conv1.weight.grad.abs().sum() > 0

@@ -65,6 +65,20 @@ def test_a_real_vae_decodes_and_encodes_close_to_untiled(model):
         assert (alone - whole).abs().mean().item() >= 8.0
 
 
+def test_tiles_in_bands_are_normalised_with_the_shared_statistics(model, monkeypatch):
+    """A tile large enough to run its full-resolution layers in bands (sdcore.vae.in_bands) takes the
+    whole picture's shared GroupNorm statistics there too: the tiled decode is the same with bands as
+    with every layer over the whole tile."""
+    from sdcore import vae as vae_module
+    z = torch.randn(1, 4, 80, 72, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        monkeypatch.setattr(vae_module, "BAND_BYTES", float("inf"))
+        at_once = tiling.decode(model.vae, z)
+        monkeypatch.setattr(vae_module, "BAND_BYTES", 1 << 20)                # 512-wide 32-channel rows: 16 a band
+        banded = tiling.decode(model.vae, z)
+    assert (banded - at_once).abs().max().item() <= 1e-4 and at_once.abs().max().item() > 0.5
+
+
 def test_shared_norm_statistics_normalise_with_the_first_input_seen():
     from sdcore.vae import GroupNorm, shared_norm_statistics
     norm = GroupNorm(4, 8, eps=1e-6)
