@@ -1,5 +1,10 @@
 """Where a model runs and in which dtype, when the caller says "auto": the server's default, and
-``load_model``'s, so a script loading a model the plain way draws the images the server draws."""
+``load_model``'s, so a script loading a model the plain way draws the images the server draws; and
+handing freed memory back between the stages of a generation."""
+import ctypes
+import ctypes.util
+import functools
+
 import torch
 
 from .cpu_attention import cpu_flags
@@ -40,3 +45,21 @@ def resolve_dtype(dtype="auto", device="cpu") -> torch.dtype:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, or none found)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_freed_memory(device) -> None:
+    """On the CPU, hand the pages the C heap holds free back to the system (glibc's malloc_trim).
+    torch frees most CPU tensors into that heap, where they stay part of the process: after sampling,
+    the step's freed temporaries would sit under the VAE decode's peak, which comes next."""
+    trim = _malloc_trim() if torch.device(device).type == "cpu" else None
+    if trim is not None:
+        trim(0)

@@ -20,6 +20,7 @@ import samplers
 
 from . import taesd, tiling
 from .canny import canny
+from .device import release_freed_memory
 from .formats.infer import FLUX, REFINER, SD3
 from .formats import CheckpointError
 from .infotext import infotext, parse_infotext  # noqa: F401  (parse_infotext: the replay API)
@@ -348,6 +349,7 @@ def _generate_one(model, p, scheduler, seed, conds, init, progress, guided_hint=
         stopped = stop
         if latest[0] is not None:
             x = latest[0]
+    release_freed_memory(x.device)
     return tensor_to_image(decode_latent(model, x)[0]), stopped
 
 
