@@ -139,9 +139,8 @@ def bench_load(rep, args, ckpt, folder):
     ours three ways: converting in memory, from the converted-weights cache (memory-mapped), and the
     first load that fills that cache."""
     dtype = memory_dtype(args)
-    files = [ckpt] + sorted(p for p in folder.rglob("*.safetensors"))
     n_bytes = weights_bytes(ckpt, dtype)
-    cached, filling = CACHE / "weights-cache", CACHE / "weights-cache-first"
+    cached, filling = CACHE / f"weights-cache-{args.model}-{dtype}", CACHE / "weights-cache-first"
     tasks = {"read": ("read", ckpt), "ours": ("load-ours", ckpt, dtype, args.device),
              "ours mapped": ("load-ours", ckpt, dtype, args.device, cached),
              "ours first": ("load-ours", ckpt, dtype, args.device, filling),
@@ -150,13 +149,12 @@ def bench_load(rep, args, ckpt, folder):
         run_worker(*tasks["ours mapped"])                   # the cache holds this checkpoint's conversion
     else:                                                   # a GPU load copies to the card: no cache
         del tasks["ours mapped"], tasks["ours first"]
+    reads = {"read": [ckpt], "ours": [ckpt], "ours mapped": sorted(cached.rglob("*.safetensors")), "ours first": [ckpt],
+             "diffusers": sorted(folder.rglob("*.safetensors")), "touch": []}
     for cache in ("warm", "cold"):
         if cache == "cold" and not drop_page_cache():
             rep.notes.append("Cold-cache loads were not measured: emptying the page cache needs root.")
             break
-        if cache == "warm":
-            for f in files:                                 # into the page cache
-                run_worker("read", f)
         todo = tasks if cache == "warm" else {n: t for n, t in tasks.items() if n != "touch"}   # touch reads nothing
         res = {name: [] for name in todo}
         for _ in range(args.runs):
@@ -165,6 +163,9 @@ def bench_load(rep, args, ckpt, folder):
                     shutil.rmtree(filling, ignore_errors=True)
                 if cache == "cold":
                     drop_page_cache()
+                else:        # this task's files into the page cache just before it: all of them do not fit at once
+                    for f in reads[name]:
+                        run_worker("read", f)
                 res[name].append(run_worker(*task))
         secs = {n: Stats([r["seconds"] for r in v]) for n, v in res.items()}
         size_gib = ckpt.stat().st_size / 2 ** 30

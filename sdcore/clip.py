@@ -93,7 +93,9 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
         if cfg.projection_dim:
-            self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim))
+            if not self.text_projection.is_meta:
+                nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
 
     def forward(self, tokens: torch.Tensor, output_layer: int | None = None, pooled: bool = False,
                 extra: torch.Tensor | None = None):

@@ -270,7 +270,13 @@ def test_loading_builds_on_meta_and_keeps_one_copy(default_model_path):
 def test_loading_does_not_import_the_compiler(default_model_path):
     """Initialisers run on the meta device go through Python decompositions that import torch._dynamo
     (~1 s and ~900 modules at every server start); building for a load must skip them."""
-    code = ("import sys, torch, sdcore; sdcore.load_model(sys.argv[1], device='cpu', dtype=torch.float32); "
+    code = ("import sys, torch, sdcore; sdcore.load_model(sys.argv[1], device='cpu', dtype=torch.float32)\n"
+            # every other family's networks as loading builds them (SDXL's and SD3's text projection among them)
+            "from sdcore import clip, flux, mmdit, t5, unet, vae, controlnet, taesd\n"
+            "with torch.device('meta'):\n"
+            "    clip.TextEncoder(clip.TextConfig(projection_dim=1280)), unet.UNet(unet.UNetConfig())\n"
+            "    mmdit.MMDiT(mmdit.MMDiTConfig()), flux.Flux(flux.FluxConfig()), t5.T5Encoder(t5.T5Config())\n"
+            "    vae.AutoencoderKL(vae.VAEConfig())\n"
             "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'sympy')))[:5])")
     out = subprocess.run([sys.executable, "-c", code, str(default_model_path)], capture_output=True, text=True,
                          check=True, cwd=ROOT)
