@@ -33,7 +33,7 @@ _NORM_STATS: ContextVar[dict | None] = ContextVar("vae_norm_stats", default=None
 # Feature maps larger than this go through the norm, SiLU and convolution of a full-resolution layer in
 # bands of rows (see in_bands): at 1024² a 256-channel float32 map is 1 GiB, and holding its normalised
 # copy, its upsampled copy and the reordered copy the convolution kernel makes would cost as much again
-# each.
+# each. Bands of this size also ran fastest on the CPU (docs/BENCHMARKS.md, "Whole, at once and tiled").
 BAND_BYTES = 16 << 20
 
 
@@ -63,7 +63,7 @@ class GroupNorm(nn.GroupNorm):
     def normalize(self, x, mean, var):
         """x [B, C, h, w] (the whole picture or rows of it) normalised with the given statistics, in float32
         per channel: x·a + b, a = weight/√(var + eps), b = bias − mean·a."""
-        b, c = x.shape[:2]
+        c = x.shape[1]
         scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, 1)       # [B, C, 1]
         scale = scale * self.weight.float()[:, None]
         shift = self.bias.float()[:, None] - mean.repeat_interleave(c // self.num_groups, 1) * scale
