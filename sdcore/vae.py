@@ -207,17 +207,22 @@ class Level(nn.Module):
         if resample_name:
             setattr(self, resample_name, resample)
 
-    def layers(self):
-        return [*self.block, getattr(self, self.resample_name)] if self.resample_name else list(self.block)
 
-
-def through(levels, h):
-    """h through the levels' layers one after another. Not level by level: a level called with h would
-    keep its input alive until its last block, and at full resolution that map is a GiB."""
-    for level in levels:
-        for layer in level.layers():
-            h = layer(h)
+def through(layers, h):
+    """h through the layers one after another. Layer by layer, and h passed in rather than made in the
+    call: a level called with h, or a call given the first layer's output, would keep that map alive
+    until the end, and at full resolution it is a GiB."""
+    for layer in layers:
+        h = layer(h)
     return h
+
+
+def layers_of(levels):
+    """The levels' ResnetBlocks and resamplings, in order."""
+    for level in levels:
+        yield from level.block
+        if level.resample_name:
+            yield getattr(level, level.resample_name)
 
 
 class Encoder(nn.Module):
@@ -236,7 +241,7 @@ class Encoder(nn.Module):
         self.norm_out, self.conv_out = Norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
 
     def downsample(self, x):                           # [B, 3, H, W] -> [B, C, H/8, W/8]: convolutions and norms
-        return through(self.down, self.conv_in(x))
+        return through([self.conv_in, *layers_of(self.down)], x)
 
     def middle(self, h):                               # -> [B, 2z, H/8, W/8] (mean, logvar); attention over all of h
         return norm_silu_conv(self.norm_out, self.conv_out, self.mid(h))
@@ -264,7 +269,7 @@ class Decoder(nn.Module):
         return self.mid(self.conv_in(z))
 
     def upsample(self, h):                             # -> [B, 3, 8h, 8w]: convolutions and norms
-        return norm_silu_conv(self.norm_out, self.conv_out, through(reversed(self.up), h))
+        return norm_silu_conv(self.norm_out, self.conv_out, through(layers_of(reversed(self.up)), h))
 
     def forward(self, z):
         return self.upsample(self.middle(z))
